@@ -1,0 +1,1 @@
+"""Hydra config tree of medexp, installed as the package data `medexp.conf`."""

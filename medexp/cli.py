@@ -1,0 +1,29 @@
+"""The ``medexp`` command: ``medexp <command> [hydra overrides]``."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+COMMANDS = {
+    "train": ("medexp.train", "fit a model, then test its best checkpoint"),
+    "eval": ("medexp.eval", "evaluate a checkpoint (ckpt_path=...) with its stored config"),
+}
+
+USAGE = "usage: medexp <command> [hydra overrides...]\n\ncommands:\n" + "\n".join(
+    f"  {name:<8}{help_}" for name, (_, help_) in COMMANDS.items()
+) + "\n\n`medexp <command> --help` lists the config groups and options."
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command = sys.argv[1]
+    if command not in COMMANDS:
+        print(f"medexp: error: unknown command {command!r}; expected one of {list(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    # Run the command's module as `python -m medexp.<command>` would: Lightning re-launches DDP
+    # worker processes from __main__.__spec__, so they start the same command.
+    sys.argv = [sys.argv[0], *sys.argv[2:]]
+    runpy.run_module(COMMANDS[command][0], run_name="__main__", alter_sys=True)

@@ -1,0 +1,102 @@
+"""``medexp eval ckpt_path=...`` (or ``python -m medexp.eval``): evaluate a checkpoint.
+
+Data and model are rebuilt from the run config stored in the checkpoint, so no config tree or
+overrides from training are needed. When the checkpoint sits in a run directory with a
+``metrics.json``, the recorded metrics are printed next to the new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.utils.errors import MedexpError, user_errors
+
+log = logging.getLogger("medexp")
+register_resolvers()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on the splits in ``cfg.splits``.
+
+    Returns:
+        The contents of the eval run's ``metrics.json``: ``{split: {metric: value}}`` plus the
+        ``recorded`` metrics of the training run when available.
+    """
+    from medexp.utils.config import check_config
+
+    check_config(cfg)
+    unknown = sorted(set(cfg.splits) - {"val", "test"})
+    if unknown:
+        raise MedexpError(f"splits={list(cfg.splits)}; expected a subset of ['val', 'test']")
+
+    import lightning.pytorch as L
+    from hydra.utils import instantiate
+
+    from medexp.utils.runtime import tidy_library_output
+
+    from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
+    from medexp.utils.config import instantiate_dict
+    from medexp.utils.run_info import to_floats, write_json
+
+    tidy_library_output()
+    ckpt_path = Path(cfg.ckpt_path).expanduser()
+    checkpoint = load_checkpoint(ckpt_path)
+    run_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
+    for key, value in cfg.data.items():
+        if value is None:
+            continue
+        if key not in run_cfg.data:
+            raise MedexpError(f"data.{key}={value!r} does not apply: the checkpoint's data ({run_cfg.data._target_}) has no {key!r}")
+        run_cfg.data[key] = value
+
+    L.seed_everything(run_cfg.seed, workers=True)
+    datamodule = instantiate(run_cfg.data)
+    model = instantiate(run_cfg.model)
+    model.load_state_dict(checkpoint["state_dict"])
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False)
+
+    results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
+    for split in cfg.splits:
+        run = trainer.validate if split == "val" else trainer.test
+        results[split] = to_floats(run(model, datamodule=datamodule)[0])
+
+    recorded_file = ckpt_path.resolve().parent.parent / "metrics.json"
+    if recorded_file.is_file():
+        recorded = json.loads(recorded_file.read_text())
+        results["recorded"] = {split: recorded.get(split, {}) for split in cfg.splits}
+        _print_comparison(results)
+    if trainer.is_global_zero:
+        write_json(Path(cfg.paths.output_dir) / "metrics.json", results)
+    return results
+
+
+def _print_comparison(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="recorded at training vs now")
+    for column in ("metric", "recorded", "now", "difference"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for split, recorded in results["recorded"].items():
+        for name, now in results[split].items():
+            before = recorded.get(name)
+            diff = "" if before is None or now is None else f"{now - before:+.2e}"
+            table.add_row(name, "-" if before is None else f"{before:.6f}", f"{now:.6f}", diff)
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Networks MONAI lacks. Everything else is a MONAI class named in a model YAML."""

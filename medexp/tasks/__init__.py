@@ -1,0 +1,1 @@
+"""LightningModules, one per task type, sharing :class:`~medexp.tasks.base.BaseTask`."""

@@ -1,0 +1,125 @@
+"""The LightningModule base shared by every task: optimiser wiring, per-stage metrics, one step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
+
+from medexp.utils.config import metric_mode
+from medexp.utils.errors import MedexpError
+
+STAGES = ("train", "val", "test")
+
+
+class BaseTask(L.LightningModule):
+    """Base of all tasks.
+
+    Subclasses implement :meth:`configure_metrics`, :meth:`compute_loss` and
+    :meth:`postprocess`; the train/val/test steps are one :meth:`_shared_step`. Metrics are
+    accumulated over an epoch and logged as ``<stage>/<name>``, plus ``<monitor>_best``.
+
+    Args:
+        net: the network; ``net(batch[input_key])`` gives the outputs the loss expects.
+        optimizer: a partial optimiser (Hydra ``_partial_: true``), called with the parameters.
+        scheduler: a partial LR scheduler called with the optimiser, or None; stepped per epoch.
+        monitor: the validation metric that selects checkpoints and drives ReduceLROnPlateau.
+    """
+
+    input_key = "image"
+    target_key = "label"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        monitor: str = "val/loss",
+    ) -> None:
+        super().__init__()
+        # nets, optimisers and schedulers are rebuilt from the stored run config, not pickled
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        metrics = self.configure_metrics()
+        valid = sorted(["val/loss", *(f"val/{name}" for name in metrics)])
+        if monitor not in valid:
+            raise MedexpError(f"model.monitor={monitor!r}; {type(self).__name__} logs {valid}")
+        self.monitor = monitor
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.monitor_best = MaxMetric() if metric_mode(monitor) == "max" else MinMetric()
+
+    def configure_metrics(self) -> MetricCollection:
+        """The metrics of one stage, keyed by name (cloned with ``train/``, ``val/``, ``test/``)."""
+        raise NotImplementedError
+
+    def compute_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training objective for a batch of network outputs."""
+        raise NotImplementedError
+
+    def postprocess(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Network outputs -> predictions the metrics take (e.g. probabilities)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        target = batch[self.target_key]
+        outputs = self(batch[self.input_key])
+        loss = self.compute_loss(outputs, target)
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=target.shape[0])
+        getattr(self, f"{stage}_metrics").update(self.postprocess(outputs.detach()), target)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.postprocess(self(batch[self.input_key]))
+
+    def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
+        # torchmetrics syncs across DDP processes in compute(), so every rank logs the same value
+        metrics, loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
+        values = {f"{stage}/loss": loss.compute(), **metrics.compute()}
+        metrics.reset()
+        loss.reset()
+        self.log_dict(values, prog_bar=stage != "train")
+        return values
+
+    def on_train_start(self) -> None:
+        # the sanity-check validation before training must not count as the best epoch
+        self.monitor_best.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_epoch("val")
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.monitor_best.update(values[self.monitor])
+            self.log(f"{self.monitor}_best", self.monitor_best.compute(), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}

@@ -1,0 +1,41 @@
+"""The run config stored inside every checkpoint, and safe loading of checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+
+from medexp.utils.errors import MedexpError
+
+CONFIG_KEY = "medexp_config"
+
+
+class StoreConfig(L.Callback):
+    """Write the resolved run config into each checkpoint, so ``medexp eval`` needs no config tree."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a medexp checkpoint on the CPU without unpickling code (``weights_only=True``).
+
+    Raises:
+        MedexpError: when the file is missing, is not a loadable checkpoint, or holds no run config.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MedexpError(f"ckpt_path={str(path)!r}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        raise MedexpError(f"ckpt_path={str(path)!r}: cannot load it safely ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint:
+        raise MedexpError(f"ckpt_path={str(path)!r}: not a medexp checkpoint (no stored run config)")
+    return checkpoint

@@ -1,0 +1,100 @@
+"""Hydra/OmegaConf glue: the config search path, custom resolvers, checks and instantiation.
+
+Kept free of torch/lightning imports so composing a config stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from medexp.utils.errors import MedexpError
+
+# conf/ is installed as the package `medexp.conf` (see pyproject.toml), so this works from any cwd.
+CONFIG_PATH = "pkg://medexp.conf"
+
+# Metric names (after the stage prefix) for which lower is better; everything else is maximised.
+_LOWER_IS_BETTER = ("loss", "mse", "mae", "hd95", "hausdorff", "ece", "error", "fid", "kid")
+
+
+def metric_mode(metric: str) -> str:
+    """``"min"`` if lower values of ``metric`` (e.g. ``val/loss``) are better, else ``"max"``."""
+    name = metric.rsplit("/", 1)[-1].lower()
+    return "min" if any(stem in name for stem in _LOWER_IS_BETTER) else "max"
+
+
+def epoch_fraction(fraction: float, max_epochs: int) -> int:
+    """The epoch at ``fraction`` of a run of ``max_epochs`` (scheduler milestones)."""
+    return max(1, int(fraction * max_epochs))
+
+
+def medmnist_property(name: str, field: str) -> Any:
+    """A property of a MedMNIST dataset from its metadata: ``task``, ``num_classes`` or ``channels``."""
+    from medexp.data.medmnist_info import dataset_info
+
+    info = dataset_info(name)
+    match field:
+        case "task":
+            # ordinal regression (RetinaMNIST) is evaluated as multi-class, as in MedMNIST v2
+            return {"ordinal": "multiclass"}.get(info["task"], info["task"])
+        case "num_classes":
+            return len(info["labels"])
+        case "channels":
+            return info["channels"]
+        case _:
+            raise ValueError(f"medmnist field {field!r}; expected one of ['task', 'num_classes', 'channels']")
+
+
+def register_resolvers() -> None:
+    """Register medexp's OmegaConf resolvers (idempotent)."""
+    resolvers = {"medmnist": medmnist_property, "epoch_fraction": epoch_fraction, "monitor_mode": metric_mode}
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def check_config(cfg: DictConfig) -> dict[str, Any]:
+    """Report every missing ``???`` value at once and resolve all interpolations.
+
+    Returns:
+        The fully resolved config as plain containers (what a checkpoint stores).
+
+    Raises:
+        MedexpError: naming the missing keys, or the key whose value could not be resolved.
+    """
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise MedexpError(
+            f"missing required config value(s): {', '.join(missing)}; set them on the command line, "
+            f"e.g. `{missing[0]}=...`"
+        )
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        cause = exc.__cause__ or exc
+        key = getattr(exc, "full_key", None)
+        raise MedexpError(f"{key}: {cause}" if key else str(cause)) from exc
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a ``name: {_target_: ...}`` group (callbacks, loggers).
+
+    Entries set to null (e.g. ``callbacks.rich_progress_bar=null``) are skipped, so a user can
+    switch one off from the command line.
+    """
+    from hydra.utils import instantiate
+
+    if not cfg:
+        return []
+    if not isinstance(cfg, DictConfig):
+        raise MedexpError(f"expected a mapping of name -> {{_target_: ...}}, got {cfg!r}")
+    objects = []
+    for name, entry in cfg.items():
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise MedexpError(f"config entry {name!r} has no _target_: {entry}")
+        objects.append(instantiate(entry))
+    return objects

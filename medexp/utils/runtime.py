@@ -1,0 +1,15 @@
+"""Process-wide settings applied once the heavy libraries are imported."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+def tidy_library_output() -> None:
+    """Send Lightning's log records through Hydra's handlers only, and drop known noise."""
+    # lightning/__init__ attaches its own console handler although records also reach the root
+    # logger, which Hydra already writes to the console and the run's log file: lines came twice.
+    logging.getLogger("lightning").handlers.clear()
+    # torch >= 2.10 deprecates a pytree API that Lightning 2.6 still calls on every batch
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
