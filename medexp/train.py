@@ -1,6 +1,7 @@
 """``medexp train`` (or ``python -m medexp.train``): fit a model, then test its best checkpoint.
 
-Writes into the run directory: Hydra's config and overrides (``.hydra/``), ``run_info.json``
+Writes into the run directory: Hydra's config and overrides (``.hydra/``), the resolved config
+(``resolved_config.yaml``), ``run_info.json``
 (seed, git commit, package versions), ``checkpoints/{best,last}.ckpt``, logger files and
 ``metrics.json`` (the best checkpoint's val and test metrics).
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medexp.utils.config import CONFIG_PATH, register_resolvers
 from medexp.utils.errors import user_errors
@@ -57,6 +58,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if trainer.is_global_zero:
         write_json(out / "run_info.json", run_info(seed))
+        # Hydra's .hydra/config.yaml keeps interpolations; this is what actually ran
+        OmegaConf.save(resolved, out / "resolved_config.yaml")
     for logger in loggers:
         logger.log_hyperparams(_flatten(resolved))
 

@@ -5,6 +5,7 @@ Kept free of torch/lightning imports so composing a config stays fast.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -64,18 +65,23 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         MedexpError: naming the missing keys, or the key whose value could not be resolved.
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise MedexpError(
-            f"missing required config value(s): {', '.join(missing)}; set them on the command line, "
-            f"e.g. `{missing[0]}=...`"
-        )
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise MedexpError(
+                f"missing required config value(s): {', '.join(missing)}; set them on the command line, "
+                f"e.g. `{missing[0]}=...`"
+            )
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        cause = exc.__cause__ or exc
+        # OmegaConf wraps a resolver's own error (which already names the bad value) in
+        # several layers; report the innermost one and the key being resolved.
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        message = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(cause).split("\n    full_key:")[0])
         key = getattr(exc, "full_key", None)
-        raise MedexpError(f"{key}: {cause}" if key else str(cause)) from exc
+        raise MedexpError(f"{message} (while resolving {key})" if key else message) from exc
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
