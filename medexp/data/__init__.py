@@ -1,0 +1,1 @@
+"""Datasets and LightningDataModules. Kept import-light: config resolvers read the metadata here."""

@@ -1,0 +1,155 @@
+"""In-memory image datasets served as dict batches, and the DataModule they share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+from monai.data import DataLoader
+from monai.transforms import Compose, EnsureTyped
+from torch.utils.data import Dataset
+
+from medexp.utils.errors import MedexpError
+
+SPLITS = ("train", "val", "test")
+TASKS = ("binary", "multiclass", "multilabel")
+
+
+class ArrayDataset(Dataset):
+    """Images and labels held in memory, served as ``{"image": (C, *spatial), "label": ...}``.
+
+    Args:
+        images: ``(N, C, *spatial)``; ``uint8`` arrays are scaled to [0, 1], float arrays are
+            used as they are.
+        labels: ``(N,)`` class indices, or ``(N, L)`` 0/1 indicators for multi-label tasks.
+        transform: applied to each sample dict (MONAI dictionary transforms).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = torch.as_tensor(labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = torch.from_numpy(self.images[index])
+        image = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
+        sample = {"image": image, "label": self.labels[index]}
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class ArrayDataModule(L.LightningDataModule):
+    """Base of DataModules whose splits fit in memory as arrays (synthetic data, MedMNIST).
+
+    Subclasses implement :meth:`load_split`. Augmentations run on training samples only, before
+    ``transforms``, which run on every split.
+
+    Args:
+        task: ``binary``, ``multiclass`` or ``multilabel``.
+        num_classes: classes (binary: 2), or labels for multi-label tasks.
+        in_channels: image channels; spatial_dims: 2 or 3. Model configs read these four.
+        batch_size: samples per batch (per process under DDP).
+        num_workers: DataLoader worker processes.
+        transforms: MONAI dictionary transforms for every split (e.g. intensity normalisation).
+        augmentations: MONAI dictionary transforms for training samples only.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        num_classes: int,
+        in_channels: int,
+        spatial_dims: int,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        transforms: Sequence[Callable] = (),
+        augmentations: Sequence[Callable] = (),
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise MedexpError(f"data.task={task!r}; expected one of {list(TASKS)}")
+        if num_classes < 2:
+            raise MedexpError(f"data.num_classes={num_classes}; a classifier needs at least 2 classes")
+        if task == "binary" and num_classes != 2:
+            raise MedexpError(f"data.num_classes={num_classes} with data.task=binary; binary means 2 classes")
+        if batch_size < 1:
+            raise MedexpError(f"data.batch_size={batch_size}; expected a positive integer")
+        self.task = task
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.spatial_dims = spatial_dims
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.transforms = list(transforms)
+        self.augmentations = list(augmentations)
+        self.datasets: dict[str, ArrayDataset] = {}
+
+    def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Images ``(N, C, *spatial)`` and labels (see :class:`ArrayDataset`) of one split."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for split in SPLITS:
+            images, labels = self.load_split(split)
+            self._check_split(split, images, labels)
+            chain = [*self.augmentations, *self.transforms] if split == "train" else list(self.transforms)
+            # plain tensors in batches: MONAI transforms otherwise return MetaTensors
+            transform = Compose([*chain, EnsureTyped(keys=["image"], track_meta=False)])
+            # MONAI's random transforms draw from their own generator; tie it to the run's seed
+            transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
+            self.datasets[split] = ArrayDataset(images, labels, transform)
+
+    def _check_split(self, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+        where = f"{self.describe()} {split} split"
+        if images.ndim != 2 + self.spatial_dims or images.shape[1] != self.in_channels:
+            raise MedexpError(
+                f"{where}: images of shape {images.shape}; expected (N, {self.in_channels}, "
+                f"{', '.join('S' * self.spatial_dims)}) for in_channels={self.in_channels}"
+            )
+        if self.task == "multilabel":
+            if labels.ndim != 2 or labels.shape[1] != self.num_classes or not np.isin(labels, (0, 1)).all():
+                raise MedexpError(f"{where}: multi-label targets must be 0/1 of shape (N, {self.num_classes})")
+        elif labels.ndim != 1 or labels.min() < 0 or labels.max() >= self.num_classes:
+            raise MedexpError(
+                f"{where}: labels must be class indices in [0, {self.num_classes - 1}] of shape (N,); "
+                f"got shape {labels.shape}, range [{labels.min()}, {labels.max()}]"
+            )
+
+    def describe(self) -> str:
+        """A short name of the data for messages."""
+        return type(self).__name__
+
+    def label_counts(self) -> tuple[np.ndarray, int]:
+        """Training samples per class (positives per label for multi-label tasks), and their total."""
+        self.setup()
+        labels = self.datasets["train"].labels.numpy()
+        if self.task == "multilabel":
+            return labels.sum(axis=0), len(labels)
+        return np.bincount(labels, minlength=self.num_classes), len(labels)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,121 @@
+"""MedMNIST 2D datasets (official splits) from local ``.npz`` files or an MD5-verified download."""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from medexp.data.base import SPLITS, ArrayDataModule
+from medexp.data.medmnist_info import dataset_info, file_name, url
+from medexp.utils.errors import MedexpError
+
+log = logging.getLogger(__name__)
+
+_KEYS = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read the six MedMNIST arrays of ``path`` (``{train,val,test}_{images,labels}``).
+
+    Raises:
+        MedexpError: when the file is not a readable ``.npz`` or lacks one of the arrays.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in _KEYS if key not in npz.files]
+            if missing:
+                raise MedexpError(f"{path}: not a MedMNIST file; missing arrays {missing} (has {npz.files})")
+            return {key: npz[key] for key in _KEYS}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise MedexpError(
+            f"{path}: cannot read it as a .npz archive ({type(exc).__name__}: {exc}); the file is corrupt or "
+            "incomplete — delete it and fetch it again (data.download=true)"
+        ) from exc
+
+
+class MedMNISTDataModule(ArrayDataModule):
+    """A 2D MedMNIST dataset with its official train/val/test splits.
+
+    Images ``(N, H, W)`` or ``(N, H, W, 3)`` become ``(N, C, H, W)``; labels ``(N,)`` and
+    ``(N, 1)`` are both accepted (multi-label sets keep ``(N, L)``).
+
+    Args:
+        name: dataset name, e.g. ``breastmnist`` (see :mod:`medexp.data.medmnist_info`).
+        root: folder holding ``<name>.npz`` (28 px) or ``<name>_<size>.npz``.
+        size: image size: 28, 64, 128 or 224.
+        download: fetch the file from Zenodo (MD5-verified) when it is not in ``root``.
+        **kwargs: see :class:`~medexp.data.base.ArrayDataModule`; ``task``, ``num_classes`` and
+            ``in_channels`` must agree with the dataset's metadata (the YAML derives them from it).
+    """
+
+    def __init__(self, name: str, root: str | Path, size: int = 28, download: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        try:
+            self.info = dataset_info(name, dims=2)
+        except ValueError as exc:
+            raise MedexpError(str(exc)) from None
+        if size not in self.info["md5"]:
+            raise MedexpError(f"data.size={size}; {name} is offered at sizes {sorted(self.info['md5'])}")
+        self.name, self.size, self.download = name, size, download
+        self.path = Path(root).expanduser() / file_name(name, size)
+        expected = {"num_classes": len(self.info["labels"]), "in_channels": self.info["channels"]}
+        for key, value in expected.items():
+            if getattr(self, key) != value:
+                raise MedexpError(f"data.{key}={getattr(self, key)} but {name} has {value}; leave data.{key} unset")
+        if not self.path.is_file() and not download:
+            raise MedexpError(
+                f"MedMNIST file not found: {self.path}. Point data.root at the folder that holds "
+                f"{self.path.name}, or set data.download=true to fetch it (MD5-verified) from {url(name, size)}"
+            )
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def prepare_data(self) -> None:
+        if self.path.is_file():
+            return
+        import pooch
+
+        log.info("downloading %s to %s", url(self.name, self.size), self.path.parent)
+        try:
+            pooch.retrieve(
+                url(self.name, self.size),
+                known_hash=f"md5:{self.info['md5'][self.size]}",
+                fname=self.path.name,
+                path=self.path.parent,
+                progressbar=True,
+            )
+        except Exception as exc:  # network errors come in many types; the message says which
+            raise MedexpError(f"download of {url(self.name, self.size)} failed: {exc}") from exc
+
+    def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = read_npz(self.path)
+            self._report_split_sizes()
+        images, labels = self._arrays[f"{split}_images"], self._arrays[f"{split}_labels"]
+        if images.ndim == 3:  # grey (N, H, W)
+            images = images[:, None]
+        elif images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, H, W, C)
+            images = images.transpose(0, 3, 1, 2)
+        if images.shape[-2:] != (self.size, self.size):
+            raise MedexpError(f"{self.path}: {split} images are {images.shape[-2:]}, expected data.size={self.size}")
+        if self.task != "multilabel":
+            labels = labels.reshape(len(labels), -1)
+            if labels.shape[1] != 1:
+                raise MedexpError(f"{self.path}: {split} labels have shape {labels.shape}; expected (N,) or (N, 1)")
+            labels = labels[:, 0]
+        return np.ascontiguousarray(images), labels.astype(np.int64)
+
+    def _report_split_sizes(self) -> None:
+        sizes = {split: len(self._arrays[f"{split}_labels"]) for split in SPLITS}
+        if sizes != self.info["splits"]:
+            log.warning(
+                "%s: split sizes %s differ from the official %s; results are not comparable with published tables",
+                self.path,
+                sizes,
+                self.info["splits"],
+            )
