@@ -39,11 +39,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as L
     from hydra.utils import instantiate
 
-    from medexp.utils.runtime import tidy_library_output
-
     from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
     from medexp.utils.config import instantiate_dict
     from medexp.utils.run_info import to_floats, write_json
+    from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
     ckpt_path = Path(cfg.ckpt_path).expanduser()

@@ -36,14 +36,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as L
     from hydra.utils import instantiate
 
-    from medexp.utils.runtime import tidy_library_output
-
     from medexp.utils.checkpoint import StoreConfig
     from medexp.utils.config import instantiate_dict
     from medexp.utils.run_info import run_info, to_floats, write_json
+    from medexp.utils.runtime import tidy_library_output
 
-    # Always seed (a drawn seed when cfg.seed is null), and keep the seed actually used.
     tidy_library_output()
+    # Always seed (a drawn seed when cfg.seed is null), and keep the seed actually used.
     seed = L.seed_everything(cfg.seed, workers=True)
     with open_dict(cfg):
         cfg.seed = seed
@@ -76,9 +75,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 best_checkpoint=best,
             )
         if cfg.test:
-            if not best:
+            # without training (train=false), test the checkpoint given as ckpt_path
+            ckpt = best or cfg.ckpt_path
+            if not ckpt:
                 log.warning("no best checkpoint was saved; evaluating the current weights")
-            ckpt = best or None
             metrics["val"] = to_floats(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)[0])
             metrics["test"] = to_floats(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)[0])
     finally:

@@ -56,12 +56,16 @@ def test_run_directory_holds_what_reproduces_it(default_run):
 
 
 def test_eval_reproduces_the_train_time_test_metrics(default_run, tmp_path):
-    run_cli("eval", f"ckpt_path={default_run / 'checkpoints' / 'best.ckpt'}", "hydra.run.dir=eval", "trainer.enable_progress_bar=false", cwd=tmp_path)
-    recorded = json.loads((default_run / "metrics.json").read_text())["test"]
-    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
-    assert evaluated.keys() == recorded.keys()
-    for name, value in recorded.items():
-        assert evaluated[name] == pytest.approx(value, abs=1e-6), name
+    run_cli(
+        "eval", f"ckpt_path={default_run / 'checkpoints' / 'best.ckpt'}", "splits=[val,test]",
+        "hydra.run.dir=eval", "trainer.enable_progress_bar=false", cwd=tmp_path,
+    )
+    recorded = json.loads((default_run / "metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert evaluated[split].keys() == recorded[split].keys()
+        for name, value in recorded[split].items():
+            assert evaluated[split][name] == pytest.approx(value, abs=1e-6), name
 
 
 def test_python_m_entry_points(tmp_path):

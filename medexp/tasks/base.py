@@ -13,8 +13,6 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 from medexp.utils.config import metric_mode
 from medexp.utils.errors import MedexpError
 
-STAGES = ("train", "val", "test")
-
 
 class BaseTask(L.LightningModule):
     """Base of all tasks.
@@ -56,6 +54,8 @@ class BaseTask(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.monitor_best = MaxMetric() if metric_mode(monitor) == "max" else MinMetric()
+        # kept in checkpoints so a resumed run continues the same best value
+        self.monitor_best.persistent(True)
 
     def configure_metrics(self) -> MetricCollection:
         """The metrics of one stage, keyed by name (cloned with ``train/``, ``val/``, ``test/``)."""
@@ -101,15 +101,12 @@ class BaseTask(L.LightningModule):
         self.log_dict(values, prog_bar=stage != "train")
         return values
 
-    def on_train_start(self) -> None:
-        # the sanity-check validation before training must not count as the best epoch
-        self.monitor_best.reset()
-
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_epoch("val")
+        # only epochs of fit count: not the sanity check before it, nor validate() after it
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             self.monitor_best.update(values[self.monitor])
             self.log(f"{self.monitor}_best", self.monitor_best.compute(), prog_bar=True)

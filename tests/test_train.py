@@ -1,0 +1,77 @@
+"""`train()` as the entry point calls it: seeding, determinism and what a run records."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+from medexp.train import lookup_metric, train
+from tests.conftest import QUIET, compose_config
+
+FAST = [*QUIET, "trainer.max_epochs=2", "data.num_samples={train: 128, val: 64, test: 64}", "data.batch_size=32"]
+
+
+def test_a_drawn_seed_is_recorded(compose_cfg, tmp_path):
+    metrics = train(compose_cfg(*FAST, "seed=null"))
+    assert isinstance(metrics["seed"], int)
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    resolved = yaml.safe_load((tmp_path / "resolved_config.yaml").read_text())
+    assert info["seed"] == resolved["seed"] == metrics["seed"]
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = compose_config([*FAST, "trainer.deterministic=true", "seed=7"], output_dir=tmp_path / name)
+        runs.append(train(cfg))
+    assert runs[0]["test"] == runs[1]["test"]
+    assert runs[0]["fit"]["train/loss"] == runs[1]["fit"]["train/loss"]
+
+
+def test_the_sweep_objective_is_the_best_monitored_value(compose_cfg):
+    cfg = compose_cfg(*FAST)
+    metrics = train(cfg)
+    assert cfg.optimized_metric == "val/auroc_best"
+    assert lookup_metric(metrics, cfg.optimized_metric) == pytest.approx(metrics["best_score"])
+
+
+def test_early_stopping_stops_a_run_that_does_not_improve(compose_cfg, tmp_path):
+    # lr=0: the monitored metric never improves, so patience 1 stops at epoch 2 of 20
+    train(compose_cfg(*FAST, "callbacks=early_stopping", "callbacks.early_stopping.patience=1",
+                      "optimizer.lr=0", "trainer.max_epochs=20"))
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    trained_epochs = {row["epoch"] for row in rows if row.get("train/loss")}
+    assert trained_epochs == {"0", "1"}
+
+
+def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
+    first = compose_config([*FAST, "scheduler=multistep", "trainer.max_epochs=1"], output_dir=tmp_path / "a")
+    before = train(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    resumed = compose_config([*FAST, "scheduler=multistep", "trainer.max_epochs=2", f"ckpt_path={last}"],
+                             output_dir=tmp_path / "b")
+    after = train(resumed)
+    # the best value so far travels with the checkpoint
+    state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert float(state["monitor_best.max_value"]) == pytest.approx(before["fit"]["val/auroc_best"])
+    assert after["fit"]["val/auroc_best"] == pytest.approx(max(before["fit"]["val/auroc_best"], after["fit"]["val/auroc"]))
+    rows = list(csv.DictReader((tmp_path / "b" / "csv" / "metrics.csv").open()))
+    # only epoch 1 was trained in the resumed run; epoch 0 came from the checkpoint
+    assert {row["epoch"] for row in rows if row.get("train/loss")} == {"1"}
+
+
+def test_eval_applies_data_overrides_that_fit_the_checkpoint(tmp_path):
+    from medexp.eval import evaluate
+    from medexp.utils.errors import MedexpError
+
+    train(compose_config(FAST, output_dir=tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    results = evaluate(compose_config([f"ckpt_path={ckpt}", "data.batch_size=7"], "eval", output_dir=tmp_path / "e1"))
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
+    assert results["test"]["test/auroc"] == pytest.approx(recorded["test/auroc"], abs=1e-6)
+    with pytest.raises(MedexpError, match="data.root='elsewhere' does not apply"):
+        evaluate(compose_config([f"ckpt_path={ckpt}", "data.root=elsewhere"], "eval", output_dir=tmp_path / "e2"))
