@@ -55,9 +55,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise MedexpError(f"data.{key}={value!r} does not apply: the checkpoint's data ({run_cfg.data._target_}) has no {key!r}")
         run_cfg.data[key] = value
 
+    if "output_dir" in run_cfg.data:  # e.g. splits.csv belongs to this run, not the training run
+        run_cfg.data.output_dir = cfg.paths.output_dir
     L.seed_everything(run_cfg.seed, workers=True)
-    datamodule = instantiate(run_cfg.data)
-    model = instantiate(run_cfg.model)
+    datamodule = instantiate(run_cfg.data, _convert_="all")
+    model = instantiate(run_cfg.model, _convert_="all")
     model.load_state_dict(checkpoint["state_dict"])
     trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False)
 

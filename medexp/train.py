@@ -49,8 +49,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resolved = check_config(cfg)
     out = Path(cfg.paths.output_dir)
 
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    # plain lists and dicts, not OmegaConf containers: hyperparameters are saved in checkpoints
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
     callbacks = [*instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved)]
     loggers = instantiate_dict(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

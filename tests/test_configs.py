@@ -13,6 +13,18 @@ CONF = REPO / "conf"
 GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "debug", "experiment"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
+# which data each model is tried on, by the task its YAML builds on
+DATA_FOR_TASK = {
+    "classification": [["data.task=binary"], ["data.task=multilabel"]],
+    "segmentation": [["data=synthetic_seg"], ["data=synthetic_seg", "data.spatial_dims=3", "data.num_classes=3"]],
+}
+MODEL_CASES = [
+    (model, data)
+    for model in MODELS
+    for task, variants in DATA_FOR_TASK.items()
+    if f"task/{task}@_here_" in (CONF / "model" / f"{model}.yaml").read_text()
+    for data in variants
+]
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -23,11 +35,19 @@ def test_group_option_composes_and_resolves(compose_cfg, group, option):
         assert resolved[group], f"{group}={option} composed to an empty node"
 
 
-@pytest.mark.parametrize("augmentations", ["none", "basic"])
-def test_augmentation_options_compose(compose_cfg, augmentations):
-    cfg = compose_cfg(f"data/augmentations={augmentations}")
-    transforms = instantiate(cfg.data.augmentations)
-    assert (len(transforms) > 0) == (augmentations != "none")
+AUGMENTATIONS = sorted(path.stem for path in (CONF / "data" / "augmentations").glob("*.yaml"))
+SEGMENTATION = ["data=synthetic_seg", "model=unet", "model.roi_size=[16,16]"]
+
+
+@pytest.mark.parametrize("augmentations", AUGMENTATIONS)
+def test_augmentation_options_run_on_a_sample(compose_cfg, augmentations):
+    cfg = compose_cfg(f"data/augmentations={augmentations}", *SEGMENTATION, "data.num_samples={train: 4, val: 2, test: 2}")
+    datamodule = instantiate(cfg.data, _convert_="all")
+    assert (len(datamodule.augmentations) > 0) == (augmentations != "none")
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].shape[1:] == batch["label"].shape[1:] or augmentations == "patches"
+    assert batch["image"].shape[0] == batch["label"].shape[0]
 
 
 def test_eval_config_requires_checkpoint(compose_cfg):
@@ -37,19 +57,25 @@ def test_eval_config_requires_checkpoint(compose_cfg):
         check_config(compose_cfg(config_name="eval"))
 
 
-@pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("task", ["binary", "multilabel"])
-def test_model_builds_and_runs_on_matching_data(compose_cfg, model, task):
+def test_every_model_file_is_tried():
+    assert {model for model, _ in MODEL_CASES} == set(MODELS)
+
+
+@pytest.mark.parametrize(("model", "data"), MODEL_CASES, ids=[f"{m}-{' '.join(d)}" for m, d in MODEL_CASES])
+def test_model_builds_and_runs_on_matching_data(compose_cfg, model, data):
     """New files in conf/model/ are picked up here automatically."""
-    cfg = compose_cfg(f"model={model}", f"data.task={task}", "data.num_samples={train: 8, val: 4, test: 4}")
-    datamodule = instantiate(cfg.data)
+    cfg = compose_cfg(f"model={model}", *data, "data.image_size=32", "data.num_samples={train: 4, val: 2, test: 2}",
+                      "data.batch_size=2")
+    datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
-    task_module = instantiate(cfg.model).eval()
+    task_module = instantiate(cfg.model, _convert_="all").eval()
     with torch.no_grad():
-        logits = task_module(batch["image"])
-    assert logits.shape == (len(batch["image"]), cfg.data.num_classes)
-    assert torch.isfinite(logits).all()
+        outputs = task_module.infer(batch["image"])
+        loss = task_module.compute_loss(outputs, batch["label"])
+    spatial = batch["image"].shape[2:] if cfg.data.task == "segmentation" else ()
+    assert outputs.shape == (len(batch["image"]), cfg.data.num_classes, *spatial)
+    assert torch.isfinite(outputs).all() and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize(

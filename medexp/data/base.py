@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from medexp.utils.errors import MedexpError
 
 SPLITS = ("train", "val", "test")
-TASKS = ("binary", "multiclass", "multilabel")
+TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 
 
 class ArrayDataset(Dataset):
@@ -23,7 +23,8 @@ class ArrayDataset(Dataset):
     Args:
         images: ``(N, C, *spatial)``; ``uint8`` arrays are scaled to [0, 1], float arrays are
             used as they are.
-        labels: ``(N,)`` class indices, or ``(N, L)`` 0/1 indicators for multi-label tasks.
+        labels: ``(N,)`` class indices, ``(N, L)`` 0/1 indicators for multi-label tasks, or
+            ``(N, 1, *spatial)`` masks of class indices for segmentation.
         transform: applied to each sample dict (MONAI dictionary transforms).
     """
 
@@ -40,7 +41,10 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = torch.from_numpy(self.images[index])
         image = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
-        sample = {"image": image, "label": self.labels[index]}
+        label = self.labels[index]
+        # masks are stored compactly as uint8 and travel as float through MONAI's spatial
+        # transforms; the chain's last step (see ArrayDataModule.transform) makes them int64
+        sample = {"image": image, "label": label.float() if label.dtype == torch.uint8 else label}
         return self.transform(sample) if self.transform is not None else sample
 
 
@@ -100,12 +104,18 @@ class ArrayDataModule(L.LightningDataModule):
         for split in SPLITS:
             images, labels = self.load_split(split)
             self._check_split(split, images, labels)
-            chain = [*self.augmentations, *self.transforms] if split == "train" else list(self.transforms)
-            # plain tensors in batches: MONAI transforms otherwise return MetaTensors
-            transform = Compose([*chain, EnsureTyped(keys=["image"], track_meta=False)])
-            # MONAI's random transforms draw from their own generator; tie it to the run's seed
-            transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
-            self.datasets[split] = ArrayDataset(images, labels, transform)
+            self.datasets[split] = ArrayDataset(images, labels, self.transform(split))
+
+    def transform(self, split: str, head: Sequence[Callable] = ()) -> Compose:
+        """The per-sample chain of ``split``: ``head`` (e.g. a file reader), augmentations
+        (training only), transforms, then plain tensors: float32 images, int64 labels."""
+        augmentations = self.augmentations if split == "train" else []
+        # plain tensors in batches: MONAI transforms otherwise return MetaTensors
+        ensure = EnsureTyped(keys=["image", "label"], dtype=[torch.float32, torch.long], track_meta=False)
+        transform = Compose([*head, *augmentations, *self.transforms, ensure])
+        # MONAI's random transforms draw from their own generator; tie it to the run's seed
+        transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
+        return transform
 
     def _check_split(self, split: str, images: np.ndarray, labels: np.ndarray) -> None:
         where = f"{self.describe()} {split} split"
@@ -114,7 +124,12 @@ class ArrayDataModule(L.LightningDataModule):
                 f"{where}: images of shape {images.shape}; expected (N, {self.in_channels}, "
                 f"{', '.join('S' * self.spatial_dims)}) for in_channels={self.in_channels}"
             )
-        if self.task == "multilabel":
+        if self.task == "segmentation":
+            if labels.shape != (len(images), 1, *images.shape[2:]):
+                raise MedexpError(f"{where}: masks of shape {labels.shape} do not match images {images.shape}")
+            if labels.max() >= self.num_classes:
+                raise MedexpError(f"{where}: mask values up to {labels.max()}; expected classes 0..{self.num_classes - 1}")
+        elif self.task == "multilabel":
             if labels.ndim != 2 or labels.shape[1] != self.num_classes or not np.isin(labels, (0, 1)).all():
                 raise MedexpError(f"{where}: multi-label targets must be 0/1 of shape (N, {self.num_classes})")
         elif labels.ndim != 1 or labels.min() < 0 or labels.max() >= self.num_classes:
@@ -128,11 +143,13 @@ class ArrayDataModule(L.LightningDataModule):
         return type(self).__name__
 
     def label_counts(self) -> tuple[np.ndarray, int]:
-        """Training samples per class (positives per label for multi-label tasks), and their total."""
+        """Training samples per class (positives per label for multi-label tasks, voxels per class
+        for segmentation), and their total."""
         self.setup()
         labels = self.datasets["train"].labels.numpy()
         if self.task == "multilabel":
             return labels.sum(axis=0), len(labels)
+        labels = labels.ravel()  # segmentation: voxels per class
         return np.bincount(labels, minlength=self.num_classes), len(labels)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

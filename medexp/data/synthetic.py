@@ -1,8 +1,8 @@
-"""Built-in phantom images with lesions: offline data that an image model has to learn.
+"""Built-in phantom images and volumes with lesions: offline data a model has to learn.
 
-Each image is a body-like ellipse with two darker "lungs" and a bright "spine" under a smooth
-bias field and noise. Lesions are small round blobs inside the body; the label says whether,
-how many, or which kind are present.
+Each image is a body-like ellipse (an ellipsoid in 3D) with two darker "lungs" and a bright
+"spine" under a smooth bias field and noise. Lesions are small round blobs inside the body; the
+label says whether, how many, or which kind are present, or is the lesion mask itself.
 """
 
 from __future__ import annotations
@@ -13,81 +13,111 @@ from medexp.data.base import SPLITS, ArrayDataModule
 from medexp.utils.errors import MedexpError
 
 
-def _ellipse(yy: np.ndarray, xx: np.ndarray, cy, cx, ry, rx, soft: float = 0.04) -> np.ndarray:
-    """Soft-edged ellipse masks. ``yy, xx``: ``(H, W)`` grids in [-1, 1]; centres/radii ``(N, 1, 1)``."""
-    r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+def _blob(grid: list[np.ndarray], centre: list[np.ndarray], radii: list[np.ndarray], soft: float = 0.04) -> np.ndarray:
+    """Soft-edged ellipses/ellipsoids ``(n, *spatial)``: one per sample.
+
+    ``grid`` holds one coordinate array in [-1, 1] per axis (broadcastable to the image shape);
+    ``centre`` and ``radii`` one ``(n, 1, ..., 1)`` array per axis.
+    """
+    r = np.sqrt(sum(((g - c) / rad) ** 2 for g, c, rad in zip(grid, centre, radii)))
     return 1.0 / (1.0 + np.exp(np.minimum((r - 1.0) / soft, 50.0)))
 
 
 def make_phantoms(
-    n: int, size: int, task: str, num_classes: int, rng: np.random.Generator, lesion_contrast: float = 1.0
+    n: int,
+    size: int,
+    task: str,
+    num_classes: int,
+    rng: np.random.Generator,
+    lesion_contrast: float = 1.0,
+    spatial_dims: int = 2,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Generate ``n`` phantom images.
+    """Generate ``n`` phantom images (2D) or volumes (3D).
 
     Args:
-        n: number of images; size: height and width in pixels.
+        n: number of images; size: pixels (voxels) per side.
         task: ``binary`` (a bright lesion present or not), ``multiclass`` (number of bright
-            lesions, 0..num_classes-1) or ``multilabel`` (bright lesion present, dark lesion present).
-        num_classes: classes, or labels for ``multilabel`` (must then be 2).
+            lesions, 0..num_classes-1), ``multilabel`` (bright lesion present, dark lesion present)
+            or ``segmentation`` (0-3 bright lesions, class 1; with ``num_classes=3`` also 0-2 dark
+            lesions, class 2; the label is the mask).
+        num_classes: classes (segmentation: including background), or labels for ``multilabel``.
         rng: the source of randomness; the same generator state gives the same images.
         lesion_contrast: scales the lesions' intensity difference; lower is harder to learn.
+        spatial_dims: 2 for ``(size, size)`` images, 3 for ``(size, size, size)`` volumes.
 
     Returns:
-        images ``(n, 1, size, size)`` uint8, labels (``(n,)`` int64, or ``(n, 2)`` for multi-label)
-        and lesion masks ``(n, 1, size, size)`` uint8 (1 inside a lesion).
+        images ``(n, 1, *spatial)`` uint8; labels: ``(n,)`` int64, ``(n, 2)`` for multi-label, or
+        the masks for segmentation; masks ``(n, 1, *spatial)`` uint8 of lesion classes
+        (1 bright, 2 dark, 0 elsewhere).
     """
+    if spatial_dims not in (2, 3):
+        raise MedexpError(f"data.spatial_dims={spatial_dims}; synthetic data are 2D or 3D")
     axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    yy, xx = np.meshgrid(axis, axis, indexing="ij")
+    # one coordinate array per axis, broadcastable to (n, *spatial); axes (z,) y, x
+    grid = [axis.reshape([1] + [-1 if d == i else 1 for d in range(spatial_dims)]) for i in range(spatial_dims)]
+    shape = (n,) + (1,) * spatial_dims
 
     def draw(low, high):
-        return rng.uniform(low, high, size=(n, 1, 1)).astype(np.float32)
+        return rng.uniform(low, high, size=shape).astype(np.float32)
 
-    body_cy, body_cx = draw(-0.05, 0.05), draw(-0.05, 0.05)
-    body_ry, body_rx = draw(0.6, 0.75), draw(0.75, 0.9)
-    body = _ellipse(yy, xx, body_cy, body_cx, body_ry, body_rx)
-    image = 0.05 + body * draw(0.4, 0.5)
+    # per axis (z,) y, x: body centre and radii; the z extent is long (a stack of slices)
+    body_c = [draw(-0.05, 0.05) for _ in range(spatial_dims)]
+    body_r = ([draw(0.7, 0.85)] if spatial_dims == 3 else []) + [draw(0.6, 0.75), draw(0.75, 0.9)]
+    image = 0.05 + _blob(grid, body_c, body_r) * draw(0.4, 0.5)
+    z_c, z_r = body_c[:-2], ([np.full(shape, 0.6, np.float32)] if spatial_dims == 3 else [])
     for side in (-1.0, 1.0):
-        lung = _ellipse(yy, xx, body_cy - 0.05, body_cx + side * draw(0.35, 0.42), draw(0.3, 0.4), draw(0.2, 0.26))
-        image -= lung * draw(0.15, 0.22)
-    image += _ellipse(yy, xx, body_cy + body_ry * 0.7, body_cx, draw(0.08, 0.12), draw(0.08, 0.12)) * 0.35
-    image += draw(-0.05, 0.05) * yy + draw(-0.05, 0.05) * xx  # smooth bias field
+        lung_c = [*z_c, body_c[-2] - 0.05, body_c[-1] + side * draw(0.35, 0.42)]
+        image -= _blob(grid, lung_c, [*z_r, draw(0.3, 0.4), draw(0.2, 0.26)]) * draw(0.15, 0.22)
+    spine_r = [np.full(shape, 0.9, np.float32)] if spatial_dims == 3 else []
+    spine_c = [*z_c, body_c[-2] + body_r[-2] * 0.7, body_c[-1]]
+    image += _blob(grid, spine_c, [*spine_r, draw(0.08, 0.12), draw(0.08, 0.12)]) * 0.35
+    image += sum(draw(-0.05, 0.05) * g for g in grid)  # smooth bias field
 
-    if task == "binary":
-        bright = rng.integers(0, 2, size=n)
-        dark = np.zeros(n, dtype=np.int64)
-        labels = bright
-    elif task == "multiclass":
-        bright = rng.integers(0, num_classes, size=n)
-        dark = np.zeros(n, dtype=np.int64)
-        labels = bright
-    elif task == "multilabel":
-        bright, dark = rng.integers(0, 2, size=n), rng.integers(0, 2, size=n)
-        labels = np.stack([bright, dark], axis=1)
-    else:
-        raise MedexpError(f"data.task={task!r}; expected one of ['binary', 'multiclass', 'multilabel']")
+    zeros = np.zeros(n, dtype=np.int64)
+    match task:
+        case "binary":
+            bright, dark = rng.integers(0, 2, size=n), zeros
+            labels = bright
+        case "multiclass":
+            bright, dark = rng.integers(0, num_classes, size=n), zeros
+            labels = bright
+        case "multilabel":
+            bright, dark = rng.integers(0, 2, size=n), rng.integers(0, 2, size=n)
+            labels = np.stack([bright, dark], axis=1)
+        case "segmentation":
+            bright = rng.integers(0, 4, size=n)
+            dark = rng.integers(0, 3, size=n) if num_classes == 3 else zeros
+            labels = None
+        case _:
+            raise MedexpError(
+                f"data.task={task!r}; expected one of ['binary', 'multiclass', 'multilabel', 'segmentation']"
+            )
 
-    mask = np.zeros((n, size, size), dtype=np.float32)
-    for count, contrast in ((bright, (0.12, 0.3)), (dark, (-0.3, -0.12))):
+    mask = np.zeros((n,) + (size,) * spatial_dims, dtype=np.uint8)
+    for lesion_class, count, contrast in ((1, bright, (0.12, 0.3)), (2, dark, (-0.3, -0.12))):
         for k in range(int(count.max(initial=0))):
-            # lesions lie inside the body: polar position within 60% of its radii
-            angle, radius = draw(0, 2 * np.pi), np.sqrt(draw(0, 1)) * 0.6
-            cy = body_cy + radius * body_ry * np.sin(angle)
-            cx = body_cx + radius * body_rx * np.cos(angle)
-            r = draw(0.1, 0.17)
-            blob = _ellipse(yy, xx, cy, cx, r, r, soft=0.08) * (k < count)[:, None, None]
+            # lesions lie inside the body: uniform within 60% of its radii
+            direction = rng.normal(size=(spatial_dims, *shape)).astype(np.float32)
+            direction /= np.linalg.norm(direction, axis=0, keepdims=True) + 1e-6
+            radius = draw(0, 1) ** (1 / spatial_dims) * 0.6
+            centre = [c + radius * r * d for c, r, d in zip(body_c, body_r, direction)]
+            # larger in 3D, where a 2D-sized lesion would cover a few voxels of a small volume
+            size_ = draw(0.1, 0.17) if spatial_dims == 2 else draw(0.16, 0.26)
+            blob = _blob(grid, centre, [size_] * spatial_dims, soft=0.08) * (k < count).reshape(shape)
             image += blob * draw(*contrast) * lesion_contrast
-            mask = np.maximum(mask, blob > 0.5)
+            mask[blob > 0.5] = lesion_class
 
     image += rng.normal(0.0, 0.05, size=image.shape).astype(np.float32)
     images = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)[:, None]
-    return images, labels.astype(np.int64), mask.astype(np.uint8)[:, None]
+    masks = mask[:, None]
+    return images, masks if labels is None else labels.astype(np.int64), masks
 
 
 class SyntheticDataModule(ArrayDataModule):
     """Phantom images generated deterministically from ``seed`` (see :func:`make_phantoms`).
 
     Args:
-        image_size: height and width in pixels.
+        image_size: pixels (voxels) per side.
         num_samples: images per split, e.g. ``{"train": 2000, "val": 500, "test": 500}``.
         lesion_contrast: difficulty knob, see :func:`make_phantoms`.
         seed: data seed, independent of the training seed so sweeps over seeds see the same data.
@@ -108,8 +138,13 @@ class SyntheticDataModule(ArrayDataModule):
             raise MedexpError(f"data.num_samples={num_samples}; expected positive counts for {list(SPLITS)}")
         if self.task == "multilabel" and self.num_classes != 2:
             raise MedexpError("data.num_classes must be 2 for synthetic multilabel data (bright, dark lesion)")
-        if self.in_channels != 1 or self.spatial_dims != 2:
-            raise MedexpError("synthetic data are 2D grey images: data.in_channels=1, data.spatial_dims=2")
+        if self.task == "segmentation" and self.num_classes not in (2, 3):
+            raise MedexpError(
+                f"data.num_classes={self.num_classes}; synthetic segmentation has 2 (background, lesion) "
+                "or 3 (background, bright lesion, dark lesion) classes"
+            )
+        if self.in_channels != 1 or self.spatial_dims not in (2, 3):
+            raise MedexpError("synthetic data are grey (data.in_channels=1), 2D or 3D (data.spatial_dims)")
         if image_size < 16:
             raise MedexpError(f"data.image_size={image_size}; expected at least 16 pixels")
         self.image_size = image_size
@@ -120,7 +155,13 @@ class SyntheticDataModule(ArrayDataModule):
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, SPLITS.index(split)])
         images, labels, _ = make_phantoms(
-            self.num_samples[split], self.image_size, self.task, self.num_classes, rng, self.lesion_contrast
+            self.num_samples[split],
+            self.image_size,
+            self.task,
+            self.num_classes,
+            rng,
+            self.lesion_contrast,
+            self.spatial_dims,
         )
         return images, labels
 

@@ -39,8 +39,9 @@ class BaseTask(L.LightningModule):
         monitor: str = "val/loss",
     ) -> None:
         super().__init__()
-        # nets, optimisers and schedulers are rebuilt from the stored run config, not pickled
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        # injected objects (nets, losses, optimisers, schedulers) are rebuilt from the run config
+        # stored in checkpoints, never pickled into them
+        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -72,9 +73,15 @@ class BaseTask(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Network outputs at evaluation time (validation, test, predict); tasks may override
+        this, e.g. with sliding-window inference over whole volumes."""
+        return self(x)
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         target = batch[self.target_key]
-        outputs = self(batch[self.input_key])
+        inputs = batch[self.input_key]
+        outputs = self(inputs) if stage == "train" else self.infer(inputs)
         loss = self.compute_loss(outputs, target)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=target.shape[0])
         getattr(self, f"{stage}_metrics").update(self.postprocess(outputs.detach()), target)
@@ -90,7 +97,7 @@ class BaseTask(L.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.postprocess(self(batch[self.input_key]))
+        return self.postprocess(self.infer(batch[self.input_key]))
 
     def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
         # torchmetrics syncs across DDP processes in compute(), so every rank logs the same value

@@ -67,6 +67,8 @@ class ClassificationTask(BaseTask):
         monitor: str = "val/auroc",
         **kwargs: Any,
     ) -> None:
+        if task == "segmentation":
+            raise MedexpError("data.task=segmentation needs a segmentation model, e.g. model=unet; this model classifies")
         if task not in TASKS:
             raise MedexpError(f"model.task={task!r}; expected one of {list(TASKS)}")
         if num_classes < 2 or (task == "binary" and num_classes != 2):

@@ -15,7 +15,7 @@ class MedexpError(Exception):
     """A problem with the user's config or data; reported in one line, without a traceback."""
 
 
-def _user_error(exc: BaseException) -> str | None:
+def user_error_message(exc: BaseException) -> str | None:
     """The message to show for ``exc`` if it (or what caused it) is a user error."""
     from hydra.errors import InstantiationException
 
@@ -41,7 +41,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        message = _user_error(exc)
+        message = user_error_message(exc)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.debug("user error", exc_info=True)

@@ -13,3 +13,5 @@ def tidy_library_output() -> None:
     logging.getLogger("lightning").handlers.clear()
     # torch >= 2.10 deprecates a pytree API that Lightning 2.6 still calls on every batch
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+    # with pydicom installed, MONAI logs that the optional GPU decoder is missing for every loader
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)

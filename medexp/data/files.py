@@ -1,0 +1,486 @@
+"""Image files listed in a CSV manifest or laid out in folders, for classification or segmentation.
+
+Files are read with MONAI's ``LoadImage`` (PNG, JPEG, BMP, TIFF, GIF, DICOM, NIfTI), channel
+first. Loaded cases are MetaTensors that keep each file's affine and metadata
+(:meth:`FileDataModule.load_case`), so outputs can be written aligned with their inputs; batches
+hold plain tensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, MetaTensor, PILReader
+from monai.transforms import LoadImage, Transform
+
+from medexp.data.base import SPLITS, ArrayDataModule
+from medexp.utils.errors import MedexpError, user_error_message
+
+log = logging.getLogger(__name__)
+
+FILE_TASKS = ("binary", "multiclass", "segmentation")
+REQUIRED_COLUMNS = ("image", "label")
+OPTIONAL_COLUMNS = ("split", "patient_id")
+# MONAI chooses PILReader by suffix only for png/jpg/jpeg/bmp: TIFF and GIF would reach the DICOM reader
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+SHOWN = 5  # offending entries quoted in one message; the rest are counted
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image and its label: a class index, or a mask file for segmentation.
+
+    ``split`` is None until a split is assigned; ``where`` names the manifest line the case came
+    from (empty for folder layouts, where the path says it all).
+    """
+
+    image: Path
+    label: int | Path
+    split: str | None = None
+    patient_id: str = ""
+    where: str = ""
+
+    def item(self) -> dict[str, Any]:
+        """The dict a MONAI dataset holds for this case (see :class:`CaseReader`)."""
+        label = str(self.label) if isinstance(self.label, Path) else self.label
+        return {"image": str(self.image), "label": label, "where": self.where}
+
+
+def _at(path: Any, where: str) -> str:
+    return f"{path} ({where})" if where else str(path)
+
+
+def _listing(entries: list[str]) -> str:
+    more = len(entries) - SHOWN
+    return "; ".join(entries[:SHOWN]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _resolve(base: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def read_manifest(path: Path, task: str, num_classes: int) -> list[Case]:
+    """Read a CSV manifest: columns ``image``, ``label`` and optionally ``split``, ``patient_id``.
+
+    Relative paths resolve against the manifest's folder. ``label`` is a class index, or a mask
+    path for ``task="segmentation"``. Other columns are ignored.
+
+    Raises:
+        MedexpError: for a missing or unreadable manifest, missing columns, unknown split values,
+            labels that are not class indices ``0..num_classes-1``, or listed files that do not
+            exist (every offending line is counted, the first few quoted).
+    """
+    if not path.is_file():
+        raise MedexpError(
+            f"manifest not found: {path}. Point data.manifest at a CSV file with columns "
+            f"{list(REQUIRED_COLUMNS)} (optional {list(OPTIONAL_COLUMNS)}), or use data.root=DIR for a folder layout"
+        )
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
+            reader = csv.DictReader(file)
+            columns = [name.strip() for name in reader.fieldnames or []]
+            missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+            if missing:
+                raise MedexpError(
+                    f"{path}: missing column(s) {missing}; a manifest needs columns {list(REQUIRED_COLUMNS)} "
+                    f"and may have {list(OPTIONAL_COLUMNS)} (found {columns})"
+                )
+            rows = [
+                (reader.line_num, {key.strip(): (value or "").strip() for key, value in row.items() if key is not None})
+                for row in reader
+            ]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise MedexpError(f"{path}: cannot read it as a CSV file ({exc})") from exc
+    if not rows:
+        raise MedexpError(f"{path}: the manifest lists no images")
+
+    base = path.absolute().parent
+    bad_splits, bad_labels, missing_files, cases = [], [], [], []
+    for line, row in rows:
+        split = row.get("split") if "split" in columns else None
+        if split is not None and split not in SPLITS:
+            bad_splits.append(f"line {line}: {split!r}")
+        image = _resolve(base, row["image"])
+        if not row["image"] or not image.exists():
+            missing_files.append(f"line {line}: image {row['image']!r}")
+        if task == "segmentation":
+            label: int | Path = _resolve(base, row["label"])
+            if not row["label"] or not label.exists():
+                missing_files.append(f"line {line}: mask {row['label']!r}")
+        else:
+            try:
+                label = int(row["label"])
+            except ValueError:
+                label = -1
+            if not 0 <= label < num_classes:
+                bad_labels.append(f"line {line}: {row['label']!r}")
+        cases.append(Case(image, label, split, row.get("patient_id", ""), f"{path} line {line}"))
+
+    if bad_splits:
+        raise MedexpError(
+            f"{path}: unknown split value(s) {_listing(bad_splits)}; expected one of {list(SPLITS)} "
+            "(or no split column, to split by data.split_seed)"
+        )
+    if bad_labels:
+        raise MedexpError(
+            f"{path}: labels must be class indices 0..{num_classes - 1} (data.num_classes={num_classes}, "
+            f"data.task={task}); {len(bad_labels)} are not: {_listing(bad_labels)}"
+        )
+    if missing_files:
+        raise MedexpError(
+            f"{path}: {len(missing_files)} listed file(s) do not exist (relative paths resolve against "
+            f"{base}): {_listing(missing_files)}"
+        )
+    return cases
+
+
+def _entries(folder: Path) -> list[Path]:
+    # every visible entry is a case (a folder may be a DICOM series); hidden ones are OS clutter
+    return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+
+
+def scan_folder(root: Path, task: str, num_classes: int) -> tuple[list[Case], list[str] | None]:
+    """Cases of a folder layout, and the class names (classification) in class-index order.
+
+    Segmentation: ``root/images/`` and ``root/masks/`` whose files match by name (extensions may
+    differ, e.g. ``a.jpg`` and ``a.png``). Classification: one sub-folder per class; sorted
+    folder names give the class indices.
+
+    Raises:
+        MedexpError: when the layout does not match ``task`` or ``num_classes``, a class folder is
+            empty, or images and masks do not pair up.
+    """
+    if not root.is_dir():
+        raise MedexpError(f"data.root={root} is not a folder; point it at the data, or use data.manifest=cases.csv")
+    if task == "segmentation":
+        return _scan_segmentation(root), None
+    folders = [path for path in _entries(root) if path.is_dir()]
+    names = [path.name for path in folders]
+    if {"images", "masks"} <= set(names):
+        raise MedexpError(f"{root} holds images/ and masks/, a segmentation layout; set data.task=segmentation")
+    if len(folders) != num_classes:
+        raise MedexpError(
+            f"{root}: {len(folders)} class folder(s) {names} but data.num_classes={num_classes}; "
+            "a classification folder has one sub-folder per class"
+        )
+    strays = [path.name for path in _entries(root) if not path.is_dir()]
+    if strays:
+        log.warning("%s: files outside the class folders are not used: %s", root, _listing(strays))
+    cases = []
+    for index, folder in enumerate(folders):
+        files = _entries(folder)
+        if not files:
+            raise MedexpError(f"{folder}: class folder {folder.name!r} holds no images")
+        cases += [Case(path, index) for path in files]
+    return cases, names
+
+
+def _scan_segmentation(root: Path) -> list[Case]:
+    images_dir, masks_dir = root / "images", root / "masks"
+    if not images_dir.is_dir() or not masks_dir.is_dir():
+        raise MedexpError(
+            f"{root}: a segmentation folder needs images/ and masks/ sub-folders with matching file names "
+            "(or list the pairs in data.manifest=cases.csv)"
+        )
+    by_stem: dict[str, dict[str, list[Path]]] = {}
+    for kind, folder in (("image", images_dir), ("mask", masks_dir)):
+        for path in _entries(folder):
+            by_stem.setdefault(_stem(path), {"image": [], "mask": []})[kind].append(path)
+    problems = []
+    for stem, found in sorted(by_stem.items()):
+        for kind, other in (("image", "mask"), ("mask", "image")):
+            if len(found[kind]) > 1:
+                problems.append(f"{[p.name for p in found[kind]]} are {kind}s with the same name {stem!r}")
+            elif found[kind] and not found[other]:
+                problems.append(f"{found[kind][0].relative_to(root)} has no {other}")
+    if problems:
+        raise MedexpError(f"{root}: images/ and masks/ do not pair up by file name: {_listing(problems)}")
+    if not by_stem:
+        raise MedexpError(f"{images_dir} holds no images")
+    return [Case(found["image"][0], found["mask"][0]) for _, found in sorted(by_stem.items())]
+
+
+def assign_splits(
+    cases: list[Case], seed: int, val_fraction: float, test_fraction: float, stratify: bool
+) -> list[Case]:
+    """Random train/val/test splits that keep each patient in one split.
+
+    Cases without a ``patient_id`` count as patients of their own. The fractions are of patients;
+    with ``stratify``, each class (a patient's most frequent label) is split in proportion, and
+    rounding carries over from one class to the next so the totals still match the fractions.
+    The same cases in the same order and the same seed give the same split.
+    """
+    groups: dict[str | int, list[int]] = {}
+    for index, case in enumerate(cases):
+        groups.setdefault(case.patient_id or index, []).append(index)
+    strata: dict[Any, list[str | int]] = {}
+    for key, members in groups.items():
+        stratum = Counter(cases[i].label for i in members).most_common(1)[0][0] if stratify else 0
+        strata.setdefault(stratum, []).append(key)
+
+    rng = np.random.default_rng(seed)
+    carry = {"test": 0.0, "val": 0.0}
+    split_of: dict[str | int, str] = {}
+    for stratum in sorted(strata):
+        keys = strata[stratum]
+        take = {}
+        for split, fraction in (("test", test_fraction), ("val", val_fraction)):
+            exact = len(keys) * fraction + carry[split]
+            take[split] = int(np.floor(exact + 0.5))
+            carry[split] = exact - take[split]
+        n_test = min(take["test"], len(keys))
+        n_val = min(take["val"], len(keys) - n_test)
+        for rank, position in enumerate(rng.permutation(len(keys))):
+            split_of[keys[position]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return [replace(case, split=split_of[case.patient_id or index]) for index, case in enumerate(cases)]
+
+
+def write_splits(cases: dict[str, list[Case]], path: Path) -> None:
+    """Write the split used as a CSV (``image, label, split, patient_id``, absolute paths).
+
+    The file is itself a manifest: ``data.manifest=<it>`` reuses the split elsewhere.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["image", "label", "split", "patient_id"])
+        for split in SPLITS:
+            writer.writerows([case.image, case.label, split, case.patient_id] for case in cases[split])
+
+
+def _single_frame(image: Any) -> Any:
+    # PIL would read the first page of a TIFF stack or an animated GIF and drop the rest
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise ValueError(f"it has {frames} frames; only single-frame images are read (store a stack as NIfTI)")
+    return image
+
+
+class CaseReader(Transform):
+    """Load one case and check it, as the first (cached) transform of a file dataset.
+
+    Input ``{"image": path, "label": class index or mask path, "where": manifest line}``; output
+    ``{"image": (C, *spatial), "label": class index or (1, *spatial) mask}``, images and masks as
+    float32 MetaTensors carrying their file's affine and metadata.
+
+    Masks become class indices: with ``mask_threshold=None`` their values must already be
+    ``0..num_classes-1``; with a number ``t``, values above ``t`` become 1 and the rest 0 (binary
+    masks saved as 0/255 images: ``t=127``).
+
+    Raises:
+        MedexpError: naming the file (and manifest line) when it cannot be read, a mask has more
+            than one channel, its spatial shape differs from the image's, or its values are not
+            class indices.
+    """
+
+    def __init__(self, task: str, num_classes: int, mask_threshold: float | None = None) -> None:
+        self.task = task
+        self.num_classes = num_classes
+        self.mask_threshold = mask_threshold
+        with warnings.catch_warnings():
+            # LoadImage registers MONAI's GPU DICOM decoder too, which warns wherever nvImageCodec is absent
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+        self.raster_reader = PILReader(converter=_single_frame)
+
+    def read(self, path: str, where: str = "") -> MetaTensor:
+        """One file as a ``(C, *spatial)`` MetaTensor."""
+        reader = self.raster_reader if path.lower().endswith(RASTER_SUFFIXES) else None
+        try:
+            return self.loader(path, reader=reader)
+        except Exception as exc:  # PIL, pydicom, nibabel and MONAI each raise their own types
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            message = f"{_at(path, where)}: cannot read it as an image ({type(exc).__name__}: {reason})"
+            raise MedexpError(message) from exc
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        where = data.get("where", "")
+        image = self.read(data["image"], where)
+        if self.task != "segmentation":
+            return {"image": image, "label": data["label"]}
+        mask = self.read(data["label"], where)
+        if mask.shape[0] != 1:
+            raise MedexpError(
+                f"{_at(data['label'], where)}: the mask has {mask.shape[0]} channels; expected one channel of "
+                "class indices (save it as a grey image)"
+            )
+        if mask.shape[1:] != image.shape[1:]:
+            raise MedexpError(
+                f"{_at(data['label'], where)}: mask of spatial shape {tuple(mask.shape[1:])} does not match "
+                f"its image {data['image']} of spatial shape {tuple(image.shape[1:])}"
+            )
+        if self.mask_threshold is not None:
+            return {"image": image, "label": (mask > self.mask_threshold).to(mask.dtype)}
+        values = torch.unique(mask.as_tensor())
+        bad = values[(values != values.round()) | (values < 0) | (values >= self.num_classes)]
+        if len(bad):
+            raise MedexpError(
+                f"{_at(data['label'], where)}: mask values {bad[:SHOWN].tolist()} are not class indices "
+                f"0..{self.num_classes - 1} (data.num_classes={self.num_classes}); for a binary mask saved "
+                "as 0/255 set data.mask_threshold=127 (values above it become 1)"
+            )
+        return {"image": image, "label": mask}
+
+
+class FileDataModule(ArrayDataModule):
+    """Image files from a CSV manifest or a folder layout, for classification or segmentation.
+
+    Reuses :class:`~medexp.data.base.ArrayDataModule`'s argument checks and data loaders; the
+    cases are files instead of arrays. Every file is read once in :meth:`setup` (or when the cache
+    is filled) so a corrupt file or a mismatched mask stops the run before training, named with
+    its manifest line.
+
+    Without a ``split`` column, splits are drawn from ``split_seed`` (see :func:`assign_splits`).
+    :meth:`setup` writes the split used to ``<output_dir>/splits.csv``.
+
+    Args:
+        task: ``binary``, ``multiclass`` or ``segmentation``.
+        num_classes: classes (segmentation: including the background).
+        in_channels: channels, spatial_dims: 2 or 3, of images as the model receives them (after
+            ``transforms``); checked on the first training image.
+        manifest: CSV with columns ``image``, ``label`` (class index or mask path), optional
+            ``split`` (train/val/test) and ``patient_id`` (see :func:`read_manifest`).
+        root: instead of a manifest, a folder layout (see :func:`scan_folder`).
+        output_dir: where ``splits.csv`` is written; None writes nothing.
+        split_seed: seed of the random split; val_fraction, test_fraction: its sizes, as
+            fractions of patients (of images without ``patient_id``).
+        mask_threshold: how mask values become class indices (see :class:`CaseReader`).
+        cache: keep loaded cases (and their deterministic transforms) in memory
+            (``monai.data.CacheDataset``).
+        **kwargs: ``batch_size``, ``num_workers``, ``transforms``, ``augmentations``; see
+            :class:`~medexp.data.base.ArrayDataModule`.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        num_classes: int,
+        in_channels: int,
+        spatial_dims: int,
+        manifest: str | Path | None = None,
+        root: str | Path | None = None,
+        output_dir: str | Path | None = None,
+        split_seed: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        mask_threshold: float | None = None,
+        cache: bool = False,
+        **kwargs,
+    ) -> None:
+        if task not in FILE_TASKS:
+            raise MedexpError(f"data.task={task!r}; file data serve one of {list(FILE_TASKS)}")
+        super().__init__(
+            task=task, num_classes=num_classes, in_channels=in_channels, spatial_dims=spatial_dims, **kwargs
+        )
+        if (manifest is None) == (root is None):
+            given = "both" if manifest is not None else "neither"
+            raise MedexpError(f"set one of data.manifest=cases.csv or data.root=DIR (a folder layout); got {given}")
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise MedexpError(
+                f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}; expected each in (0, 1) "
+                "and a sum below 1"
+            )
+        self.source = Path(manifest if manifest is not None else root).expanduser()
+        self.output_dir = Path(output_dir).expanduser() if output_dir else None
+        self.cache = cache
+        self.reader = CaseReader(task, num_classes, mask_threshold)
+        self.class_names: list[str] | None = None
+        if manifest is not None:
+            cases = read_manifest(self.source, task, num_classes)
+        else:
+            cases, self.class_names = scan_folder(self.source, task, num_classes)
+        if cases[0].split is None:
+            cases = assign_splits(cases, split_seed, val_fraction, test_fraction, stratify=task != "segmentation")
+        else:
+            self._warn_shared_patients(cases)
+        self.cases = {split: [case for case in cases if case.split == split] for split in SPLITS}
+        for split, members in self.cases.items():
+            if not members:
+                raise MedexpError(
+                    f"{self.source}: the {split} split is empty ({len(cases)} images); every split needs at least "
+                    "one image: add data, raise data.val_fraction/data.test_fraction, or fix the split column"
+                )
+        log.info("%s: %s images", self.source, "/".join(f"{len(self.cases[s])} {s}" for s in SPLITS))
+
+    def _warn_shared_patients(self, cases: list[Case]) -> None:
+        splits_of: dict[str, set[str]] = {}
+        for case in cases:
+            if case.patient_id:
+                splits_of.setdefault(case.patient_id, set()).add(case.split)
+        shared = [f"{pid} in {sorted(splits)}" for pid, splits in splits_of.items() if len(splits) > 1]
+        if shared:
+            log.warning(
+                "%s: patients in more than one split (results may be optimistic): %s", self.source, _listing(shared)
+            )
+
+    def describe(self) -> str:
+        return str(self.source)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for split in SPLITS:
+            self.datasets[split] = self._dataset(split)
+        self._check_first_image()
+        # the split is the same in every process (drawn from the seed); one of them records it
+        if self.output_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
+            write_splits(self.cases, self.output_dir / "splits.csv")
+
+    def _dataset(self, split: str) -> Dataset:
+        items = [case.item() for case in self.cases[split]]
+        transform = self.transform(split, head=[self.reader])
+        if not self.cache:
+            log.info("%s: checking the %d %s images", self.source, len(items), split)
+            for item in items:
+                self.reader(item)
+            return Dataset(items, transform)
+        try:
+            return CacheDataset(items, transform, progress=False)
+        except RuntimeError as exc:  # MONAI wraps a transform's error; ours names the file
+            message = user_error_message(exc)
+            if message is None:
+                raise
+            raise MedexpError(message) from exc
+
+    def _check_first_image(self) -> None:
+        shape = tuple(self.datasets["train"][0]["image"].shape)
+        if len(shape) != 1 + self.spatial_dims or shape[0] != self.in_channels:
+            case = self.cases["train"][0]
+            expected = ", ".join([str(self.in_channels)] + ["S"] * self.spatial_dims)
+            raise MedexpError(
+                f"{_at(case.image, case.where)}: the first training image has shape {shape} (channels, *spatial) "
+                f"after data.transforms, but data.in_channels={self.in_channels} and "
+                f"data.spatial_dims={self.spatial_dims} expect ({expected}); set data.in_channels={shape[0]} "
+                f"data.spatial_dims={len(shape) - 1}, or add a transform that converts the images"
+            )
+
+    def load_case(self, split: str, index: int) -> dict[str, Any]:
+        """Case ``index`` of ``split`` as loaded, before any transform: ``image`` ``(C, *spatial)`` (and
+        for segmentation ``label`` ``(1, *spatial)``) MetaTensors with the file's ``affine`` and
+        ``meta`` (e.g. ``filename_or_obj``), e.g. to write a prediction aligned with its input."""
+        return self.reader(self.cases[split][index].item())
+
+    def label_counts(self) -> tuple[np.ndarray, int]:
+        """Training images per class, or for segmentation voxels per class (reads every training
+        mask), and their total."""
+        train = self.cases["train"]
+        if self.task != "segmentation":
+            return np.bincount([case.label for case in train], minlength=self.num_classes), len(train)
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for case in train:
+            mask = self.reader(case.item())["label"].as_tensor().long()
+            counts += np.bincount(mask.flatten().numpy(), minlength=self.num_classes)
+        return counts, int(counts.sum())

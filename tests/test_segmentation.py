@@ -1,0 +1,93 @@
+"""SegmentationTask: metrics with explicit empty-mask handling, and 2D/3D training end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medexp.tasks.segmentation import HausdorffDistance95
+from medexp.train import train
+from tests.conftest import QUIET, compose_config, run_cli
+
+
+def squares(offset: int = 0, present: bool = True) -> torch.Tensor:
+    mask = torch.zeros(1, 32, 32, dtype=torch.long)
+    if present:
+        mask[0, 10 + offset : 20 + offset, 10:20] = 1
+    return mask
+
+
+def test_hd95_of_shifted_missed_and_empty_masks():
+    metric = HausdorffDistance95(num_classes=2)
+    metric.update(squares(2), squares())  # shifted by 2 px
+    assert float(metric.compute()) == pytest.approx(2.0)
+    metric.reset()
+    metric.update(squares(present=False), squares())  # a missed lesion counts as the diagonal
+    assert float(metric.compute()) == pytest.approx((32**2 + 32**2) ** 0.5)
+    metric.reset()
+    metric.update(squares(present=False), squares(present=False))  # nothing to measure
+    assert torch.isnan(metric.compute())
+
+
+def test_dice_leaves_out_cases_with_nothing_to_find(compose_cfg):
+    from hydra.utils import instantiate
+
+    task = instantiate(compose_cfg("data=synthetic_seg", "model=unet").model, _convert_="all")
+    metrics = task.configure_metrics()
+    probs = lambda mask: torch.nn.functional.one_hot(mask, 2).movedim(-1, 1).float()  # noqa: E731
+    # case 1: empty truth, empty prediction (left out); case 2: perfect
+    pred = torch.cat([squares(present=False), squares()])
+    true = torch.cat([squares(present=False), squares()])[:, None]
+    assert float(metrics(probs(pred), true)["dice"]) == pytest.approx(1.0)
+    metrics.reset()
+    # a phantom lesion on an empty truth scores 0
+    assert float(metrics(probs(squares()), squares(present=False)[:, None])["dice"]) == pytest.approx(0.0)
+
+
+def test_2d_segmentation_through_medexp_train(tmp_path):
+    run_cli("train", "data=synthetic_seg", "model=unet", "hydra.run.dir=run", *QUIET, cwd=tmp_path)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # an empty prediction scores 0 on every case with a lesion, a random one about the lesion
+    # share of the pixels (< 0.02); the trained U-Net must be far above both
+    assert metrics["test"]["test/dice"] > 0.4
+    assert metrics["test"]["test/auroc"] > 0.9
+    assert metrics["monitor"] == "val/dice"
+
+
+def test_3d_segmentation_with_sliding_windows_and_eval(tmp_path):
+    """Train on foreground/background-balanced patches, validate and test on whole volumes."""
+    from medexp.eval import evaluate
+
+    cfg = compose_config(
+        [
+            *QUIET, "data=synthetic_seg", "data.spatial_dims=3", "data.image_size=24",
+            "data.num_samples={train: 128, val: 32, test: 32}", "data.batch_size=8", "model=unet",
+            "model.net.channels=[8,16,32]", "model.net.strides=[2,2]", "model.net.num_res_units=1",
+            "model.roi_size=[16,16,16]", "data/augmentations=patches", "optimizer.lr=3e-3", "trainer.max_epochs=8",
+        ],
+        output_dir=tmp_path / "run",
+    )
+    metrics = train(cfg)
+    assert metrics["test"]["test/dice"] > 0.3
+    results = evaluate(compose_config([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"], "eval",
+                                      output_dir=tmp_path / "eval"))
+    for name, value in metrics["test"].items():
+        assert results["test"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_multiclass_masks_report_dice_per_class(compose_cfg):
+    cfg = compose_cfg(*QUIET, "data=synthetic_seg", "data.num_classes=3", "model=unet", "trainer.max_epochs=1",
+                      "data.num_samples={train: 32, val: 16, test: 16}", "model.tta_flips=true")
+    metrics = train(cfg)
+    assert {"test/dice", "test/dice_1", "test/dice_2", "test/hd95", "test/iou"} <= set(metrics["test"])
+    assert "test/auroc" not in metrics["test"]
+
+
+def test_a_classifier_on_masks_is_refused(compose_cfg, capsys):
+    from medexp.utils.errors import user_errors
+
+    with pytest.raises(SystemExit), user_errors():
+        train(compose_cfg(*QUIET, "data=synthetic_seg", "model=cnn"))
+    assert "data.task=segmentation needs a segmentation model, e.g. model=unet" in capsys.readouterr().err
