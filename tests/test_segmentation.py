@@ -71,6 +71,7 @@ def test_3d_segmentation_with_sliding_windows_and_eval(tmp_path):
     )
     metrics = train(cfg)
     assert metrics["test"]["test/dice"] > 0.3
+    assert (tmp_path / "run" / "overlays" / "epoch_007.png").is_file()  # drawn from the slice with most lesion
     results = evaluate(compose_config([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"], "eval",
                                       output_dir=tmp_path / "eval"))
     for name, value in metrics["test"].items():
@@ -91,3 +92,18 @@ def test_a_classifier_on_masks_is_refused(compose_cfg, capsys):
     with pytest.raises(SystemExit), user_errors():
         train(compose_cfg(*QUIET, "data=synthetic_seg", "model=cnn"))
     assert "data.task=segmentation needs a segmentation model, e.g. model=unet" in capsys.readouterr().err
+
+
+def test_overlays_go_to_the_run_directory_and_tensorboard(compose_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(compose_cfg(*QUIET, "data=synthetic_seg", "model=unet", "logger=tensorboard", "trainer.max_epochs=2",
+                      "data.num_samples={train: 32, val: 8, test: 8}", "callbacks.segmentation_overlays.num_cases=3"))
+    assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png"))[:2] == ["epoch_000.png", "epoch_001.png"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "val/overlays" in events.Tags()["images"]
+
+
+def test_overlays_skip_classifiers(compose_cfg, tmp_path):
+    train(compose_cfg(*QUIET, "trainer.max_epochs=1", "data.num_samples={train: 32, val: 8, test: 8}"))
+    assert not (tmp_path / "overlays").exists()

@@ -1,0 +1,91 @@
+"""Overlay pictures of a fixed set of validation cases: image, truth and prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+from medexp.tasks.segmentation import SegmentationTask
+
+
+def middle_slice(volume: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 2D view of a ``(*spatial)`` array: itself in 2D; in 3D the slice (first axis) with the
+    most foreground in ``mask``, or the middle one when there is none."""
+    if volume.ndim == 2:
+        return volume, mask
+    area = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    index = int(area.argmax()) if area.any() else volume.shape[0] // 2
+    return volume[index], mask[index]
+
+
+class SegmentationOverlays(L.Callback):
+    """Every ``every_n_epochs`` validation epochs, draw the first ``num_cases`` validation cases
+    (always the same ones) with the true mask (green outline) and the prediction (red), save the
+    grid as ``<run>/overlays/epoch_<n>.png`` and send it to TensorBoard, wandb and MLflow loggers.
+
+    Acts on segmentation tasks only; for other tasks it does nothing.
+    """
+
+    def __init__(self, num_cases: int = 4, every_n_epochs: int = 1, dirname: str = "overlays") -> None:
+        if num_cases < 1 or every_n_epochs < 1:
+            raise ValueError(f"num_cases and every_n_epochs should be >= 1, got {num_cases}, {every_n_epochs}.")
+        self.num_cases = num_cases
+        self.every_n_epochs = every_n_epochs
+        self.dirname = dirname
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            not isinstance(pl_module, SegmentationTask)
+            or trainer.sanity_checking
+            or not trainer.is_global_zero
+            or trainer.current_epoch % self.every_n_epochs
+        ):
+            return
+        dataset = trainer.datamodule.datasets["val"]
+        cases = [dataset[i] for i in range(min(self.num_cases, len(dataset)))]
+        images = torch.stack([case["image"] for case in cases]).to(pl_module.device)
+        with torch.no_grad():
+            predictions = pl_module.infer(images).argmax(dim=1).cpu().numpy()
+        figure = self._draw(images.cpu().numpy(), [case["label"][0].numpy() for case in cases], predictions)
+        path = Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+        self._send(trainer, figure, path)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+    @staticmethod
+    def _draw(images: np.ndarray, truths: list[np.ndarray], predictions: np.ndarray):
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display on training machines
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(1, len(truths), figsize=(3 * len(truths), 3.2), squeeze=False)
+        for axis, image, truth, prediction in zip(axes[0], images, truths, predictions):
+            picture, truth_2d = middle_slice(image[0], truth)
+            _, prediction_2d = middle_slice(prediction, truth)
+            axis.imshow(picture, cmap="gray")
+            axis.imshow(np.ma.masked_equal(prediction_2d, 0), cmap="autumn", alpha=0.5, interpolation="nearest")
+            if truth_2d.any():
+                axis.contour(truth_2d > 0, levels=[0.5], colors="lime", linewidths=1)
+            axis.set_axis_off()
+        axes[0][0].set_title("truth: green outline, prediction: red", fontsize=8, loc="left")
+        figure.tight_layout()
+        return figure
+
+    @staticmethod
+    def _send(trainer: L.Trainer, figure, path: Path) -> None:
+        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("val/overlays", figure, global_step=trainer.global_step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image(key="val/overlays", images=[str(path)], step=trainer.global_step)
+            elif isinstance(logger, MLFlowLogger):
+                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="overlays")
