@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "train": ("medexp.train", "fit a model, then test its best checkpoint"),
     "eval": ("medexp.eval", "evaluate a checkpoint (ckpt_path=...) with its stored config"),
+    "predict": ("medexp.predict", "apply a checkpoint to new images (ckpt_path=... input=... output=...)"),
 }
 
 USAGE = "usage: medexp <command> [hydra overrides...]\n\ncommands:\n" + "\n".join(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import lightning.pytorch as L
 import numpy as np
 import torch
 from monai.data import DataLoader
-from monai.transforms import Compose, EnsureTyped
+from monai.transforms import Compose, EnsureTyped, LoadImaged, MapTransform, ScaleIntensityRanged, Transposed
 from torch.utils.data import Dataset
 
 from medexp.utils.errors import MedexpError
@@ -92,6 +93,8 @@ class ArrayDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.transforms = list(transforms)
         self.augmentations = list(augmentations)
+        # names of the classes (labels) in index order, where the data know them
+        self.class_names: list[str] | None = None
         self.datasets: dict[str, ArrayDataset] = {}
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -108,14 +111,45 @@ class ArrayDataModule(L.LightningDataModule):
 
     def transform(self, split: str, head: Sequence[Callable] = ()) -> Compose:
         """The per-sample chain of ``split``: ``head`` (e.g. a file reader), augmentations
-        (training only), transforms, then plain tensors: float32 images, int64 labels."""
+        (training only), transforms, then plain tensors: float32 images, int64 labels.
+
+        ``split="predict"`` is the evaluation chain for samples without a label: keys missing
+        from a sample are skipped, and images stay MetaTensors that record the spatial transforms
+        applied, so predictions can be mapped back onto their input (``monai.transforms.Invertd``).
+        """
         augmentations = self.augmentations if split == "train" else []
+        predict = split == "predict"
         # plain tensors in batches: MONAI transforms otherwise return MetaTensors
-        ensure = EnsureTyped(keys=["image", "label"], dtype=[torch.float32, torch.long], track_meta=False)
+        ensure = EnsureTyped(
+            keys=["image", "label"], dtype=[torch.float32, torch.long], track_meta=predict, allow_missing_keys=predict
+        )
         transform = Compose([*head, *augmentations, *self.transforms, ensure])
+        if predict:  # e.g. Resized(keys=[image, label]) in data.transforms, given an image alone
+            for step in transform.flatten().transforms:
+                if isinstance(step, MapTransform):
+                    step.allow_missing_keys = True
         # MONAI's random transforms draw from their own generator; tie it to the run's seed
         transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
         return transform
+
+    def predict_transform(self) -> Compose:
+        """The chain that turns one image file into a model input ``{"image": (C, *spatial)}``,
+        as the test split prepares its samples (see :meth:`transform` with ``split="predict"``).
+
+        In-memory samples are ``uint8`` arrays in numpy's axis order that :class:`ArrayDataset`
+        scales to [0, 1]; files are read and scaled the same way.
+        """
+        with warnings.catch_warnings():
+            # LoadImage registers MONAI's GPU DICOM decoder too, which warns wherever nvImageCodec is absent
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            read = LoadImaged(keys="image", image_only=True, ensure_channel_first=True)
+        head: list[Callable] = [read]
+        if self.spatial_dims == 2:
+            # PIL reads (W, H) (MONAI's reverse_indexing); arrays are (H, W). An invertible
+            # transpose, so masks written back come out in the file's own orientation.
+            head.append(Transposed(keys="image", indices=[0, 2, 1]))
+        head.append(ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0))
+        return self.transform("predict", head=head)
 
     def _check_split(self, split: str, images: np.ndarray, labels: np.ndarray) -> None:
         where = f"{self.describe()} {split} split"

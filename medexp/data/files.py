@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, MetaTensor, PILReader
-from monai.transforms import LoadImage, Transform
+from monai.transforms import Compose, LoadImage, Transform
 
 from medexp.data.base import SPLITS, ArrayDataModule
 from medexp.utils.errors import MedexpError, user_error_message
@@ -274,7 +274,8 @@ class CaseReader(Transform):
 
     Input ``{"image": path, "label": class index or mask path, "where": manifest line}``; output
     ``{"image": (C, *spatial), "label": class index or (1, *spatial) mask}``, images and masks as
-    float32 MetaTensors carrying their file's affine and metadata.
+    float32 MetaTensors carrying their file's affine and metadata. Without a ``label`` (prediction),
+    only the image is read.
 
     Masks become class indices: with ``mask_threshold=None`` their values must already be
     ``0..num_classes-1``; with a number ``t``, values above ``t`` become 1 and the rest 0 (binary
@@ -309,6 +310,8 @@ class CaseReader(Transform):
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         where = data.get("where", "")
         image = self.read(data["image"], where)
+        if "label" not in data:  # an image to predict on
+            return {"image": image}
         if self.task != "segmentation":
             return {"image": image, "label": data["label"]}
         mask = self.read(data["label"], where)
@@ -397,7 +400,6 @@ class FileDataModule(ArrayDataModule):
         self.output_dir = Path(output_dir).expanduser() if output_dir else None
         self.cache = cache
         self.reader = CaseReader(task, num_classes, mask_threshold)
-        self.class_names: list[str] | None = None
         if manifest is not None:
             cases = read_manifest(self.source, task, num_classes)
         else:
@@ -466,6 +468,11 @@ class FileDataModule(ArrayDataModule):
                 f"data.spatial_dims={self.spatial_dims} expect ({expected}); set data.in_channels={shape[0]} "
                 f"data.spatial_dims={len(shape) - 1}, or add a transform that converts the images"
             )
+
+    def predict_transform(self) -> Compose:
+        """The test split's chain for one image file, ``{"image": path}`` -> ``{"image": (C, *spatial)}``:
+        the reader, then ``transforms`` (see :meth:`ArrayDataModule.predict_transform`)."""
+        return self.transform("predict", head=[self.reader])
 
     def load_case(self, split: str, index: int) -> dict[str, Any]:
         """Case ``index`` of ``split`` as loaded, before any transform: ``image`` ``(C, *spatial)`` (and

@@ -60,6 +60,7 @@ class MedMNISTDataModule(ArrayDataModule):
         if size not in self.info["md5"]:
             raise MedexpError(f"data.size={size}; {name} is offered at sizes {sorted(self.info['md5'])}")
         self.name, self.size, self.download = name, size, download
+        self.class_names = list(self.info["labels"])
         self.path = Path(root).expanduser() / file_name(name, size)
         expected = {"num_classes": len(self.info["labels"]), "in_channels": self.info["channels"]}
         for key, value in expected.items():
