@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medexp.utils.config import CONFIG_PATH, register_resolvers
 from medexp.utils.errors import MedexpError, user_errors
@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as L
     from hydra.utils import instantiate
 
-    from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
+    from medexp.utils.checkpoint import load_checkpoint, stored_config
     from medexp.utils.config import instantiate_dict
     from medexp.utils.run_info import to_floats, write_json
     from medexp.utils.runtime import tidy_library_output
@@ -47,14 +47,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tidy_library_output()
     ckpt_path = Path(cfg.ckpt_path).expanduser()
     checkpoint = load_checkpoint(ckpt_path)
-    run_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
-    for key, value in cfg.data.items():
-        if value is None:
-            continue
-        if key not in run_cfg.data:
-            raise MedexpError(f"data.{key}={value!r} does not apply: the checkpoint's data ({run_cfg.data._target_}) has no {key!r}")
-        run_cfg.data[key] = value
-
+    run_cfg = stored_config(checkpoint, cfg.data)
     if "output_dir" in run_cfg.data:  # e.g. splits.csv belongs to this run, not the training run
         run_cfg.data.output_dir = cfg.paths.output_dir
     L.seed_everything(run_cfg.seed, workers=True)

@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medexp.utils.config import CONFIG_PATH, register_resolvers
 from medexp.utils.errors import MedexpError, user_errors
@@ -140,14 +140,14 @@ def predict(cfg: DictConfig) -> Path:
     from hydra.utils import instantiate
     from monai.data import DataLoader, Dataset
 
-    from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
+    from medexp.utils.checkpoint import load_checkpoint, stored_config
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
     checkpoint = load_checkpoint(cfg.ckpt_path)
     inputs = find_inputs(str(cfg.input))
     output = Path(cfg.output).expanduser()
-    run_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
+    run_cfg = stored_config(checkpoint, cfg.data)
     if "output_dir" in run_cfg.data:  # nothing of the training run's data is written
         run_cfg.data.output_dir = None
     if "class_weights" in run_cfg.model:  # loss weights, counted from training labels at setup

@@ -153,3 +153,20 @@ def test_bad_input(classifier, tmp_path, ckpt, pattern, message):
     with pytest.raises(MedexpError, match=message):
         predict(compose_config(overrides, "predict", output_dir=tmp_path))
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_takes_data_overrides_that_fit_the_checkpoint(tmp_path):
+    from medexp.predict import predict
+    from medexp.train import train
+    from medexp.utils.errors import MedexpError
+    from tests.conftest import QUIET, compose_config
+
+    train(compose_config([*QUIET, "trainer.max_epochs=1", "data.num_samples={train: 32, val: 16, test: 16}"],
+                         output_dir=tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")  # never read: the override is refused first
+    cfg = compose_config([f"ckpt_path={ckpt}", f"input={image}", f"output={tmp_path / 'out'}", "data.root=moved"],
+                         "predict", output_dir=tmp_path / "p")
+    with pytest.raises(MedexpError, match="data.root='moved' does not apply"):
+        predict(cfg)

@@ -23,6 +23,27 @@ class StoreConfig(L.Callback):
         checkpoint[CONFIG_KEY] = self.config
 
 
+def stored_config(checkpoint: dict[str, Any], data_overrides: dict[str, Any]) -> Any:
+    """The run config stored in ``checkpoint``, with the non-null ``data_overrides`` applied
+    (e.g. ``root`` or ``manifest`` when the data moved since training).
+
+    Raises:
+        MedexpError: for an override the checkpoint's data module does not take.
+    """
+    from omegaconf import OmegaConf
+
+    run_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
+    for key, value in data_overrides.items():
+        if value is None:
+            continue
+        if key not in run_cfg.data:
+            raise MedexpError(
+                f"data.{key}={value!r} does not apply: the checkpoint's data ({run_cfg.data._target_}) has no {key!r}"
+            )
+        run_cfg.data[key] = value
+    return run_cfg
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a medexp checkpoint on the CPU without unpickling code (``weights_only=True``).
 
