@@ -80,7 +80,7 @@ def test_png_segmentation_manifest_splits_by_patient(tmp_path):
     dm.setup()
 
     rows = read_splits(out / "splits.csv")
-    assert list(rows[0]) == ["image", "label", "split", "patient_id"]
+    assert list(rows[0]) == ["image", "label", "split", "patient_id", "roi"]
     assert len(rows) == 24 and all(Path(row["image"]).is_absolute() and Path(row["image"]).is_file() for row in rows)
     split_of_patient: dict[str, set[str]] = {}
     for row in rows:
@@ -224,7 +224,7 @@ def test_missing_column(tmp_path):
     manifest = write_csv(tmp_path / "cases.csv", [{"path": "a.png", "label": 0}])
     expected = (
         r"cases\.csv: missing column\(s\) \['image'\]; a manifest needs columns \['image', 'label'\] and may have "
-        r"\['split', 'patient_id'\] \(found \['path', 'label'\]\)"
+        r"\['split', 'patient_id', 'roi'\] \(found \['path', 'label'\]\)"
     )
     with pytest.raises(MedexpError, match=expected):
         files(manifest=manifest)
@@ -285,3 +285,29 @@ def test_segmentation_folder_pairs_by_name(tmp_path):
     expected = r"do not pair up by file name: images/c5\.png has no mask; masks/other\.png has no image"
     with pytest.raises(MedexpError, match=expected):
         files(root=tmp_path)
+
+
+def test_manifest_roi_column_is_read_and_checked(tmp_path):
+    """An roi mask travels with its case; a missing one is reported with its line."""
+    import numpy as np
+    from PIL import Image
+
+    from medexp.data.files import FileDataModule
+    from medexp.utils.errors import MedexpError
+
+    rows = ["image,label,split,roi"]
+    for i, split in enumerate(["train", "val", "test"]):
+        Image.fromarray(np.full((16, 16), 50 * i, np.uint8)).save(tmp_path / f"i{i}.png")
+        Image.fromarray(np.eye(16, dtype=np.uint8)).save(tmp_path / f"m{i}.png")
+        Image.fromarray(np.ones((16, 16), np.uint8) * 255).save(tmp_path / f"r{i}.png")
+        rows.append(f"i{i}.png,m{i}.png,{split},r{i}.png")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    dm = FileDataModule(task="segmentation", num_classes=2, in_channels=1, spatial_dims=2,
+                        manifest=tmp_path / "cases.csv", batch_size=1)
+    dm.setup()
+    sample = dm.datasets["val"][0]
+    assert sample["roi"].dtype == torch.bool and sample["roi"].shape == sample["label"].shape and sample["roi"].all()
+    (tmp_path / "r2.png").unlink()
+    with pytest.raises(MedexpError, match=r"line 4: roi 'r2.png'"):
+        FileDataModule(task="segmentation", num_classes=2, in_channels=1, spatial_dims=2,
+                       manifest=tmp_path / "cases.csv", batch_size=1)

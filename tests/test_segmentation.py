@@ -107,3 +107,40 @@ def test_overlays_go_to_the_run_directory_and_tensorboard(compose_cfg, tmp_path)
 def test_overlays_skip_classifiers(compose_cfg, tmp_path):
     train(compose_cfg(*QUIET, "trainer.max_epochs=1", "data.num_samples={train: 32, val: 8, test: 8}"))
     assert not (tmp_path / "overlays").exists()
+
+
+def test_metrics_count_only_pixels_inside_the_roi(compose_cfg):
+    from hydra.utils import instantiate
+
+    task = instantiate(compose_cfg("data=synthetic_seg", "model=unet").model, _convert_="all")
+    metrics = task.configure_metrics()
+    truth = squares()[:, None]  # (1, 1, 32, 32)
+    logits = torch.nn.functional.one_hot(squares(), 2).movedim(-1, 1).float() * 10
+    logits[:, 1, :5, :5] = 20  # a phantom lesion in the corner...
+    roi = torch.ones_like(truth, dtype=torch.bool)
+    roi[:, :, :8, :8] = False  # ...outside the field of view
+    task.update_metrics(metrics, logits, {"label": truth, "roi": roi})
+    values = metrics.compute()
+    assert float(values["dice"]) == pytest.approx(1.0)
+    assert float(values["auroc"]) == pytest.approx(1.0)
+    metrics.reset()
+    task.update_metrics(metrics, logits, {"label": truth})  # without the roi it counts
+    assert float(metrics.compute()["dice"]) < 1.0
+
+
+def test_drive_short_run(compose_cfg, tmp_path):
+    from tests.conftest import SHARED_DATA
+
+    drive = SHARED_DATA / "drive"
+    if not (drive / "training" / "images").is_dir():
+        pytest.skip("../shared/data/drive is absent")
+    metrics = train(compose_cfg(
+        *QUIET, "experiment=drive_unet", f"data.root={drive}", "data.cache=false", "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+        "callbacks.segmentation_overlays.num_cases=1",
+    ))
+    assert {"test/dice", "test/auroc", "test/hd95"} <= set(metrics["test"])
+    rows = (tmp_path / "splits.csv").read_text().splitlines()
+    assert len(rows) == 1 + 40 and rows[0] == "image,label,split,patient_id,roi"
+    assert sum(",test," in row for row in rows) == 20 and sum(",val," in row for row in rows) == 4
+    assert all(row.rsplit(",", 1)[1].endswith("_mask.gif") for row in rows[1:])

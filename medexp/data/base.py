@@ -120,8 +120,12 @@ class ArrayDataModule(L.LightningDataModule):
         augmentations = self.augmentations if split == "train" else []
         predict = split == "predict"
         # plain tensors in batches: MONAI transforms otherwise return MetaTensors
+        # "roi": an optional region where metrics are computed (see SegmentationTask)
         ensure = EnsureTyped(
-            keys=["image", "label"], dtype=[torch.float32, torch.long], track_meta=predict, allow_missing_keys=predict
+            keys=["image", "label", "roi"],
+            dtype=[torch.float32, torch.long, torch.bool],
+            track_meta=predict,
+            allow_missing_keys=True,
         )
         transform = Compose([*head, *augmentations, *self.transforms, ensure])
         if predict:  # e.g. Resized(keys=[image, label]) in data.transforms, given an image alone

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 FILE_TASKS = ("binary", "multiclass", "segmentation")
 REQUIRED_COLUMNS = ("image", "label")
-OPTIONAL_COLUMNS = ("split", "patient_id")
+OPTIONAL_COLUMNS = ("split", "patient_id", "roi")
 # MONAI chooses PILReader by suffix only for png/jpg/jpeg/bmp: TIFF and GIF would reach the DICOM reader
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 SHOWN = 5  # offending entries quoted in one message; the rest are counted
@@ -39,7 +39,8 @@ class Case:
     """One image and its label: a class index, or a mask file for segmentation.
 
     ``split`` is None until a split is assigned; ``where`` names the manifest line the case came
-    from (empty for folder layouts, where the path says it all).
+    from (empty for folder layouts, where the path says it all). ``roi`` is an optional mask of
+    the region where segmentation metrics are computed (e.g. a retina's field of view).
     """
 
     image: Path
@@ -47,11 +48,13 @@ class Case:
     split: str | None = None
     patient_id: str = ""
     where: str = ""
+    roi: Path | None = None
 
     def item(self) -> dict[str, Any]:
         """The dict a MONAI dataset holds for this case (see :class:`CaseReader`)."""
         label = str(self.label) if isinstance(self.label, Path) else self.label
-        return {"image": str(self.image), "label": label, "where": self.where}
+        item = {"image": str(self.image), "label": label, "where": self.where}
+        return item if self.roi is None else {**item, "roi": str(self.roi)}
 
 
 def _at(path: Any, where: str) -> str:
@@ -123,7 +126,10 @@ def read_manifest(path: Path, task: str, num_classes: int) -> list[Case]:
                 label = -1
             if not 0 <= label < num_classes:
                 bad_labels.append(f"line {line}: {row['label']!r}")
-        cases.append(Case(image, label, split, row.get("patient_id", ""), f"{path} line {line}"))
+        roi = _resolve(base, row["roi"]) if row.get("roi") else None
+        if roi is not None and not roi.exists():
+            missing_files.append(f"line {line}: roi {row['roi']!r}")
+        cases.append(Case(image, label, split, row.get("patient_id", ""), f"{path} line {line}", roi))
 
     if bad_splits:
         raise MedexpError(
@@ -249,16 +255,16 @@ def assign_splits(
 
 
 def write_splits(cases: dict[str, list[Case]], path: Path) -> None:
-    """Write the split used as a CSV (``image, label, split, patient_id``, absolute paths).
+    """Write the split used as a CSV (``image, label, split, patient_id, roi``, absolute paths).
 
     The file is itself a manifest: ``data.manifest=<it>`` reuses the split elsewhere.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["image", "label", "split", "patient_id"])
+        writer.writerow(["image", "label", "split", "patient_id", "roi"])
         for split in SPLITS:
-            writer.writerows([case.image, case.label, split, case.patient_id] for case in cases[split])
+            writer.writerows([c.image, c.label, split, c.patient_id, c.roi or ""] for c in cases[split])
 
 
 def _single_frame(image: Any) -> Any:
@@ -325,8 +331,17 @@ class CaseReader(Transform):
                 f"{_at(data['label'], where)}: mask of spatial shape {tuple(mask.shape[1:])} does not match "
                 f"its image {data['image']} of spatial shape {tuple(image.shape[1:])}"
             )
+        sample = {"image": image}
+        if "roi" in data:
+            roi = self.read(data["roi"], where)
+            if roi.shape[1:] != image.shape[1:]:
+                raise MedexpError(
+                    f"{_at(data['roi'], where)}: roi mask of spatial shape {tuple(roi.shape[1:])} does not match "
+                    f"its image {data['image']} of spatial shape {tuple(image.shape[1:])}"
+                )
+            sample["roi"] = (roi[:1] > 0).to(roi.dtype)
         if self.mask_threshold is not None:
-            return {"image": image, "label": (mask > self.mask_threshold).to(mask.dtype)}
+            return {**sample, "label": (mask > self.mask_threshold).to(mask.dtype)}
         values = torch.unique(mask.as_tensor())
         bad = values[(values != values.round()) | (values < 0) | (values >= self.num_classes)]
         if len(bad):
@@ -335,7 +350,36 @@ class CaseReader(Transform):
                 f"0..{self.num_classes - 1} (data.num_classes={self.num_classes}); for a binary mask saved "
                 "as 0/255 set data.mask_threshold=127 (values above it become 1)"
             )
-        return {"image": image, "label": mask}
+        return {**sample, "label": mask}
+
+
+def scan_drive(root: Path, val_fraction: float, seed: int) -> list[Case]:
+    """Cases of the DRIVE retinal vessel dataset as distributed (Staal et al. 2004).
+
+    ``{training,test}/images/NN_{training,test}.tif`` with vessel masks
+    ``*/1st_manual/NN_manual1.gif`` and field-of-view masks ``*/mask/NN_*_mask.gif`` (the
+    ``roi``). The official test images are the test split; ``val_fraction`` of the training images,
+    drawn from ``seed``, are the validation split.
+    """
+    cases: list[Case] = []
+    for part in ("training", "test"):
+        images = sorted((root / part / "images").glob("*.tif"))
+        if not images:
+            raise MedexpError(
+                f"{root / part / 'images'}: no DRIVE images (*.tif); data.root should be the DRIVE folder holding "
+                "training/ and test/"
+            )
+        for image in images:
+            number = image.name.split("_")[0]
+            label = root / part / "1st_manual" / f"{number}_manual1.gif"
+            roi = root / part / "mask" / f"{number}_{part}_mask.gif"
+            missing = [str(p) for p in (label, roi) if not p.is_file()]
+            if missing:
+                raise MedexpError(f"{image}: DRIVE files missing: {missing}")
+            cases.append(Case(image, label, "test" if part == "test" else "train", f"drive-{part}-{number}", roi=roi))
+    training = [i for i, case in enumerate(cases) if case.split == "train"]
+    chosen = np.random.default_rng(seed).choice(training, size=max(1, round(val_fraction * len(training))), replace=False)
+    return [replace(case, split="val") if i in set(chosen.tolist()) else case for i, case in enumerate(cases)]
 
 
 class FileDataModule(ArrayDataModule):
@@ -357,6 +401,8 @@ class FileDataModule(ArrayDataModule):
         manifest: CSV with columns ``image``, ``label`` (class index or mask path), optional
             ``split`` (train/val/test) and ``patient_id`` (see :func:`read_manifest`).
         root: instead of a manifest, a folder layout (see :func:`scan_folder`).
+        layout: how ``root`` is laid out: ``folders`` (see :func:`scan_folder`) or ``drive`` (the
+            DRIVE dataset as distributed, see :func:`scan_drive`).
         output_dir: where ``splits.csv`` is written; None writes nothing.
         split_seed: seed of the random split; val_fraction, test_fraction: its sizes, as
             fractions of patients (of images without ``patient_id``).
@@ -381,6 +427,7 @@ class FileDataModule(ArrayDataModule):
         test_fraction: float = 0.15,
         mask_threshold: float | None = None,
         cache: bool = False,
+        layout: str = "folders",
         **kwargs,
     ) -> None:
         if task not in FILE_TASKS:
@@ -400,8 +447,12 @@ class FileDataModule(ArrayDataModule):
         self.output_dir = Path(output_dir).expanduser() if output_dir else None
         self.cache = cache
         self.reader = CaseReader(task, num_classes, mask_threshold)
+        if layout not in ("folders", "drive"):
+            raise MedexpError(f"data.layout={layout!r}; expected one of ['folders', 'drive']")
         if manifest is not None:
             cases = read_manifest(self.source, task, num_classes)
+        elif layout == "drive":
+            cases = scan_drive(self.source, val_fraction, split_seed)
         else:
             cases, self.class_names = scan_folder(self.source, task, num_classes)
         if cases[0].split is None:
@@ -458,7 +509,9 @@ class FileDataModule(ArrayDataModule):
             raise MedexpError(message) from exc
 
     def _check_first_image(self) -> None:
-        shape = tuple(self.datasets["train"][0]["image"].shape)
+        sample = self.datasets["train"][0]
+        # patch samplers (e.g. RandCropByPosNegLabeld) turn one case into a list of samples
+        shape = tuple((sample[0] if isinstance(sample, list) else sample)["image"].shape)
         if len(shape) != 1 + self.spatial_dims or shape[0] != self.in_channels:
             case = self.cases["train"][0]
             expected = ", ".join([str(self.in_channels)] + ["S"] * self.spatial_dims)

@@ -84,8 +84,12 @@ class BaseTask(L.LightningModule):
         outputs = self(inputs) if stage == "train" else self.infer(inputs)
         loss = self.compute_loss(outputs, target)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=target.shape[0])
-        getattr(self, f"{stage}_metrics").update(self.postprocess(outputs.detach()), target)
+        self.update_metrics(getattr(self, f"{stage}_metrics"), outputs.detach(), batch)
         return loss
+
+    def update_metrics(self, metrics: MetricCollection, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Accumulate a batch into a stage's metrics (tasks may restrict what is counted)."""
+        metrics.update(self.postprocess(outputs), batch[self.target_key])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")

@@ -80,7 +80,8 @@ class SegmentationTask(BaseTask):
     ``iou``, ``hd95`` (see :class:`HausdorffDistance95`) and, for binary masks, pixel ``auroc``.
 
     Validation, test and prediction run on whole images or volumes, through MONAI sliding-window
-    inference when ``roi_size`` is set (train on patches, infer on the full extent).
+    inference when ``roi_size`` is set (train on patches, infer on the full extent). A batch may
+    carry a ``roi`` mask: metrics then count only the pixels inside it (:meth:`update_metrics`).
 
     Args:
         net: ``(B, C_in, *spatial)`` -> ``(B, num_classes, *spatial)`` logits.
@@ -93,6 +94,8 @@ class SegmentationTask(BaseTask):
         tta_flips: average the logits over flips along each spatial axis at inference.
         **kwargs: ``optimizer``, ``scheduler``, ``monitor``; see :class:`~medexp.tasks.base.BaseTask`.
     """
+
+    roi_key = "roi"
 
     def __init__(
         self,
@@ -134,7 +137,29 @@ class SegmentationTask(BaseTask):
             per_class = DiceScore(n, include_background=False, average="none", input_format="index")
             labels = [str(c) for c in range(1, n)]
             metrics["dice_per_class"] = on_classes(ClasswiseWrapper(per_class, labels=labels, prefix="dice_"))
-        return MetricCollection(metrics)
+        # no compute groups: update_metrics may feed metrics different inputs
+        return MetricCollection(metrics, compute_groups=False)
+
+    def update_metrics(self, metrics: MetricCollection, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """With a ``roi`` mask ``(B, 1, *spatial)`` in the batch (e.g. DRIVE's field of view), count
+        only the pixels inside it: outside, prediction and truth both become background, which
+        no metric counts, and pixel AUROC takes the inside pixels alone."""
+        probs, target = self.postprocess(outputs), batch[self.target_key]
+        roi = batch.get(self.roi_key)
+        if roi is None:
+            metrics.update(probs, target)
+            return
+        inside = roi.bool()
+        background = torch.zeros_like(probs)
+        background[:, 0] = 1
+        probs_in = torch.where(inside, probs, background)
+        target_in = torch.where(inside, target, torch.zeros_like(target))
+        pixels = inside[:, 0]
+        for name, metric in metrics.items(keep_base=True):
+            if name == "auroc":  # (N, C) probabilities and (N, 1) truths of the inside pixels
+                metric.update(probs.movedim(1, -1)[pixels], target[:, 0][pixels][:, None])
+            else:
+                metric.update(probs_in, target_in)
 
     def compute_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss(outputs, target)
