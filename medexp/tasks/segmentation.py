@@ -58,13 +58,14 @@ class HausdorffDistance95(Metric):
         def one_hot(x: torch.Tensor) -> torch.Tensor:
             return F.one_hot(x.long(), self.num_classes).movedim(-1, 1)
 
-        pred_1h, true_1h = one_hot(preds), one_hot(target)
+        # MONAI computes surface distances on the CPU (scipy); so does the rest of this update
+        pred_1h, true_1h = one_hot(preds.cpu()), one_hot(target.cpu())
         distance = compute_hausdorff_distance(pred_1h, true_1h, include_background=False, percentile=95)
         spatial = tuple(range(2, pred_1h.ndim))
         in_pred, in_true = pred_1h[:, 1:].any(dim=spatial), true_1h[:, 1:].any(dim=spatial)
         diagonal = float(torch.tensor(preds.shape[1:], dtype=torch.float64).norm())
-        distance = torch.where(in_pred ^ in_true, diagonal, distance.to(torch.float64).cpu())
-        counted = in_pred.cpu() | in_true.cpu()
+        distance = torch.where(in_pred ^ in_true, diagonal, distance.to(torch.float64))
+        counted = in_pred | in_true
         self.total += distance[counted].sum().to(self.total.device)
         self.count += counted.sum().to(self.count.device)
 
