@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as L
     from hydra.utils import instantiate
 
-    from medexp.utils.checkpoint import load_checkpoint, stored_config
+    from medexp.utils.checkpoint import load_checkpoint, rebuild
     from medexp.utils.config import instantiate_dict
     from medexp.utils.run_info import to_floats, write_json
     from medexp.utils.runtime import tidy_library_output
@@ -47,13 +47,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tidy_library_output()
     ckpt_path = Path(cfg.ckpt_path).expanduser()
     checkpoint = load_checkpoint(ckpt_path)
-    run_cfg = stored_config(checkpoint, cfg.data)
-    if "output_dir" in run_cfg.data:  # e.g. splits.csv belongs to this run, not the training run
-        run_cfg.data.output_dir = cfg.paths.output_dir
-    L.seed_everything(run_cfg.seed, workers=True)
-    datamodule = instantiate(run_cfg.data, _convert_="all")
-    model = instantiate(run_cfg.model, _convert_="all")
-    model.load_state_dict(checkpoint["state_dict"])
+    datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=cfg.paths.output_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False)
 
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}

@@ -140,22 +140,15 @@ def predict(cfg: DictConfig) -> Path:
     from hydra.utils import instantiate
     from monai.data import DataLoader, Dataset
 
-    from medexp.utils.checkpoint import load_checkpoint, stored_config
+    from medexp.utils.checkpoint import load_checkpoint, rebuild
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
     checkpoint = load_checkpoint(cfg.ckpt_path)
     inputs = find_inputs(str(cfg.input))
     output = Path(cfg.output).expanduser()
-    run_cfg = stored_config(checkpoint, cfg.data)
-    if "output_dir" in run_cfg.data:  # nothing of the training run's data is written
-        run_cfg.data.output_dir = None
-    if "class_weights" in run_cfg.model:  # loss weights, counted from training labels at setup
-        run_cfg.model.class_weights = None
-    L.seed_everything(run_cfg.seed, workers=True)
-    datamodule = instantiate(run_cfg.data, _convert_="all")
-    model = instantiate(run_cfg.model, _convert_="all")
-    model.load_state_dict(checkpoint["state_dict"])
+    # class_weights=auto counts training labels at setup; loss weights do not change predictions
+    datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None})
 
     transform = datamodule.predict_transform()
     if datamodule.task == "segmentation":

@@ -7,7 +7,6 @@ import json
 import lightning.pytorch as L
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from medexp.tasks.classification import ClassificationTask
 from medexp.train import train

@@ -23,13 +23,26 @@ class StoreConfig(L.Callback):
         checkpoint[CONFIG_KEY] = self.config
 
 
-def stored_config(checkpoint: dict[str, Any], data_overrides: dict[str, Any]) -> Any:
-    """The run config stored in ``checkpoint``, with the non-null ``data_overrides`` applied
-    (e.g. ``root`` or ``manifest`` when the data moved since training).
+def rebuild(
+    checkpoint: dict[str, Any],
+    data_overrides: dict[str, Any],
+    data_output_dir: str | None,
+    model_overrides: dict[str, Any] | None = None,
+) -> tuple[L.LightningDataModule, L.LightningModule]:
+    """Data module and model (with the checkpoint's weights) from the run config it stores.
+
+    Args:
+        checkpoint: as returned by :func:`load_checkpoint`.
+        data_overrides: non-null values replace the recorded ``data.*`` (e.g. ``root`` or
+            ``manifest`` when the data moved since training).
+        data_output_dir: where the data module writes (e.g. ``splits.csv``): the new run's
+            directory, or None for nowhere, never the training run's.
+        model_overrides: values replacing recorded ``model.*`` keys that exist.
 
     Raises:
-        MedexpError: for an override the checkpoint's data module does not take.
+        MedexpError: for a data override the checkpoint's data module does not take.
     """
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     run_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
@@ -41,7 +54,16 @@ def stored_config(checkpoint: dict[str, Any], data_overrides: dict[str, Any]) ->
                 f"data.{key}={value!r} does not apply: the checkpoint's data ({run_cfg.data._target_}) has no {key!r}"
             )
         run_cfg.data[key] = value
-    return run_cfg
+    if "output_dir" in run_cfg.data:
+        run_cfg.data.output_dir = data_output_dir
+    for key, value in (model_overrides or {}).items():
+        if key in run_cfg.model:
+            run_cfg.model[key] = value
+    L.seed_everything(run_cfg.seed, workers=True)
+    datamodule = instantiate(run_cfg.data, _convert_="all")
+    model = instantiate(run_cfg.model, _convert_="all")
+    model.load_state_dict(checkpoint["state_dict"])
+    return datamodule, model
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
