@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 import numpy as np
@@ -12,6 +15,8 @@ from monai.data import DataLoader
 from monai.transforms import Compose, EnsureTyped, LoadImaged, MapTransform, ScaleIntensityRanged, Transposed
 from torch.utils.data import Dataset
 
+from medexp.data.sampling import EpochShuffleSampler
+from medexp.data.folds import assign_folds, check_folds, strata, write_folds
 from medexp.utils.errors import MedexpError
 
 SPLITS = ("train", "val", "test")
@@ -63,6 +68,14 @@ class ArrayDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         transforms: MONAI dictionary transforms for every split (e.g. intensity normalisation).
         augmentations: MONAI dictionary transforms for training samples only.
+        fold: k-fold cross-validation: train on the other folds of the training split, validate
+            on fold ``fold`` (the validation split is not used; the test split is kept); None:
+            the usual splits. See :mod:`medexp.data.folds`.
+        num_folds: folds of the training split (at least 2).
+        fold_seed: seed of the fold assignment, independent of the training seed so every job
+            of a sweep over ``fold`` (or over seeds) sees the same folds.
+        output_dir: where the fold assignment used is written (``folds.csv``, with ``fold``
+            set); None writes nothing.
     """
 
     def __init__(
@@ -75,6 +88,10 @@ class ArrayDataModule(L.LightningDataModule):
         num_workers: int = 0,
         transforms: Sequence[Callable] = (),
         augmentations: Sequence[Callable] = (),
+        fold: int | None = None,
+        num_folds: int = 5,
+        fold_seed: int = 0,
+        output_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -85,6 +102,7 @@ class ArrayDataModule(L.LightningDataModule):
             raise MedexpError(f"data.num_classes={num_classes} with data.task=binary; binary means 2 classes")
         if batch_size < 1:
             raise MedexpError(f"data.batch_size={batch_size}; expected a positive integer")
+        check_folds(fold, num_folds)
         self.task = task
         self.num_classes = num_classes
         self.in_channels = in_channels
@@ -96,6 +114,10 @@ class ArrayDataModule(L.LightningDataModule):
         # names of the classes (labels) in index order, where the data know them
         self.class_names: list[str] | None = None
         self.datasets: dict[str, ArrayDataset] = {}
+        self.fold, self.num_folds, self.fold_seed = fold, num_folds, fold_seed
+        self.output_dir = Path(output_dir).expanduser() if output_dir else None
+        # with fold set: one row per training sample and the fold it is in (see :meth:`save_folds`)
+        self.fold_table: list[dict[str, Any]] | None = None
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Images ``(N, C, *spatial)`` and labels (see :class:`ArrayDataset`) of one split."""
@@ -104,10 +126,47 @@ class ArrayDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        arrays = {}
         for split in SPLITS:
-            images, labels = self.load_split(split)
-            self._check_split(split, images, labels)
-            self.datasets[split] = ArrayDataset(images, labels, self.transform(split))
+            if split == "val" and self.fold is not None:
+                continue  # replaced by a fold of the training split
+            arrays[split] = self.load_split(split)
+            self._check_split(split, *arrays[split])
+        if self.fold is not None:
+            images, labels = arrays["train"]
+            folds = assign_folds(strata(labels, self.task), None, self.num_folds, self.fold_seed)
+            self.fold_table = [
+                {"index": index, "label": self._label_text(label), "fold": int(fold)}
+                for index, (label, fold) in enumerate(zip(labels, folds))
+            ]
+            held_out = folds == self.fold
+            # boolean indexing copies: where a subclass keeps its arrays (MedMNIST), the training split is held twice
+            arrays["val"] = images[held_out], labels[held_out]
+            arrays["train"] = images[~held_out], labels[~held_out]
+        for split in SPLITS:
+            self.datasets[split] = ArrayDataset(*arrays[split], self.transform(split))
+        self.save_folds()
+
+    def _label_text(self, label: np.ndarray) -> str | int:
+        # folds.csv: class index; multi-label 0/1 indicators; segmentation: does the mask have foreground
+        match self.task:
+            case "multilabel":
+                return " ".join(str(int(v)) for v in label)
+            case "segmentation":
+                return "foreground" if label.any() else "empty"
+            case _:
+                return int(label)
+
+    def save_folds(self) -> None:
+        """Write ``fold_table`` to ``<output_dir>/folds.csv`` (when both exist), from one process.
+
+        The assignment is the same in every process (drawn from ``fold_seed``), so under DDP the
+        global rank zero records it for all.
+        """
+        if self.fold_table is None or self.output_dir is None:
+            return
+        if self.trainer is None or self.trainer.is_global_zero:
+            write_folds(self.output_dir / "folds.csv", self.fold_table)
 
     def transform(self, split: str, head: Sequence[Callable] = ()) -> Compose:
         """The per-sample chain of ``split``: ``head`` (e.g. a file reader), augmentations
@@ -182,7 +241,7 @@ class ArrayDataModule(L.LightningDataModule):
 
     def label_counts(self) -> tuple[np.ndarray, int]:
         """Training samples per class (positives per label for multi-label tasks, voxels per class
-        for segmentation), and their total."""
+        for segmentation), and their total; with ``fold`` set, of the folds trained on."""
         self.setup()
         labels = self.datasets["train"].labels.numpy()
         if self.task == "multilabel":
@@ -191,10 +250,12 @@ class ArrayDataModule(L.LightningDataModule):
         return np.bincount(labels, minlength=self.num_classes), len(labels)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            # seeded like the transforms (see :meth:`transform`): from the run's seed
+            sampler=EpochShuffleSampler(dataset, int(torch.initial_seed() % 2**32)) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -208,3 +269,15 @@ class ArrayDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what the splits hold (images and labels, in order), so a reproduction can
+        tell whether it trained on the same data. Call after :meth:`setup`."""
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            dataset = self.datasets[split]
+            digest.update(split.encode())
+            for array in (np.ascontiguousarray(dataset.images), dataset.labels.contiguous().numpy()):
+                digest.update(f"{array.dtype}{array.shape}".encode())
+                digest.update(array.tobytes())
+        return digest.hexdigest()

@@ -9,6 +9,7 @@ hold plain tensors.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import warnings
 from collections import Counter
@@ -22,6 +23,7 @@ from monai.data import CacheDataset, Dataset, MetaTensor, PILReader
 from monai.transforms import Compose, LoadImage, Transform
 
 from medexp.data.base import SPLITS, ArrayDataModule
+from medexp.data.folds import assign_folds
 from medexp.utils.errors import MedexpError, user_error_message
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,13 @@ def write_splits(cases: dict[str, list[Case]], path: Path) -> None:
             writer.writerows([c.image, c.label, split, c.patient_id, c.roi or ""] for c in cases[split])
 
 
+def _file_digest(path: Path) -> bytes:
+    if path.is_dir():  # a DICOM series
+        return b"".join(_file_digest(child) for child in sorted(path.iterdir()) if child.is_file())
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").digest()
+
+
 def _single_frame(image: Any) -> Any:
     # PIL would read the first page of a TIFF stack or an animated GIF and drop the rest
     frames = getattr(image, "n_frames", 1)
@@ -393,6 +402,12 @@ class FileDataModule(ArrayDataModule):
     Without a ``split`` column, splits are drawn from ``split_seed`` (see :func:`assign_splits`).
     :meth:`setup` writes the split used to ``<output_dir>/splits.csv``.
 
+    With ``fold`` set (k-fold cross-validation), the training images are split into
+    ``num_folds`` folds, stratified by class (segmentation: not stratified, as masks are not
+    read before :meth:`setup`) and never splitting a patient; fold ``fold`` replaces the
+    validation split. :meth:`setup` writes the assignment to ``<output_dir>/folds.csv``, and
+    ``splits.csv`` holds the fold's split.
+
     Args:
         task: ``binary``, ``multiclass`` or ``segmentation``.
         num_classes: classes (segmentation: including the background).
@@ -409,8 +424,8 @@ class FileDataModule(ArrayDataModule):
         mask_threshold: how mask values become class indices (see :class:`CaseReader`).
         cache: keep loaded cases (and their deterministic transforms) in memory
             (``monai.data.CacheDataset``).
-        **kwargs: ``batch_size``, ``num_workers``, ``transforms``, ``augmentations``; see
-            :class:`~medexp.data.base.ArrayDataModule`.
+        **kwargs: ``batch_size``, ``num_workers``, ``transforms``, ``augmentations``, ``fold``,
+            ``num_folds``, ``fold_seed``; see :class:`~medexp.data.base.ArrayDataModule`.
     """
 
     def __init__(
@@ -433,7 +448,12 @@ class FileDataModule(ArrayDataModule):
         if task not in FILE_TASKS:
             raise MedexpError(f"data.task={task!r}; file data serve one of {list(FILE_TASKS)}")
         super().__init__(
-            task=task, num_classes=num_classes, in_channels=in_channels, spatial_dims=spatial_dims, **kwargs
+            task=task,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            spatial_dims=spatial_dims,
+            output_dir=output_dir,
+            **kwargs,
         )
         if (manifest is None) == (root is None):
             given = "both" if manifest is not None else "neither"
@@ -444,7 +464,6 @@ class FileDataModule(ArrayDataModule):
                 "and a sum below 1"
             )
         self.source = Path(manifest if manifest is not None else root).expanduser()
-        self.output_dir = Path(output_dir).expanduser() if output_dir else None
         self.cache = cache
         self.reader = CaseReader(task, num_classes, mask_threshold)
         if layout not in ("folders", "drive"):
@@ -460,6 +479,8 @@ class FileDataModule(ArrayDataModule):
         else:
             self._warn_shared_patients(cases)
         self.cases = {split: [case for case in cases if case.split == split] for split in SPLITS}
+        if self.fold is not None:
+            self._split_folds()
         for split, members in self.cases.items():
             if not members:
                 raise MedexpError(
@@ -479,6 +500,18 @@ class FileDataModule(ArrayDataModule):
                 "%s: patients in more than one split (results may be optimistic): %s", self.source, _listing(shared)
             )
 
+    def _split_folds(self) -> None:
+        # the fold's validation part replaces the validation split (label_counts sees the rest)
+        train = self.cases["train"]
+        labels = None if self.task == "segmentation" else [case.label for case in train]
+        folds = assign_folds(labels, [case.patient_id for case in train], self.num_folds, self.fold_seed)
+        self.fold_table = [
+            {"image": case.image, "patient_id": case.patient_id, "label": case.label, "fold": int(fold)}
+            for case, fold in zip(train, folds)
+        ]
+        self.cases["val"] = [replace(case, split="val") for case, fold in zip(train, folds) if fold == self.fold]
+        self.cases["train"] = [case for case, fold in zip(train, folds) if fold != self.fold]
+
     def describe(self) -> str:
         return str(self.source)
 
@@ -491,6 +524,7 @@ class FileDataModule(ArrayDataModule):
         # the split is the same in every process (drawn from the seed); one of them records it
         if self.output_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             write_splits(self.cases, self.output_dir / "splits.csv")
+        self.save_folds()
 
     def _dataset(self, split: str) -> Dataset:
         items = [case.item() for case in self.cases[split]]
@@ -527,6 +561,18 @@ class FileDataModule(ArrayDataModule):
         the reader, then ``transforms`` (see :meth:`ArrayDataModule.predict_transform`)."""
         return self.transform("predict", head=[self.reader])
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the splits' cases: each file's bytes (image, mask, roi), label and split.
+        Reads every file once; file names and folders do not count, so a copied dataset matches."""
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            for case in self.cases[split]:
+                digest.update(f"{split}|{case.label if self.task != 'segmentation' else ''}|".encode())
+                for path in (case.image, case.label if self.task == "segmentation" else None, case.roi):
+                    if path:
+                        digest.update(_file_digest(Path(path)))
+        return digest.hexdigest()
+
     def load_case(self, split: str, index: int) -> dict[str, Any]:
         """Case ``index`` of ``split`` as loaded, before any transform: ``image`` ``(C, *spatial)`` (and
         for segmentation ``label`` ``(1, *spatial)``) MetaTensors with the file's ``affine`` and
@@ -535,7 +581,7 @@ class FileDataModule(ArrayDataModule):
 
     def label_counts(self) -> tuple[np.ndarray, int]:
         """Training images per class, or for segmentation voxels per class (reads every training
-        mask), and their total."""
+        mask), and their total; with ``fold`` set, of the folds trained on."""
         train = self.cases["train"]
         if self.task != "segmentation":
             return np.bincount([case.label for case in train], minlength=self.num_classes), len(train)
