@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.utils.distributed import ddp_workers_join_this_job
 from medexp.utils.errors import MedexpError, user_errors
 
 log = logging.getLogger("medexp")
@@ -82,7 +83,7 @@ def _print_comparison(results: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(), ddp_workers_join_this_job("medexp.eval"):
         evaluate(cfg)
 
 

@@ -87,16 +87,6 @@ def test_multirun_makes_one_run_directory_per_job(tmp_path):
         assert "test/auroc" in json.loads((job / "metrics.json").read_text())["test"]
 
 
-def test_ddp_sim_runs_two_processes(tmp_path):
-    proc = run_cli("train", "trainer=ddp_sim", *LIMIT, "hydra.run.dir=run", cwd=tmp_path)
-    log = proc.stdout + proc.stderr
-    assert "distributed_backend=gloo" in log and "MEMBER: 2/2" in log
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert "test/auroc" in metrics["test"]
-    # one run directory for both processes
-    assert not (tmp_path / "logs").exists()
-
-
 def test_named_experiment_on_a_medmnist_file(tmp_path):
     write_medmnist_npz(tmp_path / "data" / "breastmnist.npz", {"train": 64, "val": 32, "test": 32}, num_classes=2)
     run_cli(

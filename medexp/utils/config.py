@@ -48,9 +48,30 @@ def medmnist_property(name: str, field: str) -> Any:
             raise ValueError(f"medmnist field {field!r}; expected one of ['task', 'num_classes', 'channels']")
 
 
+def gpus_per_node(accelerator: str, devices: Any, local: bool = False) -> Any:
+    """The GPUs a launcher asks for, per node, for a job of this trainer (``hydra/launcher``).
+
+    ``trainer.devices`` when the trainer runs on GPUs, else none. ``accelerator=auto`` counts as a
+    GPU only for ``local`` jobs on a machine that has one, as for a run started here; a cluster's
+    jobs get GPUs when the trainer asks for them (``trainer=gpu``, ``trainer=ddp``).
+    """
+    if str(accelerator) in ("gpu", "cuda"):
+        return devices
+    if str(accelerator) == "auto" and local:
+        import torch
+
+        return devices if torch.cuda.is_available() else None
+    return None
+
+
 def register_resolvers() -> None:
     """Register medexp's OmegaConf resolvers (idempotent)."""
-    resolvers = {"medmnist": medmnist_property, "epoch_fraction": epoch_fraction, "monitor_mode": metric_mode}
+    resolvers = {
+        "medmnist": medmnist_property,
+        "epoch_fraction": epoch_fraction,
+        "monitor_mode": metric_mode,
+        "gpus_per_node": gpus_per_node,
+    }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
