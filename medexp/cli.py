@@ -9,11 +9,13 @@ COMMANDS = {
     "train": ("medexp.train", "fit a model, then test its best checkpoint"),
     "eval": ("medexp.eval", "evaluate a checkpoint (ckpt_path=...) with its stored config"),
     "predict": ("medexp.predict", "apply a checkpoint to new images (ckpt_path=... input=... output=...)"),
+    "reproduce": ("medexp.reproduce", "train a past run again from its recorded config and seed; compare metrics"),
+    "summarize": ("medexp.summarize", "tabulate and plot the runs of a sweep (DIR [--metric NAME]); CV folds pooled"),
 }
 
 USAGE = "usage: medexp <command> [hydra overrides...]\n\ncommands:\n" + "\n".join(
-    f"  {name:<8}{help_}" for name, (_, help_) in COMMANDS.items()
-) + "\n\n`medexp <command> --help` lists the config groups and options."
+    f"  {name:<11}{help_}" for name, (_, help_) in COMMANDS.items()
+) + "\n\n`medexp <command> --help` lists the config groups and options (summarize: its arguments)."
 
 
 def main() -> None:

@@ -2,13 +2,17 @@
 
 Writes into the run directory: Hydra's config and overrides (``.hydra/``), the resolved config
 (``resolved_config.yaml``), ``run_info.json``
-(seed, git commit, package versions), ``checkpoints/{best,last}.ckpt``, logger files and
-``metrics.json`` (the best checkpoint's val and test metrics).
+(seed, git commit, package versions, data fingerprint, logger run ids),
+``checkpoints/{best,last}.ckpt``, logger files and ``metrics.json`` (the best checkpoint's val
+and test metrics). ``ckpt_path=<run>/checkpoints/last.ckpt`` resumes that run in its directory
+(see :func:`medexp.utils.rundir.resume_arguments`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,18 +20,24 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hydra_plugins.medexp import register_plugins
 from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.utils.distributed import ddp_workers_join_this_job
 from medexp.utils.errors import user_errors
+from medexp.utils.rundir import CsvHistory, read_json, resume_arguments
 
 log = logging.getLogger("medexp")
 register_resolvers()
+register_plugins()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; test the best checkpoint.
 
     Returns:
-        The contents of ``metrics.json``.
+        The contents of ``metrics.json``: ``status`` (``complete``, or ``pruned`` when an Optuna
+        pruner stopped the run), ``seed``, ``fit``, ``monitor``, ``best_score``,
+        ``best_checkpoint``, ``val`` and ``test``.
     """
     from medexp.utils.config import check_config
 
@@ -36,6 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as L
     from hydra.utils import instantiate
 
+    from medexp.callbacks.seed import SeedEachEpoch
     from medexp.utils.checkpoint import StoreConfig
     from medexp.utils.config import instantiate_dict
     from medexp.utils.run_info import run_info, to_floats, write_json
@@ -43,31 +54,49 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     tidy_library_output()
     # Always seed (a drawn seed when cfg.seed is null), and keep the seed actually used.
-    seed = L.seed_everything(cfg.seed, workers=True)
+    seed = L.seed_everything(_seed(cfg.seed), workers=True)
     with open_dict(cfg):
         cfg.seed = seed
-    resolved = check_config(cfg)
     out = Path(cfg.paths.output_dir)
+    previous = read_json(out / "run_info.json")  # present when resuming this run's directory
+    if cfg.train and cfg.ckpt_path:
+        log.info("resuming from %s", cfg.ckpt_path)
+        _continue_logger_runs(cfg, previous.get("loggers", {}))
+    resolved = check_config(cfg)
 
     # plain lists and dicts, not OmegaConf containers: hyperparameters are saved in checkpoints
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
-    callbacks = [*instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved)]
+    callbacks = [*instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved), SeedEachEpoch(seed)]
     loggers = instantiate_dict(cfg.get("logger"))
+    if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, L.callbacks.LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    info = run_info(seed) if trainer.is_global_zero else {}
     if trainer.is_global_zero:
-        write_json(out / "run_info.json", run_info(seed))
+        info["loggers"] = {**previous.get("loggers", {}), **_logger_run_ids(loggers)}
+        if cfg.train and cfg.ckpt_path:
+            info["resumed_from"] = [*previous.get("resumed_from", []), str(cfg.ckpt_path)]
+        write_json(out / "run_info.json", info)
         # Hydra's .hydra/config.yaml keeps interpolations; this is what actually ran
         OmegaConf.save(resolved, out / "resolved_config.yaml")
+    # before the loggers start: CSVLogger deletes the metrics.csv of the run being resumed
+    csv_history = CsvHistory(loggers if cfg.train and cfg.ckpt_path and trainer.is_global_zero else [])
+    csv_history.read()
     for logger in loggers:
         logger.log_hyperparams(_flatten(resolved))
 
-    metrics: dict[str, Any] = {"seed": seed}
+    metrics: dict[str, Any] = {"status": "complete", "seed": seed}
     try:
         if cfg.train:
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
             metrics["fit"] = to_floats(trainer.callback_metrics)
+            if any(getattr(callback, "pruned", False) for callback in trainer.callbacks):
+                metrics["status"] = "pruned"
+        if hasattr(datamodule, "fingerprint") and trainer.is_global_zero:
+            info["data_fingerprint"] = datamodule.fingerprint()
+            write_json(out / "run_info.json", info)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.train and best:
             metrics.update(
@@ -75,7 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 best_score=float(trainer.checkpoint_callback.best_model_score),
                 best_checkpoint=best,
             )
-        if cfg.test:
+        if cfg.test and metrics["status"] != "pruned":
             # without training (train=false), test the checkpoint given as ckpt_path
             ckpt = best or cfg.ckpt_path
             if not ckpt:
@@ -84,11 +113,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics["test"] = to_floats(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)[0])
     finally:
         _finish_wandb()
+        csv_history.restore()
 
+    os.environ.pop(_DRAWN_SEED, None)  # the next job of a multirun draws its own
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
         log.info("run directory: %s", out)
     return metrics
+
+
+_DRAWN_SEED = "MEDEXP_DRAWN_SEED"
+
+
+def _seed(seed: int | None) -> int:
+    """``seed``, or for null a drawn one (Lightning would take 0), shared with the DDP worker
+    processes that Lightning starts for this run through their inherited environment."""
+    if seed is not None:
+        return seed
+    if _DRAWN_SEED not in os.environ:
+        os.environ[_DRAWN_SEED] = str(secrets.randbelow(2**31))
+    return int(os.environ[_DRAWN_SEED])
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -101,6 +145,29 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _logger_run_ids(loggers: list[Any]) -> dict[str, str]:
+    """The run ids of loggers that can continue a run (wandb, MLflow), by config name."""
+    ids = {}
+    for logger in loggers:
+        name = type(logger).__name__
+        if name == "WandbLogger":
+            ids["wandb"] = logger.version
+        elif name == "MLFlowLogger":
+            ids["mlflow"] = logger.run_id
+    return {key: value for key, value in ids.items() if value}
+
+
+def _continue_logger_runs(cfg: DictConfig, ids: dict[str, str]) -> None:
+    """Point wandb and MLflow at the runs this run directory logged to before it was resumed."""
+    loggers = cfg.get("logger") or {}
+    with open_dict(cfg):
+        if ids.get("wandb") and loggers.get("wandb") and not loggers.wandb.get("id"):
+            loggers.wandb.id = ids["wandb"]
+            loggers.wandb.resume = "allow"
+        if ids.get("mlflow") and loggers.get("mlflow") and not loggers.mlflow.get("run_id"):
+            loggers.mlflow.run_id = ids["mlflow"]
 
 
 def _finish_wandb() -> None:
@@ -118,12 +185,14 @@ def lookup_metric(metrics: dict[str, Any], name: str | None) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    with user_errors():
+def main(cfg: DictConfig) -> dict[str, Any]:
+    # ddp_workers_join_this_job: DDP workers (strategy=ddp) run this multirun job, in its directory
+    with user_errors(), ddp_workers_join_this_job("medexp.train"):
         metrics = train(cfg)
-    # the value a Hydra sweeper optimises
-    return lookup_metric(metrics, cfg.get("optimized_metric"))
+    # what a sweeper optimises (hydra_plugins.medexp.optuna_sweeper reads objective and status)
+    return {**metrics, "objective": lookup_metric(metrics, cfg.get("optimized_metric"))}
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *resume_arguments(sys.argv[1:])]
     main()

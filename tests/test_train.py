@@ -6,7 +6,6 @@ import csv
 import json
 
 import pytest
-import torch
 import yaml
 
 from medexp.train import lookup_metric, train
@@ -46,22 +45,6 @@ def test_early_stopping_stops_a_run_that_does_not_improve(compose_cfg, tmp_path)
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     trained_epochs = {row["epoch"] for row in rows if row.get("train/loss")}
     assert trained_epochs == {"0", "1"}
-
-
-def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
-    first = compose_config([*FAST, "scheduler=multistep", "trainer.max_epochs=1"], output_dir=tmp_path / "a")
-    before = train(first)
-    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    resumed = compose_config([*FAST, "scheduler=multistep", "trainer.max_epochs=2", f"ckpt_path={last}"],
-                             output_dir=tmp_path / "b")
-    after = train(resumed)
-    # the best value so far travels with the checkpoint
-    state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
-    assert float(state["monitor_best.max_value"]) == pytest.approx(before["fit"]["val/auroc_best"])
-    assert after["fit"]["val/auroc_best"] == pytest.approx(max(before["fit"]["val/auroc_best"], after["fit"]["val/auroc"]))
-    rows = list(csv.DictReader((tmp_path / "b" / "csv" / "metrics.csv").open()))
-    # only epoch 1 was trained in the resumed run; epoch 0 came from the checkpoint
-    assert {row["epoch"] for row in rows if row.get("train/loss")} == {"1"}
 
 
 def test_eval_applies_data_overrides_that_fit_the_checkpoint(tmp_path):

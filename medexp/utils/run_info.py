@@ -14,7 +14,7 @@ from typing import Any
 
 import medexp
 
-PACKAGES = ("torch", "lightning", "monai", "torchmetrics", "hydra-core", "omegaconf", "numpy", "medexp")
+PACKAGES = ("torch", "lightning", "monai", "torchmetrics", "hydra-core", "omegaconf", "numpy", "optuna", "medexp")
 
 
 def git_state(directory: Path) -> dict[str, Any] | None:
