@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
@@ -15,7 +16,7 @@ COMMANDS = {
 
 USAGE = "usage: medexp <command> [hydra overrides...]\n\ncommands:\n" + "\n".join(
     f"  {name:<11}{help_}" for name, (_, help_) in COMMANDS.items()
-) + "\n\n`medexp <command> --help` lists the config groups and options (summarize: its arguments)."
+) + "\n\n--verbose: full tracebacks on errors (as HYDRA_FULL_ERROR=1).\n`medexp <command> --help` lists the config groups and options (summarize: its arguments)."
 
 
 def main() -> None:
@@ -28,5 +29,9 @@ def main() -> None:
         raise SystemExit(2)
     # Run the command's module as `python -m medexp.<command>` would: Lightning re-launches DDP
     # worker processes from __main__.__spec__, so they start the same command.
-    sys.argv = [sys.argv[0], *sys.argv[2:]]
+    arguments = sys.argv[2:]
+    if "--verbose" in arguments:  # full tracebacks instead of one-line `medexp: error:` reports
+        arguments.remove("--verbose")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv = [sys.argv[0], *arguments]
     runpy.run_module(COMMANDS[command][0], run_name="__main__", alter_sys=True)

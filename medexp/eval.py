@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     tidy_library_output()
     ckpt_path = Path(cfg.ckpt_path).expanduser()
     checkpoint = load_checkpoint(ckpt_path)
-    datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=cfg.paths.output_dir)
+    datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=cfg.paths.output_dir, allowed_targets=cfg.allowed_targets)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False)
 
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}

@@ -22,6 +22,7 @@ import math
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,14 @@ from medexp.utils.rundir import read_json, run_dir_of
 log = logging.getLogger("medexp")
 
 
-def recorded_config(source: Path) -> tuple[dict[str, Any], Path | None]:
+def recorded_config(source: Path, allowed_targets: Sequence[str] = ()) -> tuple[dict[str, Any], Path | None]:
     """The config of the run at ``source`` (run directory or checkpoint), with its seed, and
-    the run directory (None for a checkpoint outside one)."""
+    the run directory (None for a checkpoint outside one).
+
+    Raises:
+        MedexpError: when it names a ``_target_`` outside the trusted packages and
+            ``allowed_targets`` (see :func:`medexp.utils.checkpoint.check_targets`).
+    """
     from omegaconf import OmegaConf
 
     run_dir = run_dir_of(source)
@@ -49,6 +55,9 @@ def recorded_config(source: Path) -> tuple[dict[str, Any], Path | None]:
         seed = config.get("seed")
     else:
         raise MedexpError(f"{source}: neither a run directory (with .hydra/) nor a checkpoint file")
+    from medexp.utils.checkpoint import check_targets
+
+    check_targets(config, allowed_targets, where=f"the config recorded in {source}")
     if seed is not None:
         config["seed"] = seed  # the seed drawn when the run had seed=null
     # a sweep's pruning callback talks to that sweep's study; a reproduction trains alone
@@ -106,14 +115,16 @@ def _difference(a: float | None, b: float | None) -> float:
     return abs(a - b)
 
 
-def reproduce(source: Path, output: Path | None, overrides: list[str], tolerance: float) -> dict[str, Any]:
+def reproduce(
+    source: Path, output: Path | None, overrides: list[str], tolerance: float, allowed_targets: Sequence[str] = ()
+) -> dict[str, Any]:
     """Train the run at ``source`` again into ``output``; returns the comparison (also written
     to ``<output>/reproduction.json``)."""
     from omegaconf import OmegaConf
 
     from medexp.utils.run_info import write_json
 
-    config, run_dir = recorded_config(source)
+    config, run_dir = recorded_config(source, allowed_targets)
     info = read_json(run_dir / "run_info.json") if run_dir else {}
     recorded = read_json(run_dir / "metrics.json") if run_dir else {}
     for warning in environment_warnings(info):
@@ -176,13 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the new run, e.g. trainer.accelerator=cpu")
     parser.add_argument("--output", type=Path, help="the new run directory (default: logs/reproduce/runs/<time>)")
     parser.add_argument("--tolerance", type=float, default=0.0, help="largest metric difference that counts as reproduced")
+    parser.add_argument("--allow-target", action="append", default=[], metavar="PREFIX",
+                        help="trust `_target_`s starting with PREFIX in the recorded config (besides torch, lightning, monai, ...)")
     parser.add_argument("--strict", action="store_true", help="exit with status 3 unless every metric is within --tolerance")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with user_errors():
         if not args.source.exists():
             raise MedexpError(f"{args.source}: no such run directory or checkpoint")
-        result = reproduce(args.source, args.output, args.overrides, args.tolerance)
+        result = reproduce(args.source, args.output, args.overrides, args.tolerance, args.allow_target)
     verdict = "identical" if result["identical"] else "within tolerance" if result["within_tolerance"] else "DIFFERENT"
     print(f"reproduction: {verdict} (max abs difference {result['max_abs_difference']}); new run: {result['output']}")
     if args.strict and not result["within_tolerance"]:

@@ -86,14 +86,6 @@ def test_multiclass_masks_report_dice_per_class(compose_cfg):
     assert "test/auroc" not in metrics["test"]
 
 
-def test_a_classifier_on_masks_is_refused(compose_cfg, capsys):
-    from medexp.utils.errors import user_errors
-
-    with pytest.raises(SystemExit), user_errors():
-        train(compose_cfg(*QUIET, "data=synthetic_seg", "model=cnn"))
-    assert "data.task=segmentation needs a segmentation model, e.g. model=unet" in capsys.readouterr().err
-
-
 def test_overlays_go_to_the_run_directory_and_tensorboard(compose_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

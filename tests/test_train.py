@@ -39,9 +39,9 @@ def test_the_sweep_objective_is_the_best_monitored_value(compose_cfg):
 
 
 def test_early_stopping_stops_a_run_that_does_not_improve(compose_cfg, tmp_path):
-    # lr=0: the monitored metric never improves, so patience 1 stops at epoch 2 of 20
+    # a vanishing lr: the monitored metric never improves by min_delta, so patience 1 stops at epoch 2 of 20
     train(compose_cfg(*FAST, "callbacks=early_stopping", "callbacks.early_stopping.patience=1",
-                      "optimizer.lr=0", "trainer.max_epochs=20"))
+                      "callbacks.early_stopping.min_delta=0.01", "optimizer.lr=1e-12", "trainer.max_epochs=20"))
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     trained_epochs = {row["epoch"] for row in rows if row.get("train/loss")}
     assert trained_epochs == {"0", "1"}

@@ -57,6 +57,9 @@ class ClassificationTask(BaseTask):
         **kwargs: ``optimizer``, ``scheduler``, ``monitor``; see :class:`~medexp.tasks.base.BaseTask`.
     """
 
+    # the data.task values this task trains on (checked before anything is built)
+    data_tasks = ("binary", "multiclass", "multilabel")
+
     def __init__(
         self,
         net: torch.nn.Module,

@@ -96,6 +96,9 @@ class SegmentationTask(BaseTask):
         **kwargs: ``optimizer``, ``scheduler``, ``monitor``; see :class:`~medexp.tasks.base.BaseTask`.
     """
 
+    # the data.task values this task trains on (checked before anything is built)
+    data_tasks = ("segmentation",)
+
     roi_key = "roi"
 
     def __init__(

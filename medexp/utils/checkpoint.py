@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,51 @@ class StoreConfig(L.Callback):
         checkpoint[CONFIG_KEY] = self.config
 
 
+# Packages whose classes a stored config may name as `_target_`. A config from a checkpoint or
+# run directory is data from whoever wrote it: `_target_: os.system` would run their command.
+TRUSTED_TARGETS = ("torch.", "lightning.", "monai.", "torchmetrics.", "medexp.", "hydra_plugins.medexp.", "optuna.")
+# ...except the parts of those that load or run code from elsewhere
+UNTRUSTED_TARGETS = ("torch.hub.", "torch.package.", "torch.utils.cpp_extension.", "torch.load", "torch.jit.load", "monai.bundle.")
+
+
+def check_targets(config: Any, allowed: Sequence[str] = (), where: str = "the stored config") -> None:
+    """Refuse a stored config that names a ``_target_`` outside :data:`TRUSTED_TARGETS` and
+    ``allowed`` (prefixes the user trusts, from their own config or command line).
+
+    Raises:
+        MedexpError: naming every refused target and its key.
+    """
+    trusted = (*TRUSTED_TARGETS, *allowed)
+    refused = []
+
+    def visit(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if target is not None and (
+                not str(target).startswith(trusted) or str(target).startswith(UNTRUSTED_TARGETS)
+            ):
+                refused.append(f"{key + '.' if key else ''}_target_={target}")
+            for name, value in node.items():
+                visit(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                visit(value, f"{key}.{index}")
+
+    visit(config, "")
+    if refused:
+        raise MedexpError(
+            f"refusing to build {where}: {', '.join(refused)} is outside the trusted packages "
+            f"({', '.join(p.rstrip('.') for p in TRUSTED_TARGETS)}); if you trust its author, allow it with "
+            f"allowed_targets=[<prefix>] (medexp reproduce: --allow-target <prefix>)"
+        )
+
+
 def rebuild(
     checkpoint: dict[str, Any],
     data_overrides: dict[str, Any],
     data_output_dir: str | None,
     model_overrides: dict[str, Any] | None = None,
+    allowed_targets: Sequence[str] = (),
 ) -> tuple[L.LightningDataModule, L.LightningModule]:
     """Data module and model (with the checkpoint's weights) from the run config it stores.
 
@@ -38,10 +79,13 @@ def rebuild(
         data_output_dir: where the data module writes (e.g. ``splits.csv``): the new run's
             directory, or None for nowhere, never the training run's.
         model_overrides: values replacing recorded ``model.*`` keys that exist.
+        allowed_targets: ``_target_`` prefixes trusted besides :data:`TRUSTED_TARGETS`.
 
     Raises:
-        MedexpError: for a data override the checkpoint's data module does not take.
+        MedexpError: for a data override the checkpoint's data module does not take, or a
+            ``_target_`` that is not trusted (see :func:`check_targets`).
     """
+    check_targets(checkpoint[CONFIG_KEY], allowed_targets, where="the checkpoint's config")
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 

@@ -1,0 +1,231 @@
+"""Config validation before anything is built: every problem found, reported together.
+
+Three kinds of check, each returning messages that name the key, the value and what is valid:
+
+- :func:`check_values`: types and ranges of the keys users set most (``optimizer.lr > 0``,
+  ``data.batch_size >= 1``, dropout in [0, 1), ...), from the table :data:`RULES`;
+- :func:`check_arguments`: every ``_target_`` node's keys against the target's signature, so a
+  typo added with ``+`` (``+trainer.max_epoch=3``) is caught with a suggestion, not by a
+  TypeError from deep inside ``instantiate``;
+- :func:`check_combinations`: settings that are valid alone but not together (a segmentation
+  model on classification data, a net whose channels do not match the data).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from medexp.utils.errors import MedexpError
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What ``key`` must be: ``kind`` (``int``, ``number``, ``bool``, or a tuple of choices),
+    bounds (``low``/``high``, ``low_open``/``high_open`` for strict ones), and ``optional``
+    (None allowed). A key absent from the config is not checked."""
+
+    key: str
+    kind: str | tuple[Any, ...]
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+
+    def check(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.optional else f"{self.key}=null; expected {self.describe()}"
+        if isinstance(self.kind, tuple):
+            return None if value in self.kind else f"{self.key}={value!r}; expected one of {list(self.kind)}"
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"{self.key}={value!r}; expected true or false"
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or (self.kind == "int" and not float(value).is_integer()) or not math.isfinite(value):
+            return f"{self.key}={value!r}; expected {self.describe()}"
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return f"{self.key}={value!r}; expected {self.describe()}"
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return f"{self.key}={value!r}; expected {self.describe()}"
+        return None
+
+    def describe(self) -> str:
+        kind = {"int": "an integer", "number": "a number"}.get(str(self.kind), str(self.kind))
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            bounds = f" in {left}{self.low:g}, {self.high:g}{right}"
+        elif self.low is not None:
+            bounds = f" {'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            bounds = f" {'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            bounds = ""
+        return kind + bounds + (" or null" if self.optional else "")
+
+
+PRECISIONS = (64, 32, 16, "64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine")
+TASKS = ("binary", "multiclass", "multilabel", "segmentation")
+
+RULES: tuple[Rule, ...] = (
+    Rule("seed", "int", 0, 2**32 - 1, optional=True),
+    Rule("train", "bool"),
+    Rule("test", "bool"),
+    Rule("optimizer.lr", "number", 0, low_open=True),
+    Rule("optimizer.weight_decay", "number", 0),
+    Rule("optimizer.momentum", "number", 0, 1, high_open=True),
+    Rule("data.task", TASKS),
+    Rule("data.num_classes", "int", 1),
+    Rule("data.in_channels", "int", 1),
+    Rule("data.spatial_dims", (2, 3)),
+    Rule("data.batch_size", "int", 1),
+    Rule("data.num_workers", "int", 0),
+    Rule("data.image_size", "int", 1),
+    Rule("data.val_fraction", "number", 0, 1, high_open=True),
+    Rule("data.test_fraction", "number", 0, 1, high_open=True),
+    Rule("data.lesion_contrast", "number", 0, low_open=True),
+    Rule("model.label_smoothing", "number", 0, 1, high_open=True),
+    Rule("model.overlap", "number", 0, 1, high_open=True),
+    Rule("model.sw_batch_size", "int", 1),
+    Rule("trainer.max_epochs", "int", 1),
+    Rule("trainer.min_epochs", "int", 0, optional=True),
+    Rule("trainer.precision", PRECISIONS),
+    Rule("trainer.check_val_every_n_epoch", "int", 1, optional=True),
+    Rule("trainer.log_every_n_steps", "int", 1, optional=True),
+    Rule("trainer.accumulate_grad_batches", "int", 1),
+    Rule("trainer.gradient_clip_val", "number", 0, optional=True),
+    Rule("trainer.num_nodes", "int", 1),
+    Rule("trainer.deterministic", (True, False, "warn")),
+)
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every entry of a nested dict/list config."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        yield path, value
+        yield from _walk(value, path)
+
+
+def _get(config: dict[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_values(config: dict[str, Any]) -> list[str]:
+    """Problems with the types and ranges of the keys in :data:`RULES`, and of any
+    ``dropout``-named value (a probability in [0, 1))."""
+    problems = []
+    for rule in RULES:
+        present, value = _get(config, rule.key)
+        if present and (problem := rule.check(value)) is not None:
+            problems.append(problem)
+    for key, value in _walk(config):
+        name = key.rsplit(".", 1)[-1]
+        if "dropout" in name and not isinstance(value, (dict, list)):
+            problem = Rule(key, "number", 0, 1, high_open=True, optional=True).check(value)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _locate(target: str) -> Callable[..., Any] | None:
+    from hydra.utils import get_object
+
+    try:
+        return get_object(target)
+    except Exception:  # reported by instantiate, with Hydra's own message about the import
+        return None
+
+
+def accepted_arguments(target: Callable[..., Any]) -> set[str] | None:
+    """Keyword arguments ``target`` accepts, following ``**kwargs`` up a class's bases; None
+    when anything goes (a ``**kwargs`` that is never resolved)."""
+    functions = [klass.__dict__["__init__"] for klass in target.__mro__ if "__init__" in klass.__dict__] if inspect.isclass(target) else [target]
+    names: set[str] = set()
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return names - {"self"}
+    return None
+
+
+def check_arguments(config: dict[str, Any]) -> list[str]:
+    """Keys of ``_target_`` nodes that their target does not take, with the closest valid names."""
+    problems = []
+    nodes = [("", config)] if isinstance(config, dict) and "_target_" in config else []
+    nodes += [(key, value) for key, value in _walk(config) if isinstance(value, dict) and "_target_" in value]
+    for key, node in nodes:
+        target = _locate(str(node["_target_"]))
+        accepted = accepted_arguments(target) if target is not None else None
+        if accepted is None:
+            continue
+        for name in sorted(set(node) - _HYDRA_KEYS - accepted):
+            close = difflib.get_close_matches(name, sorted(accepted), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"it takes {', '.join(sorted(accepted))}"
+            problems.append(f"{key + '.' if key else ''}{name}: not an argument of {node['_target_']}; {hint}")
+    return problems
+
+
+def model_options() -> dict[str, tuple[str, ...]]:
+    """``model=`` options (``conf/model/*.yaml``) and the data tasks each trains on."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    tasks = {"task/classification@_here_": ("binary", "multiclass", "multilabel"), "task/segmentation@_here_": ("segmentation",)}
+    options = {}
+    for entry in sorted(files("medexp.conf").joinpath("model").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            defaults = OmegaConf.create(entry.read_text()).get("defaults") or []
+            options[entry.name[:-5]] = next((tasks[d] for d in defaults if d in tasks), ())
+    return options
+
+
+def check_combinations(config: dict[str, Any]) -> list[str]:
+    """Settings that do not fit together: the model's task and the data's, and the net's
+    channels, classes and dimensions against the data's."""
+    problems = []
+    data, model = config.get("data") or {}, config.get("model") or {}
+    task_class = _locate(str(model.get("_target_", "")))
+    handles = getattr(task_class, "data_tasks", None)
+    if handles is not None and data.get("task") not in handles:
+        fitting = [name for name, tasks in model_options().items() if data.get("task") in tasks]
+        problems.append(
+            f"the model ({model['_target_'].rsplit('.', 1)[-1]}) trains on data.task in {list(handles)}, but "
+            f"data.task={data.get('task')!r}; models for {data.get('task')} data: model={','.join(fitting) or '(none)'}"
+        )
+    net = model.get("net") or {}
+    for net_key, data_key in (("in_channels", "in_channels"), ("spatial_dims", "spatial_dims")):
+        if net_key in net and data_key in data and net[net_key] != data[data_key]:
+            problems.append(f"model.net.{net_key}={net[net_key]} but data.{data_key}={data[data_key]}; they must match")
+    outputs = next((net[k] for k in ("out_channels", "num_classes") if k in net), None)
+    if outputs is not None and "num_classes" in data and outputs != data["num_classes"]:
+        problems.append(f"the net has {outputs} outputs but data.num_classes={data['num_classes']}; they must match")
+    return problems
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    """Run every check on a resolved config.
+
+    Raises:
+        MedexpError: listing every problem found, one per line.
+    """
+    problems = [*check_values(config), *check_arguments(config), *check_combinations(config)]
+    if problems:
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        raise MedexpError(f"{len(problems)} problem(s) in the config:\n{lines}")
