@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 
 from medexp.data.sampling import EpochShuffleSampler
 from medexp.data.folds import assign_folds, check_folds, strata, write_folds
+from medexp.data import validation
 from medexp.utils.errors import MedexpError
 
 SPLITS = ("train", "val", "test")
@@ -75,7 +77,14 @@ class ArrayDataModule(L.LightningDataModule):
         fold_seed: seed of the fold assignment, independent of the training seed so every job
             of a sweep over ``fold`` (or over seeds) sees the same folds.
         output_dir: where the fold assignment used is written (``folds.csv``, with ``fold``
-            set); None writes nothing.
+            set) and the cases left out by ``on_bad="skip"`` (``skipped.csv``); None writes nothing.
+        scan: the data check in :meth:`setup` (see :mod:`medexp.data.validation`): ``sample``
+            checks ``scan_sample`` cases per split (drawn from a fixed seed, the first always),
+            ``all`` every case, ``off`` none. Labels are checked for every sample either way.
+        scan_sample: cases per split a ``sample`` scan checks.
+        on_bad: ``fail``: stop with an error that lists every problem found; ``skip``: leave the
+            bad cases out of their split (see :data:`~medexp.data.validation.KEEP_FIRST` for
+            duplicates across splits) and list them in ``<output_dir>/skipped.csv``.
     """
 
     def __init__(
@@ -92,8 +101,12 @@ class ArrayDataModule(L.LightningDataModule):
         num_folds: int = 5,
         fold_seed: int = 0,
         output_dir: str | Path | None = None,
+        scan: str = "sample",
+        scan_sample: int = 256,
+        on_bad: str = "fail",
     ) -> None:
         super().__init__()
+        scan = validation.check_options(scan, scan_sample, on_bad)
         if task not in TASKS:
             raise MedexpError(f"data.task={task!r}; expected one of {list(TASKS)}")
         if num_classes < 2:
@@ -118,6 +131,9 @@ class ArrayDataModule(L.LightningDataModule):
         self.output_dir = Path(output_dir).expanduser() if output_dir else None
         # with fold set: one row per training sample and the fold it is in (see :meth:`save_folds`)
         self.fold_table: list[dict[str, Any]] | None = None
+        self.scan, self.scan_sample, self.on_bad = scan, scan_sample, on_bad
+        # the errors of the cases on_bad=skip left out (see :meth:`save_skipped`)
+        self.skipped: list[validation.Finding] = []
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Images ``(N, C, *spatial)`` and labels (see :class:`ArrayDataset`) of one split."""
@@ -132,12 +148,14 @@ class ArrayDataModule(L.LightningDataModule):
                 continue  # replaced by a fold of the training split
             arrays[split] = self.load_split(split)
             self._check_split(split, *arrays[split])
+        # rows of the loaded splits kept by the data check (all of them unless on_bad=skip)
+        kept = self._scan_arrays(arrays)
         if self.fold is not None:
             images, labels = arrays["train"]
             folds = assign_folds(strata(labels, self.task), None, self.num_folds, self.fold_seed)
             self.fold_table = [
-                {"index": index, "label": self._label_text(label), "fold": int(fold)}
-                for index, (label, fold) in enumerate(zip(labels, folds))
+                {"index": int(index), "label": self._label_text(label), "fold": int(fold)}
+                for index, label, fold in zip(kept["train"], labels, folds)
             ]
             held_out = folds == self.fold
             # boolean indexing copies: where a subclass keeps its arrays (MedMNIST), the training split is held twice
@@ -146,6 +164,64 @@ class ArrayDataModule(L.LightningDataModule):
         for split in SPLITS:
             self.datasets[split] = ArrayDataset(*arrays[split], self.transform(split))
         self.save_folds()
+        self.save_skipped("index", lambda split, index: index)
+
+    def _scan_arrays(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Check the loaded splits (see :mod:`medexp.data.validation`); with ``on_bad="skip"``
+        remove the bad rows from ``arrays`` in place. Returns the rows kept of each split."""
+        kept = {split: np.arange(len(images)) for split, (images, _) in arrays.items()}
+        if self.scan == "off":
+            return kept
+        start = time.perf_counter()
+
+        def name(split: str, index: int) -> str:
+            return f"{split} sample {index}"
+
+        findings: list[validation.Finding] = []
+        hashes: dict[tuple[str, int], bytes] = {}
+        scanned = {}
+        for split, (images, labels) in arrays.items():
+            rows = validation.scan_indices(len(images), self.scan, self.scan_sample, split)
+            scanned[split] = (len(rows), len(images))
+            found = [
+                validation.Finding(kind, split, row, name(split, row), detail)
+                for row, kind, detail in validation.content_problems(images, rows)
+            ]
+            found += [
+                validation.Finding("label_range", split, row, name(split, row), detail)
+                for row, detail in validation.label_problems(labels, self.task, self.num_classes)
+            ]
+            bad = {finding.index for finding in found}
+            hashes.update({(split, int(row)): validation.pixel_hash(images[row]) for row in rows if row not in bad})
+            findings += found
+        findings += validation.duplicate_findings(hashes, name)
+        drop = validation.resolve(
+            findings, scanned, time.perf_counter() - start,
+            source=self.describe(), scan=self.scan, on_bad=self.on_bad, verb="checked",
+        )
+        if not drop:
+            return kept
+        self.skipped = [finding for finding in findings if (finding.split, finding.index) in drop]
+        for split, (images, labels) in arrays.items():
+            keep = np.ones(len(images), dtype=bool)
+            keep[[index for where, index in drop if where == split]] = False
+            if not keep.any():
+                raise MedexpError(
+                    f"{self.describe()}: all {len(images)} samples of the {split} split are bad (data.on_bad=skip "
+                    "left them out); nothing is left to use"
+                )
+            arrays[split] = images[keep], labels[keep]
+            kept[split] = kept[split][keep]
+        return kept
+
+    def save_skipped(self, key_column: str, key: Callable[[str, int], Any]) -> None:
+        """Write the cases ``on_bad="skip"`` left out to ``<output_dir>/skipped.csv`` (see
+        :func:`~medexp.data.validation.write_skipped`), from one process; with ``on_bad=skip``
+        the file is written even when nothing was left out, so its absence never means "none"."""
+        if self.on_bad != "skip" or self.scan == "off" or self.output_dir is None:
+            return
+        if self.trainer is None or self.trainer.is_global_zero:
+            validation.write_skipped(self.output_dir / "skipped.csv", self.skipped, key_column, key)
 
     def _label_text(self, label: np.ndarray) -> str | int:
         # folds.csv: class index; multi-label 0/1 indicators; segmentation: does the mask have foreground
@@ -224,12 +300,18 @@ class ArrayDataModule(L.LightningDataModule):
         if self.task == "segmentation":
             if labels.shape != (len(images), 1, *images.shape[2:]):
                 raise MedexpError(f"{where}: masks of shape {labels.shape} do not match images {images.shape}")
+            if self.scan != "off":
+                return  # the data check reports each bad sample (see _scan_arrays)
             if labels.max() >= self.num_classes:
                 raise MedexpError(f"{where}: mask values up to {labels.max()}; expected classes 0..{self.num_classes - 1}")
         elif self.task == "multilabel":
-            if labels.ndim != 2 or labels.shape[1] != self.num_classes or not np.isin(labels, (0, 1)).all():
+            if labels.ndim != 2 or labels.shape[1] != self.num_classes:
                 raise MedexpError(f"{where}: multi-label targets must be 0/1 of shape (N, {self.num_classes})")
-        elif labels.ndim != 1 or labels.min() < 0 or labels.max() >= self.num_classes:
+            if self.scan == "off" and not np.isin(labels, (0, 1)).all():
+                raise MedexpError(f"{where}: multi-label targets must be 0/1 of shape (N, {self.num_classes})")
+        elif labels.ndim != 1:
+            raise MedexpError(f"{where}: labels must be class indices of shape (N,); got shape {labels.shape}")
+        elif self.scan == "off" and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise MedexpError(
                 f"{where}: labels must be class indices in [0, {self.num_classes - 1}] of shape (N,); "
                 f"got shape {labels.shape}, range [{labels.min()}, {labels.max()}]"

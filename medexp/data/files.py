@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ import torch
 from monai.data import CacheDataset, Dataset, MetaTensor, PILReader
 from monai.transforms import Compose, LoadImage, Transform
 
+from medexp.data import validation
 from medexp.data.base import SPLITS, ArrayDataModule
 from medexp.data.folds import assign_folds
 from medexp.utils.errors import MedexpError, user_error_message
@@ -33,6 +35,9 @@ REQUIRED_COLUMNS = ("image", "label")
 OPTIONAL_COLUMNS = ("split", "patient_id", "roi")
 # MONAI chooses PILReader by suffix only for png/jpg/jpeg/bmp: TIFF and GIF would reach the DICOM reader
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+# files whose affine places them in space (a folder counts too: a DICOM series); other formats get a
+# default affine, so an image/mask geometry check compares only two of these
+GEOMETRY_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom", ".nrrd", ".mha", ".mhd")
 SHOWN = 5  # offending entries quoted in one message; the rest are counted
 
 
@@ -73,11 +78,15 @@ def _resolve(base: Path, text: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def read_manifest(path: Path, task: str, num_classes: int) -> list[Case]:
+def read_manifest(path: Path, task: str, num_classes: int, missing_ok: bool = False) -> list[Case]:
     """Read a CSV manifest: columns ``image``, ``label`` and optionally ``split``, ``patient_id``.
 
     Relative paths resolve against the manifest's folder. ``label`` is a class index, or a mask
     path for ``task="segmentation"``. Other columns are ignored.
+
+    Args:
+        missing_ok: keep cases whose files do not exist (the data check then reports them, and
+            ``data.on_bad=skip`` leaves them out) instead of raising.
 
     Raises:
         MedexpError: for a missing or unreadable manifest, missing columns, unknown split values,
@@ -143,10 +152,10 @@ def read_manifest(path: Path, task: str, num_classes: int) -> list[Case]:
             f"{path}: labels must be class indices 0..{num_classes - 1} (data.num_classes={num_classes}, "
             f"data.task={task}); {len(bad_labels)} are not: {_listing(bad_labels)}"
         )
-    if missing_files:
+    if missing_files and not missing_ok:
         raise MedexpError(
             f"{path}: {len(missing_files)} listed file(s) do not exist (relative paths resolve against "
-            f"{base}): {_listing(missing_files)}"
+            f"{base}): {_listing(missing_files)}. Fix the paths, or set data.on_bad=skip to train without these cases"
         )
     return cases
 
@@ -284,6 +293,24 @@ def _single_frame(image: Any) -> Any:
     return image
 
 
+def missing_files(case: Case) -> list[Path]:
+    """The files of ``case`` (image, mask, roi) that do not exist."""
+    paths = [case.image, case.label if isinstance(case.label, Path) else None, case.roi]
+    return [path for path in paths if path is not None and not path.exists()]
+
+
+def _has_geometry(path: str) -> bool:
+    return path.lower().endswith(GEOMETRY_SUFFIXES) or Path(path).is_dir()
+
+
+class UnreadableFile(MedexpError):
+    """A file that cannot be read as an image: ``name`` (the file and its manifest line) and why."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        super().__init__(f"{name}: {detail}")
+        self.name, self.detail = name, detail
+
+
 class CaseReader(Transform):
     """Load one case and check it, as the first (cached) transform of a file dataset.
 
@@ -299,7 +326,7 @@ class CaseReader(Transform):
     Raises:
         MedexpError: naming the file (and manifest line) when it cannot be read, a mask has more
             than one channel, its spatial shape differs from the image's, or its values are not
-            class indices.
+            class indices. :meth:`inspect` lists these problems, and more, without raising.
     """
 
     def __init__(self, task: str, num_classes: int, mask_threshold: float | None = None) -> None:
@@ -313,53 +340,107 @@ class CaseReader(Transform):
         self.raster_reader = PILReader(converter=_single_frame)
 
     def read(self, path: str, where: str = "") -> MetaTensor:
-        """One file as a ``(C, *spatial)`` MetaTensor."""
+        """One file as a ``(C, *spatial)`` MetaTensor.
+
+        Raises:
+            UnreadableFile: naming the file, its manifest line and the reader's complaint.
+        """
         reader = self.raster_reader if path.lower().endswith(RASTER_SUFFIXES) else None
         try:
             return self.loader(path, reader=reader)
         except Exception as exc:  # PIL, pydicom, nibabel and MONAI each raise their own types
             reason = (str(exc).strip().splitlines() or [""])[0]
-            message = f"{_at(path, where)}: cannot read it as an image ({type(exc).__name__}: {reason})"
-            raise MedexpError(message) from exc
+            detail = f"cannot read it as an image ({type(exc).__name__}: {reason})"
+            raise UnreadableFile(_at(path, where), detail) from exc
+
+    def load(self, data: dict[str, Any]) -> dict[str, MetaTensor]:
+        """The files of a case as stored, unchecked: ``image``, and for segmentation the mask
+        (``label``) and ``roi`` where the case has them. Raises :class:`UnreadableFile`."""
+        where = data.get("where", "")
+        sample = {"image": self.read(data["image"], where)}
+        if "label" in data and self.task == "segmentation":
+            sample["label"] = self.read(data["label"], where)
+            if "roi" in data:
+                sample["roi"] = self.read(data["roi"], where)
+        return sample
+
+    def problems(self, data: dict[str, Any], sample: dict[str, MetaTensor]) -> list[tuple[str, str, str]]:
+        """What makes a loaded segmentation case unusable for training, as ``(kind, file, detail)``
+        (kinds of :data:`medexp.data.validation.KINDS`): a mask with several channels, masks or
+        roi whose shape differs from the image's, mask values that are not class indices."""
+        if "label" not in sample:
+            return []
+        where = data.get("where", "")
+        image, mask = sample["image"], sample["label"]
+        mask_name = _at(data["label"], where)
+        if mask.shape[0] != 1:
+            detail = (
+                f"the mask has {mask.shape[0]} channels; expected one channel of class indices (save it as a grey "
+                "image)"
+            )
+            return [("shape_mismatch", mask_name, detail)]
+        found = []
+        if mask.shape[1:] != image.shape[1:]:
+            detail = (
+                f"mask of spatial shape {tuple(mask.shape[1:])} does not match its image {data['image']} of "
+                f"spatial shape {tuple(image.shape[1:])}"
+            )
+            found.append(("shape_mismatch", mask_name, detail))
+        if "roi" in sample and sample["roi"].shape[1:] != image.shape[1:]:
+            detail = (
+                f"roi mask of spatial shape {tuple(sample['roi'].shape[1:])} does not match its image "
+                f"{data['image']} of spatial shape {tuple(image.shape[1:])}"
+            )
+            found.append(("shape_mismatch", _at(data["roi"], where), detail))
+        if self.mask_threshold is None:  # with a threshold every value becomes 0 or 1
+            detail = validation.mask_values_problem(torch.unique(mask.as_tensor()).numpy(), self.num_classes)
+            if detail:
+                found.append(("label_range", mask_name, detail))
+        return found
+
+    def inspect(self, data: dict[str, Any]) -> tuple[list[tuple[str, str, str]], MetaTensor | None]:
+        """Read a case as training does and list every problem found, without raising.
+
+        Besides :meth:`problems`: unreadable files, NaN/Inf values and constant images, and for
+        segmentation an image and mask that both carry geometry (NIfTI, DICOM, ...) but whose
+        affines differ.
+
+        Returns:
+            ``(kind, file, detail)`` per problem, and the image as read (None when unreadable).
+        """
+        where = data.get("where", "")
+        try:
+            sample = self.load(data)
+        except UnreadableFile as exc:
+            return [("unreadable", exc.name, exc.detail)], None
+        image = sample["image"]
+        image_name = _at(data["image"], where)
+        found = [
+            (kind, image_name, detail)
+            for _, kind, detail in validation.content_problems(image.as_tensor().numpy()[None])
+        ]
+        found += self.problems(data, sample)
+        mask = sample.get("label")
+        if mask is not None and _has_geometry(str(data["image"])) and _has_geometry(str(data["label"])):
+            detail = validation.geometry_problem(image.affine, mask.affine, str(data["image"]))
+            if detail:
+                found.append(("geometry_mismatch", _at(data["label"], where), detail))
+        return found, image
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        where = data.get("where", "")
-        image = self.read(data["image"], where)
+        sample = self.load(data)
         if "label" not in data:  # an image to predict on
-            return {"image": image}
+            return sample
         if self.task != "segmentation":
-            return {"image": image, "label": data["label"]}
-        mask = self.read(data["label"], where)
-        if mask.shape[0] != 1:
-            raise MedexpError(
-                f"{_at(data['label'], where)}: the mask has {mask.shape[0]} channels; expected one channel of "
-                "class indices (save it as a grey image)"
-            )
-        if mask.shape[1:] != image.shape[1:]:
-            raise MedexpError(
-                f"{_at(data['label'], where)}: mask of spatial shape {tuple(mask.shape[1:])} does not match "
-                f"its image {data['image']} of spatial shape {tuple(image.shape[1:])}"
-            )
-        sample = {"image": image}
-        if "roi" in data:
-            roi = self.read(data["roi"], where)
-            if roi.shape[1:] != image.shape[1:]:
-                raise MedexpError(
-                    f"{_at(data['roi'], where)}: roi mask of spatial shape {tuple(roi.shape[1:])} does not match "
-                    f"its image {data['image']} of spatial shape {tuple(image.shape[1:])}"
-                )
-            sample["roi"] = (roi[:1] > 0).to(roi.dtype)
+            return {**sample, "label": data["label"]}
+        for _, name, detail in self.problems(data, sample)[:1]:
+            raise MedexpError(f"{name}: {detail}")
+        if "roi" in sample:
+            sample["roi"] = (sample["roi"][:1] > 0).to(sample["roi"].dtype)
         if self.mask_threshold is not None:
-            return {**sample, "label": (mask > self.mask_threshold).to(mask.dtype)}
-        values = torch.unique(mask.as_tensor())
-        bad = values[(values != values.round()) | (values < 0) | (values >= self.num_classes)]
-        if len(bad):
-            raise MedexpError(
-                f"{_at(data['label'], where)}: mask values {bad[:SHOWN].tolist()} are not class indices "
-                f"0..{self.num_classes - 1} (data.num_classes={self.num_classes}); for a binary mask saved "
-                "as 0/255 set data.mask_threshold=127 (values above it become 1)"
-            )
-        return {**sample, "label": mask}
+            mask = sample["label"]
+            sample["label"] = (mask > self.mask_threshold).to(mask.dtype)
+        return sample
 
 
 def scan_drive(root: Path, val_fraction: float, seed: int) -> list[Case]:
@@ -395,9 +476,13 @@ class FileDataModule(ArrayDataModule):
     """Image files from a CSV manifest or a folder layout, for classification or segmentation.
 
     Reuses :class:`~medexp.data.base.ArrayDataModule`'s argument checks and data loaders; the
-    cases are files instead of arrays. Every file is read once in :meth:`setup` (or when the cache
-    is filled) so a corrupt file or a mismatched mask stops the run before training, named with
-    its manifest line.
+    cases are files instead of arrays. :meth:`setup` first checks the data
+    (:mod:`medexp.data.validation`): ``scan="sample"`` reads ``scan_sample`` cases per split (the
+    first always), ``scan="all"`` every case, through the same reader training uses, so a
+    corrupt file, a mismatched mask or a leak stops the run before training, every problem named
+    with its file and manifest line (or, with ``on_bad="skip"``, the bad cases are left out and
+    listed in ``<output_dir>/skipped.csv``). Files outside the sample are first read in training
+    (or when the cache is filled), where an unreadable one still stops the run.
 
     Without a ``split`` column, splits are drawn from ``split_seed`` (see :func:`assign_splits`).
     :meth:`setup` writes the split used to ``<output_dir>/splits.csv``.
@@ -418,14 +503,16 @@ class FileDataModule(ArrayDataModule):
         root: instead of a manifest, a folder layout (see :func:`scan_folder`).
         layout: how ``root`` is laid out: ``folders`` (see :func:`scan_folder`) or ``drive`` (the
             DRIVE dataset as distributed, see :func:`scan_drive`).
-        output_dir: where ``splits.csv`` is written; None writes nothing.
+        output_dir: where ``splits.csv`` (and ``skipped.csv``) is written; None writes nothing.
         split_seed: seed of the random split; val_fraction, test_fraction: its sizes, as
             fractions of patients (of images without ``patient_id``).
         mask_threshold: how mask values become class indices (see :class:`CaseReader`).
         cache: keep loaded cases (and their deterministic transforms) in memory
             (``monai.data.CacheDataset``).
         **kwargs: ``batch_size``, ``num_workers``, ``transforms``, ``augmentations``, ``fold``,
-            ``num_folds``, ``fold_seed``; see :class:`~medexp.data.base.ArrayDataModule`.
+            ``num_folds``, ``fold_seed``, ``scan``, ``scan_sample``, ``on_bad``; see
+            :class:`~medexp.data.base.ArrayDataModule`. With ``on_bad="skip"``, listed files that
+            do not exist are left out too (with ``"fail"`` the manifest is refused).
     """
 
     def __init__(
@@ -468,8 +555,11 @@ class FileDataModule(ArrayDataModule):
         self.reader = CaseReader(task, num_classes, mask_threshold)
         if layout not in ("folders", "drive"):
             raise MedexpError(f"data.layout={layout!r}; expected one of ['folders', 'drive']")
+        # the cases left out by on_bad=skip: (split, position) -> image path, for skipped.csv
+        self._skipped_images: dict[tuple[str, int], str] = {}
         if manifest is not None:
-            cases = read_manifest(self.source, task, num_classes)
+            missing_ok = self.on_bad == "skip" and self.scan != "off"
+            cases = read_manifest(self.source, task, num_classes, missing_ok=missing_ok)
         elif layout == "drive":
             cases = scan_drive(self.source, val_fraction, split_seed)
         else:
@@ -518,6 +608,7 @@ class FileDataModule(ArrayDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        self._scan()
         for split in SPLITS:
             self.datasets[split] = self._dataset(split)
         self._check_first_image()
@@ -525,14 +616,61 @@ class FileDataModule(ArrayDataModule):
         if self.output_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             write_splits(self.cases, self.output_dir / "splits.csv")
         self.save_folds()
+        self.save_skipped("image", lambda split, index: self._skipped_images[(split, index)])
+
+    def _name(self, split: str, index: int) -> str:
+        case = self.cases[split][index]
+        return _at(case.image, case.where)
+
+    def _scan(self) -> None:
+        """Check the cases (see :mod:`medexp.data.validation`) through the reader training uses;
+        with ``on_bad="skip"`` leave the bad ones out of ``self.cases`` (so also out of
+        ``splits.csv``, which stays a manifest of what was used)."""
+        if self.scan == "off":
+            return
+        start = time.perf_counter()
+        findings: list[validation.Finding] = []
+        hashes: dict[tuple[str, int], bytes] = {}
+        scanned = {}
+        for split in SPLITS:
+            cases = self.cases[split]
+            rows = validation.scan_indices(len(cases), self.scan, self.scan_sample, split)
+            scanned[split] = (len(rows), len(cases))
+            absent = set()
+            if self.on_bad == "skip":  # the manifest let missing files through (missing_ok); all are looked for
+                for index, case in enumerate(cases):
+                    for path in missing_files(case):
+                        name = _at(path, case.where)
+                        findings.append(validation.Finding("unreadable", split, index, name, "no such file"))
+                        absent.add(index)
+            for index in rows.tolist():
+                if index in absent:
+                    continue
+                problems, image = self.reader.inspect(cases[index].item())
+                findings += [validation.Finding(kind, split, index, name, detail) for kind, name, detail in problems]
+                if image is not None and not problems:
+                    hashes[(split, index)] = validation.pixel_hash(image.as_tensor().numpy())
+        findings += validation.duplicate_findings(hashes, self._name)
+        drop = validation.resolve(
+            findings, scanned, time.perf_counter() - start, source=str(self.source), scan=self.scan, on_bad=self.on_bad
+        )
+        if not drop:
+            return
+        self.skipped = [finding for finding in findings if (finding.split, finding.index) in drop]
+        self._skipped_images = {(split, index): str(self.cases[split][index].image) for split, index in drop}
+        for split in SPLITS:
+            total = len(self.cases[split])
+            self.cases[split] = [case for index, case in enumerate(self.cases[split]) if (split, index) not in drop]
+            if not self.cases[split]:
+                raise MedexpError(
+                    f"{self.source}: all {total} cases of the {split} split are bad (data.on_bad=skip left them out); "
+                    "nothing is left to use"
+                )
 
     def _dataset(self, split: str) -> Dataset:
         items = [case.item() for case in self.cases[split]]
         transform = self.transform(split, head=[self.reader])
         if not self.cache:
-            log.info("%s: checking the %d %s images", self.source, len(items), split)
-            for item in items:
-                self.reader(item)
             return Dataset(items, transform)
         try:
             return CacheDataset(items, transform, progress=False)
