@@ -16,7 +16,9 @@ class EpochShuffleSampler(Sampler[int]):
     PyTorch's ``RandomSampler`` draws from torch's global generator when its iterator starts,
     and Lightning starts the first epoch's iterator before the epoch's hooks but later epochs'
     after them; a run resumed from a checkpoint would then shuffle differently from an
-    uninterrupted one. Lightning calls :meth:`set_epoch` before every epoch.
+    uninterrupted one. Lightning calls :meth:`set_epoch` before every epoch, and
+    :class:`medexp.callbacks.faults.FaultTolerance` calls :meth:`skip_next` when a run resumes in
+    the middle of an epoch.
 
     Args:
         data: the dataset (only its length is used).
@@ -25,14 +27,22 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __init__(self, data: Sized, seed: int) -> None:
         self.data, self.seed, self.epoch = data, seed, 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_next(self, samples: int) -> None:
+        """Leave out the first ``samples`` indices of the next pass only: the rest of an epoch
+        that was interrupted after ``samples`` samples, in the same order."""
+        self._skip = samples
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __iter__(self) -> Iterator[int]:
-        # the epoch is read when the first index is requested, after Lightning's set_epoch
+        # the epoch (and a skip) is read when the first index is requested, after Lightning's
+        # set_epoch; __len__ stays the whole epoch's, as Lightning counts batches from it
+        skip, self._skip = self._skip, 0
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        yield from torch.randperm(len(self.data), generator=generator).tolist()
+        yield from torch.randperm(len(self.data), generator=generator)[skip:].tolist()

@@ -1,0 +1,466 @@
+"""Training faults: a diverged loss, and SIGTERM/SIGINT (cluster pre-emption, Ctrl-C).
+
+A NaN or Inf loss stops the run at once, before the diverged weights reach any checkpoint, and
+names the last good one. A signal saves ``checkpoints/interrupted.ckpt`` at the next batch
+boundary and exits; ``medexp train ckpt_path=<that file>`` continues the run exactly where it
+stopped, even in the middle of an epoch (see :class:`FaultTolerance`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from medexp.utils.errors import MedexpError
+
+log = logging.getLogger("medexp")
+
+# where an interrupted checkpoint keeps what Lightning does not: see FaultTolerance
+RESUME_KEY = "medexp_resume"
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class RunStopped(MedexpError):
+    """Training stopped by a fault; ``record`` is what ``metrics.json`` says about it."""
+
+    status = "failed"
+
+    def __init__(self, message: str, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.record = {"status": self.status, "error": message, "checkpoint": checkpoint}
+
+
+class TrainingDiverged(RunStopped):
+    """The training loss became NaN or Inf. One run's failure: a sweep goes on without it."""
+
+    status = "diverged"
+    ends_sweep = False
+
+
+class TrainingInterrupted(RunStopped):
+    """SIGTERM or SIGINT: a resumable checkpoint was saved. Exit status 128 + signal number,
+    as a shell reports a process ended by that signal (143 for SIGTERM, 130 for Ctrl-C)."""
+
+    status = "interrupted"
+    kind = "interrupted"
+
+    def __init__(self, message: str, checkpoint: str | None, signum: int) -> None:
+        super().__init__(message, checkpoint)
+        self.exit_code = 128 + signum
+
+
+class FaultTolerance(L.Callback):
+    """Stop on a non-finite loss; on SIGTERM/SIGINT save a checkpoint to resume from, then exit.
+
+    **Diverged loss.** The loss of every training step is checked before its backward pass, so
+    no optimiser step is taken with it, and the run stops with the step, the value, the last
+    good checkpoints (``last.ckpt``/``best.ckpt``, saved at earlier epochs' ends and never
+    overwritten with diverged weights) and what to try. On a GPU, reading the loss on the host
+    waits for the step's kernels; the tasks' loss metric (torchmetrics ``MeanMetric``, which
+    checks for NaN) already does so every step, so this costs nothing measurable. With
+    ``check_every_n_steps > 1`` the steps in between are flagged on the device and read every
+    n steps, and always before validation and before any checkpoint is written, so a diverged
+    model is still never saved; the run then stops up to n-1 steps after the bad one. Under DDP
+    the ranks' answers are combined (one small collective per check), so all stop together.
+
+    **Signals.** From the start of training, SIGTERM (a cluster pre-empting or ending a job) and
+    SIGINT (Ctrl-C) are noted, the current batch is finished, and ``interrupted.ckpt`` is saved
+    next to the other checkpoints (written to a temporary file first, so a second, hard kill
+    cannot leave a broken one). The run then stops with exit status 143 or 130 and the command
+    that resumes it. A second Ctrl-C stops at once, without saving. A signal during an epoch's
+    last batch or its validation is acted on after the next epoch's first batch (or when
+    training ends: the checkpoint then resumes to testing).
+
+    Resuming from a checkpoint saved mid-epoch replays the rest of the epoch exactly as an
+    uninterrupted run would see it, which Lightning alone does not do for plain DataLoaders: the
+    checkpoint also holds the random generators' states (torch, NumPy, Python, and the training
+    transforms' own MONAI generators) and the training metrics accumulated so far, and
+    :class:`medexp.data.sampling.EpochShuffleSampler` skips the batches already trained on. With
+    ``data.num_workers > 0`` or several devices the rest of the epoch is replayed only
+    approximately (a warning says so).
+
+    Args:
+        check_every_n_steps: how often (in optimiser steps) the flag of a non-finite loss is
+            read from the device; 1 reads every loss.
+        filename: the interrupted checkpoint's file name, in the checkpoint directory.
+    """
+
+    def __init__(self, check_every_n_steps: int = 1, filename: str = "interrupted.ckpt") -> None:
+        if check_every_n_steps < 1:
+            raise MedexpError(f"check_every_n_steps={check_every_n_steps}; expected an integer >= 1")
+        self.check_every_n_steps = check_every_n_steps
+        self.filename = filename
+        self._signal: int | None = None
+        self._handlers: dict[int, Any] = {}
+        self._flag: dict[str, torch.Tensor] | None = None  # non-finite loss seen on the device
+        self._payload: dict[str, Any] | None = None  # added to the checkpoint being saved
+        self._resume: dict[str, Any] | None = None  # read from the checkpoint resumed from
+        self._rng_at_batch: tuple[int, dict[str, Any]] | None = None
+        self._callback_metrics: dict[str, torch.Tensor] = {}
+
+    def _restore_callback_metrics(self, trainer: L.Trainer) -> None:
+        # resumed from an interrupted checkpoint: the metrics logged so far, as Lightning had them
+        # (after the sanity check, which clears them; or at the end of a fit with nothing left)
+        for key, value in self._callback_metrics.items():
+            trainer.callback_metrics.setdefault(key, value)
+        self._callback_metrics = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the floor (preflight.min_free_gb) was checked before anything was built; now that the
+        # model exists: room for the checkpoints this run keeps (best ones, last, interrupted)?
+        from medexp.utils.preflight import check_free_space, checkpoint_bytes
+
+        callback = trainer.checkpoint_callback
+        if callback is None or not getattr(callback, "dirpath", None):
+            return  # (every DDP rank checks, so that all stop together)
+        top_k = callback.save_top_k if callback.save_top_k >= 0 else (trainer.max_epochs or 1)
+        kept = top_k + 2
+        check_free_space(
+            Path(callback.dirpath), checkpoint_bytes(pl_module.parameters()) * kept,
+            "callbacks.model_checkpoint.dirpath", f"keeping {kept} checkpoints of this model",
+        )
+
+    # ----------------------------------------------------------------------- diverged loss
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        if self.check_every_n_steps == 1:
+            if _any_rank(trainer, not bool(torch.isfinite(loss).all())):
+                self._diverged(trainer, float(loss.float().mean()), trainer.global_step)
+            return
+        # flag the first bad step on the device; read it in _check_flag (no host sync here)
+        bad = ~torch.isfinite(loss).all()
+        if self._flag is None:
+            zero = torch.zeros((), device=loss.device)
+            self._flag = {"bad": zero.bool(), "value": zero.float(), "step": zero.long()}
+        first = bad & ~self._flag["bad"]
+        self._flag["value"] = torch.where(first, loss.float().mean(), self._flag["value"])
+        # torch.full is a fill kernel; torch.tensor(step, device=...) would be a copy that waits
+        step = torch.full((), trainer.global_step, dtype=torch.long, device=loss.device)
+        self._flag["step"] = torch.where(first, step, self._flag["step"])
+        self._flag["bad"] = self._flag["bad"] | bad
+
+    def _check_flag(self, trainer: L.Trainer) -> None:
+        if self._flag is not None and _any_rank(trainer, bool(self._flag["bad"])):
+            self._diverged(trainer, float(self._flag["value"]), int(self._flag["step"]))
+
+    def _diverged(self, trainer: L.Trainer, value: float, step: int) -> None:
+        self._restore_handlers()
+        callback = trainer.checkpoint_callback
+        good = []
+        for path in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")):
+            if path and Path(path).is_file() and path not in good:
+                good.append(path)
+        saved = "no checkpoint had been saved yet"
+        if good:
+            saved = f"the last good checkpoints are {' and '.join(good)} (not overwritten)"
+        lr = trainer.optimizers[0].param_groups[0].get("lr") if trainer.optimizers else None
+        hints = [
+            "a lower learning rate (optimizer.lr" + (f"; {lr:g} at this step)" if isinstance(lr, float) else ")"),
+            "gradient clipping (+trainer.gradient_clip_val=1.0)",
+        ]
+        if str(trainer.precision) not in ("32-true", "32", "64-true", "64"):
+            hints.append(f"full precision (trainer.precision=32; now {trainer.precision})")
+        loss = f"the loss was {value}" if not math.isfinite(value) else "another process's loss was not finite"
+        raise TrainingDiverged(
+            f"training diverged: {loss} at epoch {trainer.current_epoch}, step {step}; stopped "
+            + ("before it was used" if step == trainer.global_step else f"at step {trainer.global_step}")
+            + f", {saved}. Try {', '.join(hints[:-1])} or {hints[-1]}",
+            good[0] if good else None,
+        )
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._flag is not None and trainer.global_step % self.check_every_n_steps == 0:
+            self._check_flag(trainer)
+        if not self._stop_requested(trainer):
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # the epoch's end (validation, epoch-end metrics, last.ckpt) comes first, then the
+            # next epoch's first batch: Lightning resumes exactly from the end of a batch that
+            # is not an epoch's last, not from an epoch's start
+            return
+        where = f"at epoch {trainer.current_epoch}, after batch {batch_idx + 1} of {trainer.num_training_batches}"
+        self._interrupt(trainer, pl_module, where, batch_idx + 1)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_flag(trainer)  # ModelCheckpoint saves after validation
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_flag(trainer)  # ... or at the epoch's end
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._check_flag(trainer)  # raising here leaves the file unwritten
+        if self._payload is not None:
+            checkpoint[RESUME_KEY] = self._payload
+
+    # ----------------------------------------------------------------------------- signals
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's own SIGTERM handler (set up just before) would stop in the middle of a
+        # validation, from where it cannot resume exactly; ours waits for a batch boundary.
+        # A SIGTERM it already noted (during the sanity check) is taken over.
+        self._restore_callback_metrics(trainer)
+        if trainer.received_sigterm:
+            self._signal = signal.SIGTERM
+        for signum in _SIGNALS:
+            try:
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: leave signals to Lightning
+                self._handlers.pop(signum, None)
+        if self._resume is not None:
+            self._resume_mid_epoch(trainer)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self._signal is None:
+            log.warning(
+                "received %s: finishing this batch, then saving %s (Ctrl-C again to stop at once without saving)",
+                signal.Signals(signum).name, self.filename,
+            )
+        self._signal = signum
+
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
+        stop = _any_rank(trainer, self._signal is not None)
+        if stop and self._signal is None:  # another DDP rank got it
+            self._signal = signal.SIGTERM
+        return stop
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+        if self._signal is not None:
+            self._interrupt(trainer, pl_module, "after the last epoch, before testing", 0)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_callback_metrics(trainer)
+        # training finished: a checkpoint saved by an earlier interruption is out of date
+        if trainer.is_global_zero:
+            (self._path(trainer) / self.filename).unlink(missing_ok=True)
+
+    def _path(self, trainer: L.Trainer) -> Path:
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        return Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
+
+    def _interrupt(self, trainer: L.Trainer, pl_module: L.LightningModule, where: str, batches_done: int) -> None:
+        """Save the interrupted checkpoint and stop (the signal arrived; we are at ``where``)."""
+        self._check_flag(trainer)
+        self._restore_handlers()
+        path = self._path(trainer) / self.filename
+        tmp = path.with_name(path.name + ".tmp")
+        self._payload = {
+            "epoch": trainer.current_epoch,
+            "batches_done": batches_done,
+            # what metrics.json's "fit" reports: e.g. the learning rate, logged at an epoch's start
+            "callback_metrics": {key: _cpu(value) for key, value in trainer.callback_metrics.items()},
+        }
+        if batches_done:
+            self._payload.update(_mid_epoch_state(trainer, pl_module))
+        try:
+            trainer.save_checkpoint(tmp)
+        finally:
+            self._payload = None
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        name = signal.Signals(self._signal or signal.SIGTERM).name
+        log.info("resume with: medexp train ckpt_path=%s", path)
+        raise TrainingInterrupted(
+            f"{name} {where}; saved {path}. "
+            f"Resume with: medexp train ckpt_path={path}",
+            str(path),
+            int(self._signal or signal.SIGTERM),
+        )
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._handlers.items():
+            if signal.getsignal(signum) == self._on_signal:
+                signal.signal(signum, handler)
+        self._handlers = {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+        if isinstance(exception, SIGTERMException):
+            # Lightning's handler (outside training: sanity check, validate, test) exits with
+            # status 0 and says nothing; a job ended by SIGTERM should say so and fail
+            exception.code = 128 + signal.SIGTERM
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+            log.error(
+                "SIGTERM while %s; nothing new was saved%s", trainer.state.stage or "starting",
+                f"; resume with: medexp train ckpt_path={last}" if last else "",
+            )
+        elif isinstance(exception, KeyboardInterrupt):
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+            log.error("stopped by Ctrl-C without saving%s", f"; resume with: medexp train ckpt_path={last}" if last else "")
+
+    # ------------------------------------------------------------------ resuming mid-epoch
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        payload = checkpoint.get(RESUME_KEY)
+        if not payload:
+            return
+        self._callback_metrics = payload.get("callback_metrics", {})
+        if not payload.get("batches_done"):
+            return  # saved when training had ended: nothing to replay
+        self._resume = payload
+        if trainer.world_size > 1:
+            return  # the metrics accumulated by rank 0 only: each rank's would be needed
+        metrics = dict(pl_module.named_modules())
+        for name, saved in payload.get("metrics", {}).items():
+            _set_metric_state(metrics.get(name), saved)
+
+    def _resume_mid_epoch(self, trainer: L.Trainer) -> None:
+        resume, self._resume = self._resume, None
+        epoch, done = resume["epoch"], resume["batches_done"]
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        exact = (
+            epoch == trainer.current_epoch
+            and hasattr(sampler, "skip_next")
+            and getattr(loader, "batch_size", None) == resume.get("batch_size")
+            and getattr(loader, "num_workers", 0) == 0
+            and trainer.world_size == 1
+        )
+        if not exact:
+            log.warning(
+                "resuming in the middle of epoch %d: its remaining batches are not replayed exactly (exact with "
+                "one device, data.num_workers=0 and an unchanged data.batch_size)", epoch,
+            )
+            return
+        sampler.skip_next(done * loader.batch_size)  # read when the epoch's first index is drawn
+        _set_transform_states(trainer, resume.get("transform_rng", []))
+        self._rng_at_batch = (done, resume["rng"])
+        # Lightning warns that a plain DataLoader cannot resume mid-epoch; here it does
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        log.info("resuming epoch %d after batch %d of %d", epoch, done, trainer.num_training_batches)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        # the generators as they were when the interrupted run finished the previous batch
+        if self._rng_at_batch is not None and batch_idx == self._rng_at_batch[0]:
+            _set_rng_states(self._rng_at_batch[1])
+            self._rng_at_batch = None
+
+
+def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
+    """``flag`` of any DDP rank, so that every rank stops at the same step (one small collective;
+    without it, the others would wait forever for the one that stopped)."""
+    if trainer.world_size > 1:
+        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+    return flag
+
+
+# ------------------------------------------------------------ state that Lightning does not keep
+# Everything is stored as tensors and plain Python values, so the checkpoint still loads with
+# torch.load(weights_only=True).
+
+
+def _mid_epoch_state(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    from torchmetrics import Metric
+
+    metrics = {
+        name: {"update_count": module._update_count, "state": {k: _cpu(v) for k, v in module.metric_state.items()}}
+        for name, module in pl_module.named_modules()
+        if isinstance(module, Metric) and module._update_count  # e.g. the epoch's training metrics so far
+    }
+    return {
+        "batch_size": getattr(trainer.train_dataloader, "batch_size", None),
+        "rng": _rng_states(),
+        "transform_rng": [_numpy_state(generator) for generator in _transform_generators(trainer)],
+        "metrics": metrics,
+    }
+
+
+def _cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, list):
+        return [_cpu(item) for item in value]
+    return value
+
+
+def _set_metric_state(metric: Any, saved: dict[str, Any]) -> None:
+    if metric is None:
+        return
+    for key, value in saved["state"].items():
+        setattr(metric, key, value)
+    metric._update_count = saved["update_count"]
+    metric._computed = None
+
+
+def _numpy_state(generator: np.random.RandomState) -> list[Any]:
+    name, keys, pos, has_gauss, cached = generator.get_state()
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_numpy_state(generator: np.random.RandomState, state: list[Any]) -> None:
+    name, keys, pos, has_gauss, cached = state
+    generator.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _rng_states() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(np.random.mtrand._rand),
+        "python": [version, list(internal), gauss],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    _set_numpy_state(np.random.mtrand._rand, states["numpy"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _transform_generators(trainer: L.Trainer) -> list[np.random.RandomState]:
+    """The generators of the training transforms' random steps (MONAI ``Randomizable.R``), in a
+    fixed order; the same duck-typed place as :class:`medexp.callbacks.seed.SeedEachEpoch`."""
+    from monai.transforms import Randomizable, Transform
+
+    datasets = getattr(trainer.datamodule, "datasets", None) or {}
+    transform = getattr(datasets.get("train"), "transform", None)
+    found: list[np.random.RandomState] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, Randomizable) and isinstance(obj.R, np.random.RandomState) and id(obj.R) not in seen:
+            seen.add(id(obj.R))
+            found.append(obj.R)
+        for value in vars(obj).values():  # nested steps: Compose.transforms, RandAffined.rand_affine, ...
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(item, (Transform, Randomizable)):
+                    visit(item)
+
+    if isinstance(transform, (Transform, Randomizable)):
+        visit(transform)
+    return found
+
+
+def _set_transform_states(trainer: L.Trainer, states: list[list[Any]]) -> None:
+    generators = _transform_generators(trainer)
+    if len(generators) != len(states):
+        log.warning("the training transforms differ from the interrupted run's; their randomness is not replayed")
+        return
+    for generator, state in zip(generators, states):
+        _set_numpy_state(generator, state)
