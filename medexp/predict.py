@@ -148,7 +148,7 @@ def predict(cfg: DictConfig) -> Path:
     inputs = find_inputs(str(cfg.input))
     output = Path(cfg.output).expanduser()
     # class_weights=auto counts training labels at setup; loss weights do not change predictions
-    datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None})
+    datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None}, allowed_targets=cfg.allowed_targets)
 
     transform = datamodule.predict_transform()
     if datamodule.task == "segmentation":
@@ -228,6 +228,8 @@ class MaskWriter(BasePredictionWriter):
         from monai.data import decollate_batch
         from monai.transforms import SaveImage
 
+        from medexp.utils.privacy import geometry_only
+
         classes = prediction.argmax(dim=1, keepdim=True).cpu()  # (B, 1, *spatial)
         for item, mask, file in zip(decollate_batch(batch["image"].cpu()), classes, _batch_files(batch)):
             inverted = self.invert({"image": item, "mask": mask})["mask"]
@@ -236,7 +238,8 @@ class MaskWriter(BasePredictionWriter):
             if suffix not in self.savers:
                 self.savers[suffix] = SaveImage(output_ext=suffix, output_dtype=np.uint8, resample=False, print_log=False)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.savers[suffix](inverted, filename=str(path)[: -len(suffix)])
+            # only the geometry of the input's metadata: never its DICOM tags (patient name, ID...)
+            self.savers[suffix](geometry_only(inverted), filename=str(path)[: -len(suffix)])
             self.rows.append([file, str(path)])
 
     def save(self, path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 
 from medexp.tasks.segmentation import SegmentationTask
+
+log = logging.getLogger("medexp")
 
 
 def middle_slice(volume: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -24,17 +27,26 @@ def middle_slice(volume: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.n
 class SegmentationOverlays(L.Callback):
     """Every ``every_n_epochs`` validation epochs, draw the first ``num_cases`` validation cases
     (always the same ones) with the true mask (green outline) and the prediction (red), save the
-    grid as ``<run>/overlays/epoch_<n>.png`` and send it to TensorBoard, wandb and MLflow loggers.
+    grid as ``<run>/overlays/epoch_<n>.png`` and send it to the loggers: TensorBoard, a local
+    MLflow store, and, only with ``remote_images`` (``logger.log_images=true``), remote loggers
+    such as wandb or an MLflow server (see :mod:`medexp.utils.privacy`).
 
     Acts on segmentation tasks only; for other tasks it does nothing.
+
+    Args:
+        remote_images: send the pictures, which show patients' images, to remote loggers too.
     """
 
-    def __init__(self, num_cases: int = 4, every_n_epochs: int = 1, dirname: str = "overlays") -> None:
+    def __init__(
+        self, num_cases: int = 4, every_n_epochs: int = 1, dirname: str = "overlays", remote_images: bool = False
+    ) -> None:
         if num_cases < 1 or every_n_epochs < 1:
             raise ValueError(f"num_cases and every_n_epochs should be >= 1, got {num_cases}, {every_n_epochs}.")
         self.num_cases = num_cases
         self.every_n_epochs = every_n_epochs
         self.dirname = dirname
+        self.remote_images = remote_images
+        self._withheld_noted = False
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (
@@ -78,14 +90,21 @@ class SegmentationOverlays(L.Callback):
         figure.tight_layout()
         return figure
 
-    @staticmethod
-    def _send(trainer: L.Trainer, figure, path: Path) -> None:
-        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+    def _send(self, trainer: L.Trainer, figure, path: Path) -> None:
+        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
+        from medexp.utils.privacy import may_send_images
+
+        withheld = []
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if not may_send_images(logger, self.remote_images):
+                withheld.append(type(logger).__name__)
+            elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("val/overlays", figure, global_step=trainer.global_step)
-            elif isinstance(logger, WandbLogger):
-                logger.log_image(key="val/overlays", images=[str(path)], step=trainer.global_step)
             elif isinstance(logger, MLFlowLogger):
                 logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="overlays")
+            elif callable(getattr(logger, "log_image", None)):  # wandb, and loggers like it
+                logger.log_image(key="val/overlays", images=[str(path)], step=trainer.global_step)
+        if withheld and not self._withheld_noted:
+            log.info("overlays are not sent to remote logger(s) %s; logger.log_images=true sends them", withheld)
+            self._withheld_noted = True

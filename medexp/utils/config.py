@@ -105,11 +105,16 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
         raise MedexpError(f"{message} (while resolving {key})" if key else message) from exc
 
 
+# Keys of a group that are settings of the whole group, not objects to build: the privacy
+# switches of `logger` (logger.log_images, logger.hash_paths; see medexp.utils.privacy).
+GROUP_SETTINGS = ("log_images", "hash_paths")
+
+
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a ``name: {_target_: ...}`` group (callbacks, loggers).
 
     Entries set to null (e.g. ``callbacks.rich_progress_bar=null``) are skipped, so a user can
-    switch one off from the command line.
+    switch one off from the command line; so are the group settings in ``GROUP_SETTINGS``.
     """
     from hydra.utils import instantiate
 
@@ -119,7 +124,7 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
         raise MedexpError(f"expected a mapping of name -> {{_target_: ...}}, got {cfg!r}")
     objects = []
     for name, entry in cfg.items():
-        if entry is None:
+        if entry is None or name in GROUP_SETTINGS:
             continue
         if not isinstance(entry, DictConfig) or "_target_" not in entry:
             raise MedexpError(f"config entry {name!r} has no _target_: {entry}")
