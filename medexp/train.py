@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from hydra_plugins.medexp import register_plugins
 from medexp.utils.config import CONFIG_PATH, register_resolvers
 from medexp.utils.distributed import ddp_workers_join_this_job
-from medexp.utils.errors import user_errors
+from medexp.utils.errors import MedexpError, user_errors
 from medexp.utils.rundir import CsvHistory, read_json, resume_arguments
 
 log = logging.getLogger("medexp")
@@ -41,14 +41,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     from medexp.utils.config import check_config
 
-    check_config(cfg)  # all config errors before anything heavy is imported or built
+    from medexp.utils.validation import validate_config
+
+    # every config problem at once, before anything is built (the seed may still be null)
+    validate_config(check_config(cfg))
 
     import lightning.pytorch as L
     from hydra.utils import instantiate
 
+    from medexp.callbacks.faults import RunStopped
     from medexp.callbacks.seed import SeedEachEpoch
     from medexp.utils.checkpoint import StoreConfig
     from medexp.utils.config import instantiate_dict
+    from medexp.utils.loggers import start_loggers
+    from medexp.utils.preflight import check_run_dirs
+    from medexp.utils.privacy import hyperparams_for
     from medexp.utils.run_info import run_info, to_floats, write_json
     from medexp.utils.runtime import tidy_library_output
 
@@ -63,12 +70,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", cfg.ckpt_path)
         _continue_logger_runs(cfg, previous.get("loggers", {}))
     resolved = check_config(cfg)
+    check_run_dirs(resolved)  # a full disk or unwritable directory now, not at the first checkpoint
 
     # plain lists and dicts, not OmegaConf containers: hyperparameters are saved in checkpoints
-    datamodule = instantiate(cfg.data, _convert_="all")
-    model = instantiate(cfg.model, _convert_="all")
+    datamodule = _build(cfg.data)
+    model = _build(cfg.model)
     callbacks = [*instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved), SeedEachEpoch(seed)]
-    loggers = instantiate_dict(cfg.get("logger"))
+    loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=out)  # drops those that fail
     if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.callbacks.LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -84,8 +92,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # before the loggers start: CSVLogger deletes the metrics.csv of the run being resumed
     csv_history = CsvHistory(loggers if cfg.train and cfg.ckpt_path and trainer.is_global_zero else [])
     csv_history.read()
+    continued = previous.get("loggers", {}) if cfg.train and cfg.ckpt_path else {}
     for logger in loggers:
-        logger.log_hyperparams(_flatten(resolved))
+        if type(logger).__name__ == "MLFlowLogger" and continued.get("mlflow") == logger.run_id:
+            continue  # MLflow refuses to change a run's params: they stay as the run started
+        # remote loggers (wandb, an MLflow server) get file paths as pseudonyms (logger.hash_paths)
+        logger.log_hyperparams(hyperparams_for(logger, _flatten(resolved), resolved.get("logger")))
 
     metrics: dict[str, Any] = {"status": "complete", "seed": seed}
     try:
@@ -111,6 +123,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 log.warning("no best checkpoint was saved; evaluating the current weights")
             metrics["val"] = to_floats(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)[0])
             metrics["test"] = to_floats(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)[0])
+    except RunStopped as exc:  # a diverged loss or SIGTERM/SIGINT (medexp.callbacks.faults)
+        if trainer.is_global_zero:
+            write_json(out / "metrics.json", {**metrics, **exc.record})
+        raise
     finally:
         _finish_wandb()
         csv_history.restore()
@@ -120,6 +136,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(out / "metrics.json", metrics)
         log.info("run directory: %s", out)
     return metrics
+
+
+def _build(node: DictConfig) -> Any:
+    """``instantiate(node)``, with our own errors raised from inside it unwrapped."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, MedexpError):
+            raise cause from None
+        raise
 
 
 _DRAWN_SEED = "MEDEXP_DRAWN_SEED"
@@ -152,8 +182,8 @@ def _logger_run_ids(loggers: list[Any]) -> dict[str, str]:
     ids = {}
     for logger in loggers:
         name = type(logger).__name__
-        if name == "WandbLogger":
-            ids["wandb"] = logger.version
+        if name == "WandbLogger":  # its id exists once the run has started
+            ids["wandb"] = logger.experiment.id
         elif name == "MLFlowLogger":
             ids["mlflow"] = logger.run_id
     return {key: value for key, value in ids.items() if value}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
 from medexp.train import train
-from tests.conftest import QUIET
+from tests.conftest import QUIET, compose_config
 
 FAST = [*QUIET, "debug=limit", "trainer.max_epochs=2", "trainer.log_every_n_steps=1"]
 
@@ -48,11 +49,26 @@ def test_mlflow_logger_writes_a_local_store(compose_cfg, tmp_path):
     assert "val/auroc" in run.data.metrics and run.data.params["data.task"] == "binary"
 
 
-def test_many_loggers_at_once(compose_cfg, tmp_path, monkeypatch):
+def test_many_loggers_at_once_and_a_resumed_run_continues_their_runs(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
     monkeypatch.setenv("WANDB_SILENT", "true")
-    train(compose_cfg(*FAST, "logger=many"))
-    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    train(compose_config([*FAST, "logger=many", "trainer.max_epochs=1"], output_dir=tmp_path))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
-    assert (tmp_path / "logs" / "mlflow.db").is_file()
+    ids = json.loads((tmp_path / "run_info.json").read_text())["loggers"]
+    assert set(ids) == {"wandb", "mlflow"}
+    # resumed in the same run directory (what `medexp train ckpt_path=<run>/.../last.ckpt` does)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    train(compose_config([*FAST, "logger=many", f"ckpt_path={last}"], output_dir=tmp_path))
+    assert json.loads((tmp_path / "run_info.json").read_text())["loggers"] == ids
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("medexp").experiment_id])
+    assert run.info.run_id == ids["mlflow"]
+    epochs = {m.value for m in client.get_metric_history(run.info.run_id, "epoch")}
+    assert {0, 1} <= epochs  # both parts logged into the one MLflow run
+    # wandb: the resumed part is an offline run with the same id, synced into the same run
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(ids["wandb"]) for r in runs)
+    epochs = {row["epoch"] for row in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if row.get("val/auroc")}
+    assert {"0", "1"} <= epochs  # the CSV log kept the epoch before the resume
