@@ -1,7 +1,10 @@
-"""Small files that tests write themselves."""
+"""Small files that tests write themselves, and a way to interrupt a running command."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +37,46 @@ def write_medmnist_npz(
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
     return path
+
+
+def write_dicom(path: Path, pixels: np.ndarray, spacing: tuple[float, float] = (0.5, 0.5), **attributes: str) -> Path:
+    """A single-frame CT slice ``(H, W)`` (16-bit, MONOCHROME2) with geometry and any extra
+    DICOM ``attributes`` (e.g. ``PatientName``)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelSpacing, ds.ImagePositionPatient = list(spacing), [0.0, 0.0, 0.0]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], signum: int, timeout: float = 300) -> bool:
+    """Send ``signum`` to ``proc`` as soon as ``ready()`` is true (polled every 20 ms; an
+    exception counts as not ready, e.g. a checkpoint still being written). False when the
+    process ended first."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if ready():
+                proc.send_signal(signum)
+                return True
+        except Exception:
+            pass
+        time.sleep(0.02)
+    return False

@@ -18,7 +18,7 @@ from medexp.data.files import FileDataModule
 from medexp.train import train
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config, run_cli
-from tests.helpers import write_medmnist_npz
+from tests.helpers import write_dicom, write_medmnist_npz
 
 SIZE = 16
 FAST = [*QUIET, "logger=none", "trainer.max_epochs=1", "data.batch_size=4"]
@@ -51,28 +51,6 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 def read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as file:
         return list(csv.DictReader(file))
-
-
-def write_dicom(path: Path, pixels: np.ndarray, spacing=(0.5, 0.5)) -> None:
-    """A minimal single-frame CT slice (16-bit, MONOCHROME2) with geometry."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelSpacing = list(spacing)
-    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def classification(folder: Path, suffix: str = "png") -> list[dict]:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -19,6 +18,7 @@ from medexp.callbacks.faults import FaultTolerance, TrainingInterrupted
 from medexp.train import train
 from medexp.utils.errors import MedexpError
 from tests.conftest import ENV, QUIET, compose_config, run_cli
+from tests.helpers import signal_when
 
 # deterministic CPU runs: 16 batches an epoch, so a signal sent as epoch 1 starts lands inside it
 RUN = [*QUIET, "data.image_size=16", "data.num_samples={train: 512, val: 64, test: 64}", "data.batch_size=32",
@@ -46,15 +46,8 @@ def test_sigterm_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([str(medexp), "train", *args, f"hydra.run.dir={run}"], cwd=tmp_path, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        try:  # epoch 0 is saved (completely), so epoch 1 is under way
-            if last.is_file() and _load(last)["epoch"] == 0:
-                proc.send_signal(signal.SIGTERM)
-                break
-        except Exception:
-            pass  # being written
-        time.sleep(0.02)
+    # epoch 0 is saved (completely), so epoch 1 is under way
+    signal_when(proc, lambda: _load(last)["epoch"] == 0, signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     interrupted = run / "checkpoints" / "interrupted.ckpt"
@@ -191,6 +184,9 @@ def test_a_logger_that_cannot_start_is_dropped_with_a_warning(tmp_path, monkeypa
 
     from medexp.utils.loggers import start_loggers
 
+    import wandb
+
+    wandb.teardown()  # wandb keeps process-wide settings: an earlier offline run's would make this one offline
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # no saved login

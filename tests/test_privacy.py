@@ -20,6 +20,7 @@ from medexp.train import train
 from medexp.utils.config import check_config, instantiate_dict
 from medexp.utils.privacy import geometry_only, hide_paths, is_remote, pseudonym
 from tests.conftest import QUIET, compose_config
+from tests.helpers import write_dicom
 from tests.test_files import write_csv, write_png
 
 # DICOM patient attributes, each a string found nowhere else
@@ -71,31 +72,6 @@ class FakeRemoteLogger(Logger):
         self.received.append(("graph", input_array))
 
 
-def write_dicom(path: Path, pixels: np.ndarray) -> None:
-    """A CT slice ``(H, W)`` carrying the :data:`PHI` attributes."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
-    for keyword, value in PHI.items():
-        setattr(ds, keyword, value)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelSpacing, ds.ImagePositionPatient = [0.7, 0.7], [0.0, 0.0, 0.0]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-
-
 @pytest.fixture(scope="module")
 def dicom_data(tmp_path_factory) -> Path:
     """Six DICOM slices with PNG masks of a bright square, listed in a manifest."""
@@ -108,7 +84,7 @@ def dicom_data(tmp_path_factory) -> Path:
         y, x = rng.integers(2, SIZE - 8, size=2)
         mask[y : y + 6, x : x + 6] = 255
         pixels = rng.integers(100, 400, size=(SIZE, SIZE)) + 2000 * (mask > 0)
-        write_dicom(folder / "images" / f"{NAME}_{k}.dcm", pixels)
+        write_dicom(folder / "images" / f"{NAME}_{k}.dcm", pixels, spacing=(0.7, 0.7), **PHI)
         write_png(folder / "masks" / f"{NAME}_{k}.png", mask)
         rows.append({"image": f"images/{NAME}_{k}.dcm", "label": f"masks/{NAME}_{k}.png", "split": split})
     return write_csv(folder / "cases.csv", rows)

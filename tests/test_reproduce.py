@@ -6,13 +6,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import yaml
 
 from tests.conftest import ENV, QUIET, run_cli
+from tests.helpers import signal_when
 
 # deterministic CPU runs; small enough to be quick, long enough per epoch to be killed mid-run
 RUN = [*QUIET, "data.image_size=16", "data.num_samples={train: 256, val: 64, test: 64}", "data.batch_size=32",
@@ -64,18 +64,10 @@ def test_a_killed_run_resumed_from_last_ckpt_ends_like_an_uninterrupted_one(tmp_
     proc = subprocess.Popen([str(medexp), "train", *args, f"hydra.run.dir={killed}"], cwd=tmp_path, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if last.is_file():
-            try:  # a complete checkpoint, not one being written
-                epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
-            except Exception:
-                epoch = None
-            if epoch is not None:
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
+    # killed once a complete checkpoint (not one being written) loads
+    signal_when(proc, lambda: torch.load(last, map_location="cpu", weights_only=True) is not None, signal.SIGKILL)
     proc.wait()
+    epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (killed / "metrics.json").exists() and epoch < 3
 
