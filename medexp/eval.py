@@ -42,6 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     from medexp.utils.checkpoint import load_checkpoint, rebuild
     from medexp.utils.config import instantiate_dict
+    from medexp.utils.loggers import start_loggers
     from medexp.utils.run_info import to_floats, write_json
     from medexp.utils.runtime import tidy_library_output
 
@@ -49,7 +50,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = Path(cfg.ckpt_path).expanduser()
     checkpoint = load_checkpoint(ckpt_path)
     datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=cfg.paths.output_dir, allowed_targets=cfg.allowed_targets)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_dict(cfg.get("logger")) or False)
+    # a logger that cannot start (wandb offline from the network, say) is dropped, not fatal
+    loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=cfg.paths.output_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False)
 
     results: dict[str, Any] = {"checkpoint": str(ckpt_path)}
     for split in cfg.splits:

@@ -16,9 +16,9 @@ from monai.data import DataLoader
 from monai.transforms import Compose, EnsureTyped, LoadImaged, MapTransform, ScaleIntensityRanged, Transposed
 from torch.utils.data import Dataset
 
-from medexp.data.sampling import EpochShuffleSampler
-from medexp.data.folds import assign_folds, check_folds, strata, write_folds
 from medexp.data import validation
+from medexp.data.folds import assign_folds, check_folds, strata, write_folds
+from medexp.data.sampling import EpochShuffleSampler
 from medexp.utils.errors import MedexpError
 
 SPLITS = ("train", "val", "test")
@@ -336,12 +336,19 @@ class ArrayDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            # seeded like the transforms (see :meth:`transform`): from the run's seed
-            sampler=EpochShuffleSampler(dataset, int(torch.initial_seed() % 2**32)) if shuffle else None,
+            sampler=self._shuffler(dataset) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _shuffler(self, dataset: Dataset) -> EpochShuffleSampler:
+        # seeded like the transforms (see :meth:`transform`): from the run's seed. The epoch is
+        # set now too: worker processes draw indices as soon as the loader's iterator exists,
+        # before Lightning's set_epoch, and a resumed run's first epoch is not epoch 0.
+        sampler = EpochShuffleSampler(dataset, int(torch.initial_seed() % 2**32))
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        return sampler
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
