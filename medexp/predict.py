@@ -150,6 +150,13 @@ def predict(cfg: DictConfig) -> Path:
     # class_weights=auto counts training labels at setup; loss weights do not change predictions
     datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None}, allowed_targets=cfg.allowed_targets)
 
+    from medexp.tasks.reconstruction import ReconstructionTask
+
+    if isinstance(model, ReconstructionTask):
+        raise MedexpError(
+            "medexp predict writes class probabilities and masks; it does not write reconstructions yet. "
+            f"Evaluate the reconstruction model with: medexp eval ckpt_path={cfg.ckpt_path}"
+        )
     transform = datamodule.predict_transform()
     if datamodule.task == "segmentation":
         writer: L.Callback = MaskWriter(transform, inputs, mask_paths(inputs, output))

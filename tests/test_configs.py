@@ -17,6 +17,7 @@ MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
 DATA_FOR_TASK = {
     "classification": [["data.task=binary"], ["data.task=multilabel"]],
     "segmentation": [["data=synthetic_seg"], ["data=synthetic_seg", "data.spatial_dims=3", "data.num_classes=3"]],
+    "reconstruction": [["data.task=binary"]],
 }
 MODEL_CASES = [
     (model, data)
@@ -71,10 +72,14 @@ def test_model_builds_and_runs_on_matching_data(compose_cfg, model, data):
     batch = next(iter(datamodule.train_dataloader()))
     task_module = instantiate(cfg.model, _convert_="all").eval()
     with torch.no_grad():
+        batch = task_module.prepare_batch(batch, "val")
         outputs = task_module.infer(batch["image"])
-        loss = task_module.compute_loss(outputs, batch["label"])
-    spatial = batch["image"].shape[2:] if cfg.data.task == "segmentation" else ()
-    assert outputs.shape == (len(batch["image"]), cfg.data.num_classes, *spatial)
+        loss = task_module.batch_loss(outputs, batch)
+        outputs = task_module.postprocess(outputs)  # e.g. a VAE's reconstruction of its outputs
+    # per image (classifiers) or per pixel (segmentation, reconstruction); channels: classes, or
+    # the input's for a reconstruction
+    spatial = batch["image"].shape[2:] if cfg.data.task == "segmentation" or outputs.ndim > 2 else ()
+    assert outputs.shape == (len(batch["image"]), cfg.data[task_module.net_outputs], *spatial)
     assert torch.isfinite(outputs).all() and torch.isfinite(loss)
 
 

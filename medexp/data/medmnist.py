@@ -47,12 +47,18 @@ class MedMNISTDataModule(ArrayDataModule):
         root: folder holding ``<name>.npz`` (28 px) or ``<name>_<size>.npz``.
         size: image size: 28, 64, 128 or 224.
         download: fetch the file from Zenodo (MD5-verified) when it is not in ``root``.
+        image_size: ``size`` again (derived in the YAML), under the synthetic data's name for it.
         **kwargs: see :class:`~medexp.data.base.ArrayDataModule`; ``task``, ``num_classes`` and
             ``in_channels`` must agree with the dataset's metadata (the YAML derives them from it).
     """
 
-    def __init__(self, name: str, root: str | Path, size: int = 28, download: bool = False, **kwargs) -> None:
+    def __init__(
+        self, name: str, root: str | Path, size: int = 28, download: bool = False, image_size: int | None = None, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
+        # a derived property, named as on the synthetic data, for models that need the input shape (a VAE)
+        if image_size is not None and image_size != size:
+            raise MedexpError(f"data.image_size={image_size} but data.size={size}; leave data.image_size unset")
         try:
             self.info = dataset_info(name, dims=2)
         except ValueError as exc:

@@ -18,7 +18,8 @@ class BaseTask(L.LightningModule):
     """Base of all tasks.
 
     Subclasses implement :meth:`configure_metrics`, :meth:`compute_loss` and
-    :meth:`postprocess`; the train/val/test steps are one :meth:`_shared_step`. Metrics are
+    :meth:`postprocess`, and may override :meth:`prepare_batch` (derive inputs/targets),
+    :meth:`batch_loss` and :meth:`update_metrics`; the train/val/test steps are one :meth:`_shared_step`. Metrics are
     accumulated over an epoch and logged as ``<stage>/<name>``, plus ``<monitor>_best``.
 
     Args:
@@ -30,6 +31,8 @@ class BaseTask(L.LightningModule):
 
     input_key = "image"
     target_key = "label"
+    # the data property the net's outputs must equal (checked before anything is built)
+    net_outputs = "num_classes"
 
     def __init__(
         self,
@@ -78,13 +81,25 @@ class BaseTask(L.LightningModule):
         this, e.g. with sliding-window inference over whole volumes."""
         return self(x)
 
+    def prepare_batch(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        """A batch as the step uses it; tasks may derive inputs or targets here (e.g. corrupt
+        the input of a denoiser and keep the clean image as the target)."""
+        return batch
+
+    def batch_loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of a batch; tasks that need more of the batch than the target (e.g. which
+        samples count) override this instead of :meth:`compute_loss`."""
+        return self.compute_loss(outputs, batch[self.target_key])
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        target = batch[self.target_key]
+        batch = self.prepare_batch(batch, stage)
         inputs = batch[self.input_key]
         outputs = self(inputs) if stage == "train" else self.infer(inputs)
-        loss = self.compute_loss(outputs, target)
-        getattr(self, f"{stage}_loss").update(loss.detach(), weight=target.shape[0])
-        self.update_metrics(getattr(self, f"{stage}_metrics"), outputs.detach(), batch)
+        loss = self.batch_loss(outputs, batch)
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=inputs.shape[0])
+        # networks may return several tensors (a VAE: reconstruction, mean, log-variance, latent)
+        detached = tuple(o.detach() for o in outputs) if isinstance(outputs, tuple) else outputs.detach()
+        self.update_metrics(getattr(self, f"{stage}_metrics"), detached, batch)
         return loss
 
     def update_metrics(self, metrics: MetricCollection, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
@@ -101,7 +116,7 @@ class BaseTask(L.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.postprocess(self.infer(batch[self.input_key]))
+        return self.postprocess(self.infer(self.prepare_batch(batch, "predict")[self.input_key]))
 
     def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
         # torchmetrics syncs across DDP processes in compute(), so every rank logs the same value

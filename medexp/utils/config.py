@@ -17,7 +17,7 @@ from medexp.utils.errors import MedexpError
 CONFIG_PATH = "pkg://medexp.conf"
 
 # Metric names (after the stage prefix) for which lower is better; everything else is maximised.
-_LOWER_IS_BETTER = ("loss", "mse", "mae", "hd95", "hausdorff", "ece", "error", "fid", "kid")
+_LOWER_IS_BETTER = ("loss", "mse", "mae", "hd95", "hausdorff", "ece", "error", "fid", "kid", "kl")
 
 
 def metric_mode(metric: str) -> str:

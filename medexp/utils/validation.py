@@ -92,6 +92,10 @@ RULES: tuple[Rule, ...] = (
     Rule("model.label_smoothing", "number", 0, 1, high_open=True),
     Rule("model.overlap", "number", 0, 1, high_open=True),
     Rule("model.sw_batch_size", "int", 1),
+    Rule("model.noise", ("gaussian", "poisson", "speckle"), optional=True),
+    Rule("model.noise_std", "number", 0, low_open=True),
+    Rule("model.kl_weight", "number", 0),
+    Rule("model.data_range", "number", 0, low_open=True),
     Rule("trainer.max_epochs", "int", 1),
     Rule("trainer.min_epochs", "int", 0, optional=True),
     Rule("trainer.precision", PRECISIONS),
@@ -187,12 +191,26 @@ def model_options() -> dict[str, tuple[str, ...]]:
 
     from omegaconf import OmegaConf
 
-    tasks = {"task/classification@_here_": ("binary", "multiclass", "multilabel"), "task/segmentation@_here_": ("segmentation",)}
+    model_dir = files("medexp.conf").joinpath("model")
+    tasks: dict[str, tuple[str, ...]] = {}
+
+    def data_tasks(entry: str) -> tuple[str, ...] | None:
+        # "task/<name>@_here_" -> the data_tasks of the class that conf/model/task/<name>.yaml builds
+        if not (entry.startswith("task/") and entry.endswith("@_here_")):
+            return None
+        if entry not in tasks:
+            task_file = model_dir.joinpath(f"{entry[:-len('@_here_')]}.yaml")
+            target = OmegaConf.create(task_file.read_text()).get("_target_") if task_file.is_file() else None
+            located = _locate(str(target)) if target else None
+            tasks[entry] = tuple(getattr(located, "data_tasks", ()))
+        return tasks[entry]
+
     options = {}
-    for entry in sorted(files("medexp.conf").joinpath("model").iterdir(), key=lambda e: e.name):
+    for entry in sorted(model_dir.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".yaml"):
             defaults = OmegaConf.create(entry.read_text()).get("defaults") or []
-            options[entry.name[:-5]] = next((tasks[d] for d in defaults if d in tasks), ())
+            found = (data_tasks(d) for d in defaults if isinstance(d, str))
+            options[entry.name[:-5]] = next((t for t in found if t is not None), ())
     return options
 
 
@@ -214,8 +232,10 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
         if net_key in net and data_key in data and net[net_key] != data[data_key]:
             problems.append(f"model.net.{net_key}={net[net_key]} but data.{data_key}={data[data_key]}; they must match")
     outputs = next((net[k] for k in ("out_channels", "num_classes") if k in net), None)
-    if outputs is not None and "num_classes" in data and outputs != data["num_classes"]:
-        problems.append(f"the net has {outputs} outputs but data.num_classes={data['num_classes']}; they must match")
+    # the data property the net's outputs must equal: classes, or channels for a reconstruction
+    match_key = getattr(task_class, "net_outputs", "num_classes")
+    if outputs is not None and match_key in data and outputs != data[match_key]:
+        problems.append(f"the net has {outputs} outputs but data.{match_key}={data[match_key]}; they must match")
     return problems
 
 
