@@ -50,6 +50,13 @@ def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+def start_cli(*args: str, cwd: Path, capture: bool = False) -> subprocess.Popen:
+    """Start the `medexp` console script without waiting for it (to signal it mid-run)."""
+    medexp = Path(sys.executable).with_name("medexp")
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen([str(medexp), *args], cwd=cwd, env=ENV, stdout=out, stderr=out, text=True)
+
+
 @pytest.fixture
 def compose_cfg(tmp_path):
     def _compose(*overrides: str, config_name: str = "train") -> DictConfig:

@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -17,7 +15,7 @@ import torch
 from medexp.callbacks.faults import FaultTolerance, TrainingInterrupted
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import ENV, QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, run_cli, start_cli
 from tests.helpers import signal_when
 
 # deterministic CPU runs: 16 batches an epoch, so a signal sent as epoch 1 starts lands inside it
@@ -42,9 +40,7 @@ def test_sigterm_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     run_cli("train", *args, f"hydra.run.dir={whole}", cwd=tmp_path)
 
     run = tmp_path / "run"
-    medexp = Path(sys.executable).with_name("medexp")
-    proc = subprocess.Popen([str(medexp), "train", *args, f"hydra.run.dir={run}"], cwd=tmp_path, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli("train", *args, f"hydra.run.dir={run}", cwd=tmp_path, capture=True)
     last = run / "checkpoints" / "last.ckpt"
     # epoch 0 is saved (completely), so epoch 1 is under way
     signal_when(proc, lambda: _load(last)["epoch"] == 0, signal.SIGTERM)

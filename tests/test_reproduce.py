@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from tests.conftest import ENV, QUIET, run_cli
+from tests.conftest import QUIET, run_cli, start_cli
 from tests.helpers import signal_when
 
 # deterministic CPU runs; small enough to be quick, long enough per epoch to be killed mid-run
@@ -60,9 +58,7 @@ def test_a_killed_run_resumed_from_last_ckpt_ends_like_an_uninterrupted_one(tmp_
     run_cli("train", *args, f"hydra.run.dir={whole}", cwd=tmp_path)
 
     killed = tmp_path / "killed"
-    medexp = Path(sys.executable).with_name("medexp")
-    proc = subprocess.Popen([str(medexp), "train", *args, f"hydra.run.dir={killed}"], cwd=tmp_path, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli("train", *args, f"hydra.run.dir={killed}", cwd=tmp_path)
     last = killed / "checkpoints" / "last.ckpt"
     # killed once a complete checkpoint (not one being written) loads
     signal_when(proc, lambda: torch.load(last, map_location="cpu", weights_only=True) is not None, signal.SIGKILL)
