@@ -84,7 +84,9 @@ class ArrayDataModule(L.LightningDataModule):
         scan_sample: cases per split a ``sample`` scan checks.
         on_bad: ``fail``: stop with an error that lists every problem found; ``skip``: leave the
             bad cases out of their split (see :data:`~medexp.data.validation.KEEP_FIRST` for
-            duplicates across splits) and list them in ``<output_dir>/skipped.csv``.
+            duplicates across splits) and list them in ``<output_dir>/skipped.csv``; ``warn``:
+            keep the cases whose problems are tolerable (see
+            :data:`~medexp.data.validation.TOLERABLE_KINDS`) with a warning, stop for the others.
     """
 
     def __init__(

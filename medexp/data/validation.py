@@ -11,7 +11,8 @@ The data modules read the cases (in-memory arrays: vectorised, :mod:`medexp.data
 through the reader training uses, :mod:`medexp.data.files`) in ``setup()``, and
 :func:`resolve` reports what was found: one INFO line, then either one
 :class:`~medexp.utils.errors.MedexpError` listing every problem (``on_bad="fail"``) or the cases
-to leave out (``on_bad="skip"``), which :func:`write_skipped` records in ``skipped.csv``.
+to leave out (``on_bad="skip"``), which :func:`write_skipped` records in ``skipped.csv``;
+``on_bad="warn"`` keeps the cases whose problems are in :data:`TOLERABLE_KINDS` with a warning.
 """
 
 from __future__ import annotations
