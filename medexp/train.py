@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from hydra_plugins.medexp import register_plugins
 from medexp.utils.config import CONFIG_PATH, register_resolvers
 from medexp.utils.distributed import ddp_workers_join_this_job
-from medexp.utils.errors import MedexpError, user_errors
+from medexp.utils.errors import user_errors
 from medexp.utils.rundir import CsvHistory, read_json, resume_arguments
 
 log = logging.getLogger("medexp")
@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from medexp.callbacks.faults import RunStopped
     from medexp.callbacks.seed import SeedEachEpoch
     from medexp.utils.checkpoint import StoreConfig
-    from medexp.utils.config import instantiate_dict
+    from medexp.utils.config import build, instantiate_dict
     from medexp.utils.loggers import start_loggers
     from medexp.utils.preflight import check_run_dirs
     from medexp.utils.privacy import hyperparams_for
@@ -73,8 +73,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_run_dirs(resolved)  # a full disk or unwritable directory now, not at the first checkpoint
 
     # plain lists and dicts, not OmegaConf containers: hyperparameters are saved in checkpoints
-    datamodule = _build(cfg.data)
-    model = _build(cfg.model)
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
     callbacks = [*instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved), SeedEachEpoch(seed)]
     loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=out)  # drops those that fail
     if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
@@ -136,20 +136,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(out / "metrics.json", metrics)
         log.info("run directory: %s", out)
     return metrics
-
-
-def _build(node: DictConfig) -> Any:
-    """``instantiate(node)``, with our own errors raised from inside it unwrapped."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node, _convert_="all")
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, MedexpError):
-            raise cause from None
-        raise
 
 
 _DRAWN_SEED = "MEDEXP_DRAWN_SEED"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -10,8 +9,7 @@ import numpy as np
 import torch
 
 from medexp.tasks.segmentation import SegmentationTask
-
-log = logging.getLogger("medexp")
+from medexp.utils.loggers import send_picture
 
 
 def middle_slice(volume: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,10 +63,10 @@ class SegmentationOverlays(L.Callback):
         path = Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
-        self._send(trainer, figure, path)
         import matplotlib.pyplot as plt
 
         plt.close(figure)
+        self._withheld_noted = send_picture(trainer, "val/overlays", path, self.remote_images, self._withheld_noted)
 
     @staticmethod
     def _draw(images: np.ndarray, truths: list[np.ndarray], predictions: np.ndarray):
@@ -90,21 +88,3 @@ class SegmentationOverlays(L.Callback):
         figure.tight_layout()
         return figure
 
-    def _send(self, trainer: L.Trainer, figure, path: Path) -> None:
-        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
-
-        from medexp.utils.privacy import may_send_images
-
-        withheld = []
-        for logger in trainer.loggers:
-            if not may_send_images(logger, self.remote_images):
-                withheld.append(type(logger).__name__)
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_figure("val/overlays", figure, global_step=trainer.global_step)
-            elif isinstance(logger, MLFlowLogger):
-                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="overlays")
-            elif callable(getattr(logger, "log_image", None)):  # wandb, and loggers like it
-                logger.log_image(key="val/overlays", images=[str(path)], step=trainer.global_step)
-        if withheld and not self._withheld_noted:
-            log.info("overlays are not sent to remote logger(s) %s; logger.log_images=true sends them", withheld)
-            self._withheld_noted = True

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 from monai.transforms import Compose, EnsureTyped, LoadImaged, MapTransform, ScaleIntensityRanged, Transposed
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from medexp.data import validation
 from medexp.data.folds import assign_folds, check_folds, strata, write_folds
@@ -87,6 +87,11 @@ class ArrayDataModule(L.LightningDataModule):
             duplicates across splits) and list them in ``<output_dir>/skipped.csv``; ``warn``:
             keep the cases whose problems are tolerable (see
             :data:`~medexp.data.validation.TOLERABLE_KINDS`) with a warning, stop for the others.
+        intensity_range: ``[low, high]`` of image values after ``transforms`` (a derived property
+            that models producing images read; checked against a GAN's for ``generated``).
+        generated: GAN-augmented training: images from a class-conditional GAN checkpoint mixed
+            into the training split, ``{ckpt, ratio, labels, seed}``; see
+            :class:`~medexp.data.generated.GeneratedImages`. None or ``ratio: 0``: real data only.
     """
 
     def __init__(
@@ -106,6 +111,8 @@ class ArrayDataModule(L.LightningDataModule):
         scan: str = "sample",
         scan_sample: int = 256,
         on_bad: str = "fail",
+        intensity_range: Sequence[float] | None = None,
+        generated: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         scan = validation.check_options(scan, scan_sample, on_bad)
@@ -136,6 +143,10 @@ class ArrayDataModule(L.LightningDataModule):
         self.scan, self.scan_sample, self.on_bad = scan, scan_sample, on_bad
         # the errors of the cases on_bad=skip left out (see :meth:`save_skipped`)
         self.skipped: list[validation.Finding] = []
+        self.intensity_range = None if intensity_range is None else [float(v) for v in intensity_range]
+        from medexp.data.generated import GeneratedImages
+
+        self.generated = GeneratedImages.from_config(generated)
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Images ``(N, C, *spatial)`` and labels (see :class:`ArrayDataset`) of one split."""
@@ -334,7 +345,9 @@ class ArrayDataModule(L.LightningDataModule):
         return np.bincount(labels, minlength=self.num_classes), len(labels)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.datasets[split]
+        return self._make_loader(self.datasets[split], shuffle)
+
+    def _make_loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -353,7 +366,12 @@ class ArrayDataModule(L.LightningDataModule):
         return sampler
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        if self.generated is None:
+            return self._loader("train", shuffle=True)
+        # generated images join the training split after its augmentations and transforms: they
+        # are made in the space of the transformed images (see medexp.data.generated)
+        dataset = ConcatDataset([self.datasets["train"], self.generated.dataset(self)])
+        return self._make_loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
@@ -371,4 +389,6 @@ class ArrayDataModule(L.LightningDataModule):
             for array in (np.ascontiguousarray(dataset.images), dataset.labels.contiguous().numpy()):
                 digest.update(f"{array.dtype}{array.shape}".encode())
                 digest.update(array.tobytes())
+        if self.generated is not None:
+            self.generated.fingerprint(digest, self)
         return digest.hexdigest()

@@ -709,6 +709,8 @@ class FileDataModule(ArrayDataModule):
                 for path in (case.image, case.label if self.task == "segmentation" else None, case.roi):
                     if path:
                         digest.update(_file_digest(Path(path)))
+        if self.generated is not None:
+            self.generated.fingerprint(digest, self)
         return digest.hexdigest()
 
     def load_case(self, split: str, index: int) -> dict[str, Any]:

@@ -33,6 +33,12 @@ class BaseTask(L.LightningModule):
     target_key = "label"
     # the data property the net's outputs must equal (checked before anything is built)
     net_outputs = "num_classes"
+    # constructor arguments that are objects built from the config (nets, losses, optimisers):
+    # rebuilt from the run config stored in checkpoints, never pickled into their hyperparameters
+    injected = ("net", "loss", "optimizer", "scheduler")
+    # the seed of the randomness of validation and test (e.g. a denoiser's input noise, a GAN's
+    # latent codes), so every evaluation draws the same and its metrics are deterministic
+    eval_seed = 12345
 
     def __init__(
         self,
@@ -42,9 +48,7 @@ class BaseTask(L.LightningModule):
         monitor: str = "val/loss",
     ) -> None:
         super().__init__()
-        # injected objects (nets, losses, optimisers, schedulers) are rebuilt from the run config
-        # stored in checkpoints, never pickled into them
-        self.save_hyperparameters(ignore=["net", "loss", "optimizer", "scheduler"], logger=False)
+        self.save_hyperparameters(ignore=list(self.injected), logger=False)
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -60,6 +64,7 @@ class BaseTask(L.LightningModule):
         self.monitor_best = MaxMetric() if metric_mode(monitor) == "max" else MinMetric()
         # kept in checkpoints so a resumed run continues the same best value
         self.monitor_best.persistent(True)
+        self._eval_rng: torch.Generator | None = None
 
     def configure_metrics(self) -> MetricCollection:
         """The metrics of one stage, keyed by name (cloned with ``train/``, ``val/``, ``test/``)."""
@@ -75,6 +80,20 @@ class BaseTask(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def eval_rng(self, device: torch.device) -> torch.Generator:
+        """The random generator of evaluation on ``device``: seeded with :attr:`eval_seed` at the
+        start of every validation and test epoch."""
+        if self._eval_rng is None or self._eval_rng.device != device:
+            self._eval_rng = torch.Generator(device=device)
+            self._eval_rng.manual_seed(self.eval_seed)
+        return self._eval_rng
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_rng = None
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_rng = None
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Network outputs at evaluation time (validation, test, predict); tasks may override

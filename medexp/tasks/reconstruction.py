@@ -18,9 +18,7 @@ from medexp.tasks.base import BaseTask
 from medexp.utils.errors import MedexpError
 
 LOSSES = ("mse", "l1")
-NOISES = (None, "gaussian", "poisson", "speckle")
-# the seed of the corruption at validation and test, so every evaluation sees the same noise
-EVAL_NOISE_SEED = 12345
+NOISES = (None, "gaussian", "poisson", "speckle", "blur")
 
 
 def corrupt(
@@ -30,7 +28,8 @@ def corrupt(
 
     ``gaussian``: ``x + std * n``; ``speckle``: ``x + x * std * n`` (multiplicative);
     ``poisson``: photon counts at a peak of ``1 / std**2`` per unit intensity, so an intensity of
-    1 has a relative standard deviation of ``std`` (negative intensities count as 0).
+    1 has a relative standard deviation of ``std`` (negative intensities count as 0);
+    ``blur``: a Gaussian blur of ``std`` pixels (deterministic: deblurring).
     """
     def normal() -> torch.Tensor:
         return torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
@@ -45,6 +44,10 @@ def corrupt(
         case "poisson":
             peak = 1.0 / std**2
             return torch.poisson(image.clamp(min=0) * peak, generator=generator) / peak
+        case "blur":
+            from monai.networks.layers import GaussianFilter
+
+            return GaussianFilter(image.ndim - 2, sigma=std).to(image.device)(image)
         case _:
             raise MedexpError(f"model.noise={noise!r}; expected one of {list(NOISES)}")
 
@@ -67,8 +70,8 @@ class ReconstructionTask(BaseTask):
             ``(reconstruction, mu, logvar, z)``.
         loss: ``mse`` or ``l1``, between reconstruction and clean image.
         kl_weight: weight of the KL divergence of a VAE (mean over latent units and samples).
-        noise: None, ``gaussian``, ``poisson`` or ``speckle`` (see :func:`corrupt`).
-        noise_std: the strength of the noise.
+        noise: None, ``gaussian``, ``poisson``, ``speckle`` or ``blur`` (see :func:`corrupt`).
+        noise_std: the strength of the noise (for ``blur``: the Gaussian's sigma in pixels).
         data_range: the range of intensities for PSNR and SSIM (1.0 for images in [0, 1], 2.0
             for [-1, 1]).
         normal_classes: class indices of normal images, or None (no anomaly detection). For
@@ -111,7 +114,6 @@ class ReconstructionTask(BaseTask):
         # not in hparams: BaseTask leaves "loss" out (other tasks inject loss modules there)
         self.loss_kind = loss
         super().__init__(net, monitor=monitor, **kwargs)
-        self.eval_generator: torch.Generator | None = None
 
     def configure_metrics(self) -> MetricCollection:
         r = self.data_range
@@ -135,23 +137,9 @@ class ReconstructionTask(BaseTask):
         clean = batch["image"]
         if stage == "predict":
             return {**batch, "clean": clean}
-        generator = None
-        if stage != "train":
-            if self.eval_generator is None or self.eval_generator.device != clean.device:
-                self._reset_eval_noise(clean.device)
-            generator = self.eval_generator
+        generator = None if stage == "train" else self.eval_rng(clean.device)
         noisy = corrupt(clean, self.noise, self.hparams.noise_std, generator)
         return {**batch, "image": noisy, "clean": clean}
-
-    def _reset_eval_noise(self, device: torch.device) -> None:
-        self.eval_generator = torch.Generator(device=device)
-        self.eval_generator.manual_seed(EVAL_NOISE_SEED)
-
-    def on_validation_epoch_start(self) -> None:
-        self._reset_eval_noise(self.device)
-
-    def on_test_epoch_start(self) -> None:
-        self._reset_eval_noise(self.device)
 
     def normal_mask(self, labels: torch.Tensor) -> torch.Tensor:
         """``(B,)`` class indices or ``(B, L)`` indicators -> ``(B,)`` True for normal images."""

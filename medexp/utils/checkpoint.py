@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 
+from medexp.utils.config import build
 from medexp.utils.errors import MedexpError
 
 CONFIG_KEY = "medexp_config"
@@ -86,7 +87,6 @@ def rebuild(
             ``_target_`` that is not trusted (see :func:`check_targets`).
     """
     check_targets(checkpoint[CONFIG_KEY], allowed_targets, where="the checkpoint's config")
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     run_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
@@ -100,14 +100,28 @@ def rebuild(
         run_cfg.data[key] = value
     if "output_dir" in run_cfg.data:
         run_cfg.data.output_dir = data_output_dir
-    for key, value in (model_overrides or {}).items():
+    L.seed_everything(run_cfg.seed, workers=True)
+    datamodule = build(run_cfg.data)
+    return datamodule, _model_of(run_cfg, checkpoint, model_overrides)
+
+
+def rebuild_model(
+    checkpoint: dict[str, Any], model_overrides: dict[str, Any] | None = None, allowed_targets: Sequence[str] = ()
+) -> L.LightningModule:
+    """The model alone, with the checkpoint's weights, in evaluation mode (see :func:`rebuild`)."""
+    check_targets(checkpoint[CONFIG_KEY].get("model", {}), allowed_targets, where="the checkpoint's model config")
+    from omegaconf import OmegaConf
+
+    return _model_of(OmegaConf.create(checkpoint[CONFIG_KEY]), checkpoint, model_overrides).eval()
+
+
+def _model_of(run_cfg: Any, checkpoint: dict[str, Any], overrides: dict[str, Any] | None) -> L.LightningModule:
+    for key, value in (overrides or {}).items():
         if key in run_cfg.model:
             run_cfg.model[key] = value
-    L.seed_everything(run_cfg.seed, workers=True)
-    datamodule = instantiate(run_cfg.data, _convert_="all")
-    model = instantiate(run_cfg.model, _convert_="all")
+    model = build(run_cfg.model)
     model.load_state_dict(checkpoint["state_dict"])
-    return datamodule, model
+    return model
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

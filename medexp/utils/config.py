@@ -64,6 +64,25 @@ def gpus_per_node(accelerator: str, devices: Any, local: bool = False) -> Any:
     return None
 
 
+def span(value_range: Any) -> float:
+    """The width ``high - low`` of an intensity range ``[low, high]`` (``data.intensity_range``)."""
+    low, high = (float(v) for v in value_range)
+    if not high > low:
+        raise ValueError(f"intensity range {list(value_range)}; expected [low, high] with high > low")
+    return high - low
+
+
+def plus_if(base: int, flag: bool, extra: int) -> int:
+    """``base + extra`` when ``flag`` is true, else ``base`` (e.g. a GAN's input width with a
+    one-hot class code appended when it is conditional)."""
+    return int(base) + (int(extra) if flag else 0)
+
+
+def floordiv(a: int, b: int) -> int:
+    """``a // b`` for shapes derived from sizes (e.g. a generator's starting resolution)."""
+    return int(a) // int(b)
+
+
 def register_resolvers() -> None:
     """Register medexp's OmegaConf resolvers (idempotent)."""
     resolvers = {
@@ -71,6 +90,9 @@ def register_resolvers() -> None:
         "epoch_fraction": epoch_fraction,
         "monitor_mode": metric_mode,
         "gpus_per_node": gpus_per_node,
+        "span": span,
+        "plus_if": plus_if,
+        "floordiv": floordiv,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -108,6 +130,20 @@ def check_config(cfg: DictConfig) -> dict[str, Any]:
 # Keys of a group that are settings of the whole group, not objects to build: the privacy
 # switches of `logger` (logger.log_images, logger.hash_paths; see medexp.utils.privacy).
 GROUP_SETTINGS = ("log_images", "hash_paths")
+
+
+def build(node: Any) -> Any:
+    """``instantiate(node)`` with plain containers, our own errors raised inside it unwrapped
+    (Hydra wraps them in an ``InstantiationException`` that buries the message)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, MedexpError):
+            raise exc.__cause__ from None
+        raise
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:

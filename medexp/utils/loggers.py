@@ -90,3 +90,38 @@ def _finish_failed_wandb() -> None:
     if wandb is not None and hasattr(wandb, "teardown"):
         with contextlib.suppress(Exception):
             wandb.teardown()
+
+
+def send_picture(trainer: Any, key: str, path: Path, remote_images: bool, withheld_noted: bool = False) -> bool:
+    """Send the PNG picture at ``path`` to the trainer's loggers under ``key``: TensorBoard, a
+    local MLflow store, and, only with ``remote_images`` (``logger.log_images=true``), remote
+    loggers such as wandb or an MLflow server (see :mod:`medexp.utils.privacy`): pictures made
+    from patients' images (overlays, a GAN's samples, which can reproduce training images) stay
+    on this machine unless asked.
+
+    Returns:
+        Whether a note about withheld pictures has been logged (pass it back as ``withheld_noted``
+        so the note appears once per run).
+    """
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    from medexp.utils.privacy import may_send_images
+
+    withheld = []
+    for logger in trainer.loggers:
+        if not may_send_images(logger, remote_images):
+            withheld.append(type(logger).__name__)
+        elif isinstance(logger, TensorBoardLogger):
+            import numpy as np
+            from PIL import Image
+
+            picture = np.asarray(Image.open(path).convert("RGB"))
+            logger.experiment.add_image(key, picture, global_step=trainer.global_step, dataformats="HWC")
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=key.replace("/", "_"))
+        elif callable(getattr(logger, "log_image", None)):  # wandb, and loggers like it
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+    if withheld and not withheld_noted:
+        log.info("%s pictures are not sent to remote logger(s) %s; logger.log_images=true sends them", key, withheld)
+        return True
+    return withheld_noted

@@ -92,7 +92,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.label_smoothing", "number", 0, 1, high_open=True),
     Rule("model.overlap", "number", 0, 1, high_open=True),
     Rule("model.sw_batch_size", "int", 1),
-    Rule("model.noise", ("gaussian", "poisson", "speckle"), optional=True),
+    Rule("model.noise", ("gaussian", "poisson", "speckle", "blur"), optional=True),
     Rule("model.noise_std", "number", 0, low_open=True),
     Rule("model.kl_weight", "number", 0),
     Rule("model.data_range", "number", 0, low_open=True),

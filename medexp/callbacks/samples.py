@@ -1,0 +1,49 @@
+"""Grids of a GAN's samples from fixed latent codes, to watch the generator learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+
+from medexp.tasks.adversarial import AdversarialTask
+from medexp.utils.images import grid, save_png
+from medexp.utils.loggers import send_picture
+
+
+class SampleGrids(L.Callback):
+    """Every ``every_n_epochs`` validation epochs, generate ``num_samples`` images from the same
+    latent codes (drawn from ``seed``; a conditional GAN's classes in blocks, class 0 first),
+    save the grid as ``<run>/samples/epoch_<n>.png`` and send it to the loggers:
+    TensorBoard and a local MLflow store, remote loggers only with ``remote_images``
+    (``logger.log_images=true``; a GAN can reproduce its training images).
+
+    Acts on GANs (:class:`~medexp.tasks.adversarial.AdversarialTask`) only.
+    """
+
+    def __init__(
+        self, num_samples: int = 64, every_n_epochs: int = 1, seed: int = 0, dirname: str = "samples", remote_images: bool = False
+    ) -> None:
+        if num_samples < 1 or every_n_epochs < 1:
+            raise ValueError(f"num_samples and every_n_epochs should be >= 1, got {num_samples}, {every_n_epochs}.")
+        self.num_samples, self.every_n_epochs, self.seed = num_samples, every_n_epochs, seed
+        self.dirname, self.remote_images = dirname, remote_images
+        self._withheld_noted = False
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            not isinstance(pl_module, AdversarialTask)
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or not trainer.is_global_zero
+            or trainer.current_epoch % self.every_n_epochs
+        ):
+            return
+        n = self.num_samples
+        # a conditional GAN's classes in blocks, in order: class 0 first
+        labels = torch.arange(n) * pl_module.num_classes // n if pl_module.conditional else None
+        images, _ = pl_module.sample(n, labels, generator=torch.Generator().manual_seed(self.seed))
+        picture = grid(images, (pl_module.low, pl_module.high))
+        path = save_png(picture, Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}.png")
+        self._withheld_noted = send_picture(trainer, "val/samples", path, self.remote_images, self._withheld_noted)

@@ -1,0 +1,1 @@
+"""Metrics torchmetrics and MONAI do not offer as such, built on theirs."""

@@ -1,0 +1,129 @@
+"""``medexp sample ckpt_path=... n=64 output=...`` (or ``python -m medexp.sample``): generate images
+with a GAN checkpoint.
+
+Writes ``<output>/samples.png`` (a grid; a conditional GAN's classes in blocks) and
+``<output>/samples.npz`` (``images`` ``(n, C, *spatial)`` float32 in the data's intensity range,
+``labels`` for a conditional GAN). With ``features_ckpt`` (a classifier trained on the same
+data), also ``<output>/quality.json``: domain FID and KID of the samples against the real images
+of ``reference_split`` (see :mod:`medexp.metrics.domain`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.utils.errors import MedexpError, user_errors
+
+log = logging.getLogger("medexp")
+register_resolvers()
+
+SPLITS = ("train", "val", "test")
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Generate ``cfg.n`` images with ``cfg.ckpt_path`` into ``cfg.output``.
+
+    Returns:
+        Paths written (``grid``, ``npz``, and ``quality`` with ``features_ckpt``), and the quality
+        measures when computed.
+    """
+    from medexp.utils.config import check_config
+
+    check_config(cfg)
+    if cfg.n < 1:
+        raise MedexpError(f"n={cfg.n}; expected a positive number of images")
+    if cfg.reference_split not in SPLITS:
+        raise MedexpError(f"reference_split={cfg.reference_split!r}; expected one of {list(SPLITS)}")
+
+    import numpy as np
+    import torch
+
+    from medexp.tasks.adversarial import NO_FEATURES, AdversarialTask
+    from medexp.utils.checkpoint import load_checkpoint, rebuild, rebuild_model
+    from medexp.utils.images import grid, save_png
+    from medexp.utils.run_info import write_json
+    from medexp.utils.runtime import tidy_library_output
+
+    tidy_library_output()
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    gan = rebuild_model(checkpoint, NO_FEATURES, cfg.allowed_targets)
+    if not isinstance(gan, AdversarialTask):
+        raise MedexpError(
+            f"ckpt_path={cfg.ckpt_path!r}: a {type(gan).__name__} checkpoint; medexp sample needs a GAN's (model=gan). "
+            "To apply other models to images: medexp predict"
+        )
+    labels = None
+    if cfg.label is not None:
+        if not gan.conditional:
+            raise MedexpError(f"label={cfg.label}: this GAN is not class-conditional; leave label unset")
+        if not 0 <= cfg.label < gan.num_classes:
+            raise MedexpError(f"label={cfg.label}; this GAN generates classes 0..{gan.num_classes - 1}")
+        labels = torch.full((cfg.n,), int(cfg.label))
+    elif gan.conditional:
+        labels = torch.arange(cfg.n) * gan.num_classes // cfg.n  # classes in blocks
+    images, labels = gan.sample(cfg.n, labels, torch.Generator().manual_seed(cfg.seed))
+
+    output = Path(cfg.output).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Any] = {"grid": save_png(grid(images, (gan.low, gan.high)), output / "samples.png")}
+    arrays = {"images": images.numpy().astype(np.float32), "intensity_range": np.array([gan.low, gan.high])}
+    if labels is not None:
+        arrays["labels"] = labels.numpy().astype(np.int64)
+    written["npz"] = output / "samples.npz"
+    np.savez_compressed(written["npz"], **arrays)
+    log.info("%d samples: %s, %s", cfg.n, written["grid"], written["npz"])
+
+    if cfg.features_ckpt:
+        from medexp.metrics.domain import DomainFeatures, quality_metrics
+
+        features = DomainFeatures.from_checkpoint(cfg.features_ckpt, gan.low, gan.high)
+        datamodule, _ = rebuild(checkpoint, cfg.data, data_output_dir=None, model_overrides=NO_FEATURES,
+                                allowed_targets=cfg.allowed_targets)
+        datamodule.setup("test")
+        loader = torch.utils.data.DataLoader(datamodule.datasets[cfg.reference_split], batch_size=256)
+        real_count = len(datamodule.datasets[cfg.reference_split])
+        subset = min(cfg.n, real_count)
+        if cfg.kid_subset_size > subset:
+            raise MedexpError(
+                f"kid_subset_size={cfg.kid_subset_size} but there are {cfg.n} samples and {real_count} real "
+                f"{cfg.reference_split} images; set kid_subset_size to at most {subset}"
+            )
+        metrics = quality_metrics(features, cfg.kid_subset_size)
+        for batch in loader:
+            for metric in metrics.values():
+                metric.update(batch["image"], real=True)
+        for start in range(0, cfg.n, 256):
+            for metric in metrics.values():
+                metric.update(images[start : start + 256], real=False)
+        kid_mean, kid_std = metrics["domain_kid"].compute_with_std()
+        quality = {
+            "domain_fid": float(metrics["domain_fid"].compute()),
+            "domain_kid": float(kid_mean),
+            "domain_kid_std": float(kid_std),
+            "samples": cfg.n,
+            "reference": f"{cfg.reference_split} split ({real_count} images)",
+            "features_ckpt": str(cfg.features_ckpt),
+            "num_features": features.num_features,
+        }
+        written["quality"] = output / "quality.json"
+        write_json(written["quality"], quality)
+        log.info("domain FID %.3f, KID %.4f ± %.4f against the %s split", quality["domain_fid"], kid_mean, kid_std,
+                 cfg.reference_split)
+        written.update(quality)
+    return written
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        sample(cfg)
+
+
+if __name__ == "__main__":
+    main()
