@@ -44,20 +44,15 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from medexp.tasks.adversarial import NO_FEATURES, AdversarialTask
-    from medexp.utils.checkpoint import load_checkpoint, rebuild, rebuild_model
+    from medexp.tasks.adversarial import GENERATE_ONLY, load_generator
+    from medexp.utils.checkpoint import load_checkpoint, rebuild
     from medexp.utils.images import grid, save_png
     from medexp.utils.run_info import write_json
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    gan = rebuild_model(checkpoint, NO_FEATURES, cfg.allowed_targets)
-    if not isinstance(gan, AdversarialTask):
-        raise MedexpError(
-            f"ckpt_path={cfg.ckpt_path!r}: a {type(gan).__name__} checkpoint; medexp sample needs a GAN's (model=gan). "
-            "To apply other models to images: medexp predict"
-        )
+    gan = load_generator(checkpoint, f"ckpt_path={cfg.ckpt_path!r}", cfg.allowed_targets)
     labels = None
     if cfg.label is not None:
         if not gan.conditional:
@@ -83,7 +78,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         from medexp.metrics.domain import DomainFeatures, quality_metrics
 
         features = DomainFeatures.from_checkpoint(cfg.features_ckpt, gan.low, gan.high)
-        datamodule, _ = rebuild(checkpoint, cfg.data, data_output_dir=None, model_overrides=NO_FEATURES,
+        datamodule, _ = rebuild(checkpoint, cfg.data, data_output_dir=None, model_overrides=GENERATE_ONLY,
                                 allowed_targets=cfg.allowed_targets)
         datamodule.setup("test")
         loader = torch.utils.data.DataLoader(datamodule.datasets[cfg.reference_split], batch_size=256)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from medexp.tasks.adversarial import AdversarialTask
 from medexp.utils.config import check_config
 from tests.conftest import REPO
 
@@ -18,7 +19,10 @@ DATA_FOR_TASK = {
     "classification": [["data.task=binary"], ["data.task=multilabel"]],
     "segmentation": [["data=synthetic_seg"], ["data=synthetic_seg", "data.spatial_dims=3", "data.num_classes=3"]],
     "reconstruction": [["data.task=binary"]],
+    "adversarial": [["data.task=binary"], ["data.task=multiclass", "data.num_classes=3", "model.conditional=true"]],
 }
+# options that need a value no default can give
+REQUIRED = {("experiment", "breast_gan_augmented"): ["gan_ckpt=gan.ckpt"]}
 MODEL_CASES = [
     (model, data)
     for model in MODELS
@@ -30,7 +34,7 @@ MODEL_CASES = [
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_group_option_composes_and_resolves(compose_cfg, group, option):
-    cfg = compose_cfg(f"{group}={option}")
+    cfg = compose_cfg(f"{group}={option}", *REQUIRED.get((group, option), []))
     resolved = check_config(cfg)
     if group not in ("scheduler", "logger", "callbacks", "debug", "experiment"):
         assert resolved[group], f"{group}={option} composed to an empty node"
@@ -71,6 +75,13 @@ def test_model_builds_and_runs_on_matching_data(compose_cfg, model, data):
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
     task_module = instantiate(cfg.model, _convert_="all").eval()
+    if isinstance(task_module, AdversarialTask):  # a GAN: generates images like the data's, judges them
+        samples, labels = task_module.sample(3)
+        assert samples.shape == (3, *batch["image"].shape[1:]) and (labels is not None) == task_module.conditional
+        assert samples.min() >= cfg.data.intensity_range[0] and samples.max() <= cfg.data.intensity_range[1]
+        code = task_module.condition(batch["label"], len(batch["label"]), batch["image"].device)
+        assert task_module.discriminate(batch["image"], code).shape == (len(batch["image"]),)
+        return
     with torch.no_grad():
         batch = task_module.prepare_batch(batch, "val")
         outputs = task_module.infer(batch["image"])

@@ -159,7 +159,7 @@ class FaultTolerance(L.Callback):
         self._restore_handlers()
         callback = trainer.checkpoint_callback
         good = []
-        for path in (getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")):
+        for path in (_last_checkpoint(trainer), getattr(callback, "best_model_path", "")):
             if path and Path(path).is_file() and path not in good:
                 good.append(path)
         saved = "no checkpoint had been saved yet"
@@ -296,13 +296,13 @@ class FaultTolerance(L.Callback):
             # Lightning's handler (outside training: sanity check, validate, test) exits with
             # status 0 and says nothing; a job ended by SIGTERM should say so and fail
             exception.code = 128 + signal.SIGTERM
-            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+            last = _last_checkpoint(trainer)
             log.error(
                 "SIGTERM while %s; nothing new was saved%s", trainer.state.stage or "starting",
                 f"; resume with: medexp train ckpt_path={last}" if last else "",
             )
         elif isinstance(exception, KeyboardInterrupt):
-            last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+            last = _last_checkpoint(trainer)
             log.error("stopped by Ctrl-C without saving%s", f"; resume with: medexp train ckpt_path={last}" if last else "")
 
     # ------------------------------------------------------------------ resuming mid-epoch
@@ -464,3 +464,15 @@ def _set_transform_states(trainer: L.Trainer, states: list[list[Any]]) -> None:
         return
     for generator, state in zip(generators, states):
         _set_numpy_state(generator, state)
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str:
+    """The path of the latest checkpoint saved: ``save_last``'s, or that of a checkpoint callback
+    without a monitor (``callbacks.last_checkpoint``, which keeps only the latest); "" if none."""
+    for callback in trainer.checkpoint_callbacks:
+        path = getattr(callback, "last_model_path", "") or (
+            getattr(callback, "best_model_path", "") if getattr(callback, "monitor", "") is None else ""
+        )
+        if path:
+            return path
+    return ""

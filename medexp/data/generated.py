@@ -94,17 +94,16 @@ class GeneratedImages:
         return self._dataset
 
     def _generate(self, datamodule: Any) -> GeneratedDataset:
-        from medexp.tasks.adversarial import NO_FEATURES, AdversarialTask
-        from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint, rebuild_model
+        from medexp.tasks.adversarial import load_generator
+        from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
 
         where = f"data.generated.ckpt={self.ckpt!r}"
         if datamodule.task not in ("binary", "multiclass"):
             raise MedexpError(f"data.generated needs binary or multi-class data (class-conditional GANs); data.task={datamodule.task!r}")
         checkpoint = load_checkpoint(self.ckpt)
-        gan = rebuild_model(checkpoint, NO_FEATURES, self.allowed_targets)
-        if not isinstance(gan, AdversarialTask) or not gan.conditional:
-            kind = type(gan).__name__ if not isinstance(gan, AdversarialTask) else "an unconditional GAN"
-            raise MedexpError(f"{where}: {kind}; expected a class-conditional GAN (model=gan model.conditional=true)")
+        gan = load_generator(checkpoint, where, self.allowed_targets)
+        if not gan.conditional:
+            raise MedexpError(f"{where}: an unconditional GAN; expected a class-conditional GAN (model=gan model.conditional=true)")
         if gan.num_classes != datamodule.num_classes:
             raise MedexpError(f"{where}: the GAN generates {gan.num_classes} classes; data.num_classes={datamodule.num_classes}")
         trained = checkpoint[CONFIG_KEY].get("data", {}).get("intensity_range")

@@ -16,9 +16,6 @@ from medexp.utils.errors import MedexpError
 
 log = logging.getLogger("medexp")
 
-# rebuilding a GAN from its checkpoint only to generate: without the classifier that measured its
-# samples (which may not be on this machine) and the metric it selected checkpoints by
-NO_FEATURES = {"feature_ckpt": None, "monitor": "val/loss"}
 
 # validation epochs in a row with D(x) above and D(G(z)) below these before a collapse warning
 COLLAPSE_REAL, COLLAPSE_FAKE, COLLAPSE_EPOCHS = 0.95, 0.05, 2
@@ -251,3 +248,23 @@ class AdversarialTask(BaseTask):
         if isinstance(schedulers[0], torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise MedexpError("scheduler=plateau does not fit a GAN (no single loss to watch); use cosine, multistep or none")
         return [g_optimizer, d_optimizer], schedulers
+
+
+# model overrides that rebuild a GAN for generating alone (see load_generator)
+GENERATE_ONLY = {"feature_ckpt": None, "monitor": "val/loss"}
+
+
+def load_generator(checkpoint: dict[str, Any], where: str, allowed_targets: Sequence[str] = ()) -> AdversarialTask:
+    """The GAN of a loaded medexp checkpoint (see :func:`medexp.utils.checkpoint.load_checkpoint`),
+    rebuilt only to generate: without the classifier that measured its samples (which may not be
+    on this machine) and the metric that selected its checkpoints.
+
+    Raises:
+        MedexpError: naming ``where`` (e.g. ``ckpt_path=...``) when the checkpoint is not a GAN's.
+    """
+    from medexp.utils.checkpoint import CONFIG_KEY, rebuild_model
+
+    target = str(checkpoint[CONFIG_KEY].get("model", {}).get("_target_", ""))
+    if target != f"{AdversarialTask.__module__}.{AdversarialTask.__name__}":
+        raise MedexpError(f"{where}: a {target.rsplit('.', 1)[-1] or 'non-medexp'} checkpoint; expected a GAN's (model=gan)")
+    return rebuild_model(checkpoint, GENERATE_ONLY, allowed_targets)
