@@ -36,7 +36,7 @@ BAD_CONFIGS = [
     (["+model.net.dropuot=0.2"], "model.net.dropuot: not an argument of medexp.nets.simple_cnn.SimpleCNN; did you mean dropout"),
     (["+optimizer.lrr=0.1"], "optimizer.lrr: not an argument of torch.optim.Adam; did you mean lr"),
     (["+callbacks.model_checkpoint.monitr=val/loss"], "callbacks.model_checkpoint.monitr: not an argument of lightning.pytorch.callbacks.ModelCheckpoint; did you mean monitor"),
-    (["model=unet"], "the model (SegmentationTask) trains on data.task in ['segmentation'], but data.task='binary'; models for binary data: model=autoencoder,cnn,denoising_unet,densenet121,resnet18,resnet50,vae"),
+    (["model=unet"], "the model (SegmentationTask) trains on data.task in ['segmentation'], but data.task='binary'; models for binary data: model=autoencoder,cnn,denoising_unet,densenet121,gan,resnet18,resnet50,vae"),
     (["data=synthetic_seg", "model=cnn"], "models for segmentation data: model=attention_unet,basic_unet,segresnet,unet"),
     (["model.net.in_channels=3"], "model.net.in_channels=3 but data.in_channels=1; they must match"),
     (["model.net.spatial_dims=3"], "model.net.spatial_dims=3 but data.spatial_dims=2; they must match"),
