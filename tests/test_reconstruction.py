@@ -59,6 +59,13 @@ def test_eval_noise_is_the_same_every_epoch():
     draws = [corrupt(image, "gaussian", 0.1, torch.Generator().manual_seed(1)) for _ in range(2)]
     assert torch.equal(*draws)
     assert (corrupt(image, "poisson", 0.1) >= 0).all()
+    # blur: deterministic, smooths an edge, and leaves a flat image flat up to its borders
+    step = torch.zeros(1, 1, 16, 16)
+    step[..., 8:] = 1.0
+    blurred = corrupt(step, "blur", 1.5)
+    assert torch.equal(blurred, corrupt(step, "blur", 1.5))
+    assert 0.05 < blurred[0, 0, 8, 7] < 0.5 < blurred[0, 0, 8, 8] < 0.95
+    assert torch.allclose(corrupt(torch.ones(1, 1, 16, 16), "blur", 1.5), torch.ones(1, 1, 16, 16), atol=1e-3)
     with pytest.raises(MedexpError, match="expected one of"):
         corrupt(image, "salt", 0.1)
 
@@ -69,3 +76,9 @@ def test_a_reconstruction_model_is_refused_on_segmentation_data(tmp_path):
         train(cfg)
     assert "trains on data.task in ['binary', 'multiclass', 'multilabel']" in str(error.value)
     assert "models for segmentation data: model=attention_unet,basic_unet,segresnet,unet" in str(error.value)
+
+
+def test_psnr_uses_the_data_value_range(compose_cfg):
+    # MedMNIST is normalised to [-1, 1]: PSNR/SSIM over a range of 2, without the user saying so
+    assert compose_cfg("model=autoencoder", "data=medmnist").model.data_range == 2.0
+    assert compose_cfg("model=autoencoder").model.data_range == 1.0

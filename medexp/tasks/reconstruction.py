@@ -3,6 +3,7 @@ reconstruction error."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,7 +48,12 @@ def corrupt(
         case "blur":
             from monai.networks.layers import GaussianFilter
 
-            return GaussianFilter(image.ndim - 2, sigma=std).to(image.device)(image)
+            # edges replicated first: the filter pads with zeros, which would darken the borders
+            radius = math.ceil(4.0 * std)  # where GaussianFilter truncates its kernel
+            spatial = image.ndim - 2
+            padded = F.pad(image, (radius,) * 2 * spatial, mode="replicate")
+            blurred = GaussianFilter(spatial, sigma=std, truncated=4.0).to(image.device)(padded)
+            return blurred[(..., *(slice(radius, -radius),) * spatial)]
         case _:
             raise MedexpError(f"model.noise={noise!r}; expected one of {list(NOISES)}")
 
