@@ -3,9 +3,9 @@
     python scripts/benchmark_generative.py --data-root ../shared/data/medmnist --stages denoise anomaly gan augment
 
 Stages (each a set of ``python -m medexp.<command>`` runs, as a user would start them):
-    denoise  model=denoising_unet (Gaussian noise, std 0.2 in [-1, 1] = 0.1 of the range) and
-             model=autoencoder on BreastMNIST and PneumoniaMNIST: test PSNR/SSIM of the output
-             against the clean image, and of the noisy input (psnr_input)
+    denoise  model=denoising_unet (residual U-Net; Gaussian noise, std 0.2 in [-1, 1] = 0.1 of the
+             range) and model=autoencoder on BreastMNIST and PneumoniaMNIST, batch 32: test
+             PSNR/SSIM of the output against the clean image, and of the noisy input (psnr_input)
     anomaly  experiment=anomaly_pneumonia (normal X-rays only), and the same on BreastMNIST with
              benign/normal (class 1) as normal: test AUROC of the reconstruction error
     gan      experiment=breast_gan (a class-conditional GAN), then `medexp sample` measured by
@@ -61,7 +61,7 @@ def denoise(args: argparse.Namespace) -> list[dict]:
             run_dir = Path(args.log_dir) / f"denoise_{name}_{model}"
             metrics, wall = train(run_dir, [
                 "data=medmnist", f"data.name={name}", f"data.root={args.data_root}", f"model={model}", *extra,
-                f"trainer.max_epochs={args.ae_epochs}", "optimizer.lr=2e-3", "seed=0",
+                f"trainer.max_epochs={args.ae_epochs}", "optimizer.lr=2e-3", "data.batch_size=32", "seed=0",
             ])
             test = metrics["test"]
             rows.append(record(args, {
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--jsonl", default="docs/benchmark_generative.jsonl")
     parser.add_argument("--stages", nargs="+", default=["denoise", "anomaly", "gan", "augment"])
     parser.add_argument("--ae-epochs", type=int, default=30)
-    parser.add_argument("--gan-epochs", type=int, default=100)
+    parser.add_argument("--gan-epochs", type=int, default=300)
     parser.add_argument("--clf-epochs", type=int, default=100)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0, 0.5, 1])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -78,8 +78,13 @@ class BaseTask(L.LightningModule):
         """Network outputs -> predictions the metrics take (e.g. probabilities)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        return self.net(x, **extra)
+
+    def net_extras(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch entries the net takes besides its input, by the names in its
+        ``extra_inputs`` (e.g. a sequence model's ``length`` and ``time``)."""
+        return {key: batch[key] for key in getattr(self.net, "extra_inputs", ()) if key in batch}
 
     def eval_rng(self, device: torch.device) -> torch.Generator:
         """The random generator of evaluation on ``device``: seeded with :attr:`eval_seed` at the
@@ -95,10 +100,10 @@ class BaseTask(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._eval_rng = None
 
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
+    def infer(self, x: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         """Network outputs at evaluation time (validation, test, predict); tasks may override
         this, e.g. with sliding-window inference over whole volumes."""
-        return self(x)
+        return self(x, **extra)
 
     def prepare_batch(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         """A batch as the step uses it; tasks may derive inputs or targets here (e.g. corrupt
@@ -113,7 +118,8 @@ class BaseTask(L.LightningModule):
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         batch = self.prepare_batch(batch, stage)
         inputs = batch[self.input_key]
-        outputs = self(inputs) if stage == "train" else self.infer(inputs)
+        extra = self.net_extras(batch)
+        outputs = self(inputs, **extra) if stage == "train" else self.infer(inputs, **extra)
         loss = self.batch_loss(outputs, batch)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=inputs.shape[0])
         # networks may return several tensors (a VAE: reconstruction, mean, log-variance, latent)
@@ -135,7 +141,8 @@ class BaseTask(L.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.postprocess(self.infer(self.prepare_batch(batch, "predict")[self.input_key]))
+        batch = self.prepare_batch(batch, "predict")
+        return self.postprocess(self.infer(batch[self.input_key], **self.net_extras(batch)))
 
     def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
         # torchmetrics syncs across DDP processes in compute(), so every rank logs the same value

@@ -82,6 +82,8 @@ class ReconstructionTask(BaseTask):
             for [-1, 1]).
         normal_classes: class indices of normal images, or None (no anomaly detection). For
             multi-label data, an image is abnormal when a label outside them is positive.
+        residual: the net predicts the correction to its input (output = input + net(input)),
+            so an untrained denoiser starts as the identity rather than as noise (as DnCNN).
         **kwargs: ``optimizer``, ``scheduler``, ``monitor``; see :class:`~medexp.tasks.base.BaseTask`.
     """
 
@@ -102,6 +104,7 @@ class ReconstructionTask(BaseTask):
         noise_std: float = 0.1,
         data_range: float = 1.0,
         normal_classes: Sequence[int] | None = None,
+        residual: bool = False,
         monitor: str = "val/psnr",
         **kwargs: Any,
     ) -> None:
@@ -120,6 +123,14 @@ class ReconstructionTask(BaseTask):
         # not in hparams: BaseTask leaves "loss" out (other tasks inject loss modules there)
         self.loss_kind = loss
         super().__init__(net, monitor=monitor, **kwargs)
+
+    def forward(self, x: torch.Tensor, **extra: torch.Tensor) -> Any:
+        outputs = self.net(x, **extra)
+        if self.hparams.residual:
+            if isinstance(outputs, tuple):
+                raise MedexpError("model.residual=true needs a net that returns an image, not a VAE's tuple")
+            return x + outputs
+        return outputs
 
     def configure_metrics(self) -> MetricCollection:
         r = self.data_range

@@ -83,6 +83,12 @@ def floordiv(a: int, b: int) -> int:
     return int(a) // int(b)
 
 
+def slice_axis(spatial_dims: int) -> int | None:
+    """The axis of a ``(B, C, D, H, W)`` batch a slice-sequence model unrolls for volumes (the
+    depth, 2); None for data whose samples already are sequences of 2D frames."""
+    return 2 if int(spatial_dims) == 3 else None
+
+
 def register_resolvers() -> None:
     """Register medexp's OmegaConf resolvers (idempotent)."""
     resolvers = {
@@ -93,6 +99,7 @@ def register_resolvers() -> None:
         "span": span,
         "plus_if": plus_if,
         "floordiv": floordiv,
+        "slice_axis": slice_axis,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
