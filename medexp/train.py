@@ -79,6 +79,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=out)  # drops those that fail
     if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.callbacks.LearningRateMonitor)]
+    if cfg.trainer.get("strategy") == "ddp" and getattr(model, "ddp_strategy", None):
+        log.info("%s under DDP: trainer.strategy=%s", type(model).__name__, model.ddp_strategy)
+        cfg.trainer.strategy = model.ddp_strategy
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     info = run_info(seed) if trainer.is_global_zero else {}

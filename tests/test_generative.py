@@ -176,3 +176,22 @@ def test_augmenting_with_a_gan_of_other_images_is_refused(gan_run, tmp_path):
                           f"data.generated={{ckpt: {ckpt}, ratio: 1}}", "trainer.max_epochs=1"], output_dir=tmp_path)
     with pytest.raises(MedexpError, match=r"the GAN makes images of shape \(1, 16, 16\); the training images are \(1, 32, 32\)"):
         train(cfg)
+
+
+def test_a_discriminator_that_wins_outright_is_reported(tmp_path, caplog):
+    # a generator that barely learns against a fast discriminator: the usual GAN failure
+    d_optimizer = "model.d_optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.01}"
+    with caplog.at_level("WARNING", logger="medexp"):
+        metrics = train(compose_config([*TINY, "model=gan", "model.latent_size=16", "optimizer.lr=1e-7", d_optimizer,
+                                        "trainer.max_epochs=3", "test=false"], output_dir=tmp_path))
+    assert metrics["fit"]["val/d_real"] > 0.95 and metrics["fit"]["val/d_fake"] < 0.05
+    assert "the discriminator wins outright" in caplog.text and "model.d_optimizer" in caplog.text
+
+
+def test_a_gan_trains_under_ddp(tmp_path):
+    # two CPU processes (gloo); each batch steps both nets, so DDP must allow unused parameters
+    run_cli("train", "model=gan", "model.conditional=true", "model.latent_size=16", "trainer=ddp_sim", *TINY,
+            "data.num_samples={train: 64, val: 16, test: 16}", "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["test/d_loss"])
+    assert "AdversarialTask under DDP: trainer.strategy=ddp_find_unused_parameters_true" in (tmp_path / "run" / "train.log").read_text()

@@ -60,6 +60,8 @@ class AdversarialTask(BaseTask):
     # the generator makes images: as many output channels as the data have
     net_outputs = "in_channels"
     injected = (*BaseTask.injected, "discriminator", "d_optimizer")
+    # two backward passes per batch, each reaching one net: DDP must look for unused parameters
+    ddp_strategy = "ddp_find_unused_parameters_true"
 
     def __init__(
         self,
@@ -169,9 +171,13 @@ class AdversarialTask(BaseTask):
         d_loss = d_loss + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
         if stage == "train":
             g_optimizer, d_optimizer = self.optimizers()
+            # toggling: each backward reaches only the stepping net's parameters (DDP counts on it)
+            self.toggle_optimizer(d_optimizer)
             d_optimizer.zero_grad()
             self.manual_backward(d_loss)
             d_optimizer.step()
+            self.untoggle_optimizer(d_optimizer)
+            self.toggle_optimizer(g_optimizer)
         # non-saturating: the generator maximises log D(G(z)) (in training through the updated D)
         gen_logits = self.discriminate(fake, code) if stage == "train" else fake_logits
         g_loss = F.binary_cross_entropy_with_logits(gen_logits, torch.ones_like(gen_logits))
@@ -179,6 +185,7 @@ class AdversarialTask(BaseTask):
             g_optimizer.zero_grad()
             self.manual_backward(g_loss)
             g_optimizer.step()
+            self.untoggle_optimizer(g_optimizer)
         getattr(self, f"{stage}_loss").update(g_loss.detach(), weight=size)
         metrics = getattr(self, f"{stage}_metrics")
         for name, metric in metrics.items(keep_base=True):
