@@ -21,6 +21,12 @@ DATA_FOR_TASK = {
     "reconstruction": [["data.task=binary"]],
     "adversarial": [["data.task=binary"], ["data.task=multiclass", "data.num_classes=3", "model.conditional=true"]],
 }
+SMALL = ["data.image_size=32", "data.num_samples={train: 4, val: 2, test: 2}"]
+# models that need other data than their task's usual (sequences, volumes)
+DATA_FOR_MODEL = {
+    "cnn_lstm": [["data=synthetic_longitudinal", "data.image_size=32", "data.num_patients={train: 4, val: 2, test: 2}"],
+                 ["data.spatial_dims=3", *SMALL]],
+}
 # options that need a value no default can give
 REQUIRED = {("experiment", "breast_gan_augmented"): ["gan_ckpt=gan.ckpt"]}
 MODEL_CASES = [
@@ -28,7 +34,7 @@ MODEL_CASES = [
     for model in MODELS
     for task, variants in DATA_FOR_TASK.items()
     if f"task/{task}@_here_" in (CONF / "model" / f"{model}.yaml").read_text()
-    for data in variants
+    for data in DATA_FOR_MODEL.get(model, [[*variant, *SMALL] for variant in variants])
 ]
 
 
@@ -69,8 +75,7 @@ def test_every_model_file_is_tried():
 @pytest.mark.parametrize(("model", "data"), MODEL_CASES, ids=[f"{m}-{' '.join(d)}" for m, d in MODEL_CASES])
 def test_model_builds_and_runs_on_matching_data(compose_cfg, model, data):
     """New files in conf/model/ are picked up here automatically."""
-    cfg = compose_cfg(f"model={model}", *data, "data.image_size=32", "data.num_samples={train: 4, val: 2, test: 2}",
-                      "data.batch_size=2")
+    cfg = compose_cfg(f"model={model}", *data, "data.batch_size=2")
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))

@@ -233,6 +233,14 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
             f"data.task={data.get('task')!r}; models for {data.get('task')} data: model={','.join(fitting) or '(none)'}"
         )
     net = model.get("net") or {}
+    net_class = _locate(str(net.get("_target_", ""))) if isinstance(net, dict) else None
+    # a sequence model (its forward takes each sample's length) on single 2D images
+    if "length" in getattr(net_class, "extra_inputs", ()) and data.get("spatial_dims") == 2 and "max_length" not in data:
+        problems.append(
+            f"the net ({net['_target_'].rsplit('.', 1)[-1]}) reads sequences of images, but these data are single "
+            "2D images; use data=synthetic_longitudinal or files_longitudinal (images over time), or 3D data "
+            "(data.spatial_dims=3, read as a sequence of slices)"
+        )
     for net_key, data_key in (("in_channels", "in_channels"), ("spatial_dims", "spatial_dims")):
         if net_key in net and data_key in data and net[net_key] != data[data_key]:
             problems.append(f"model.net.{net_key}={net[net_key]} but data.{data_key}={data[data_key]}; they must match")
