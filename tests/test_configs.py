@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -29,12 +31,20 @@ DATA_FOR_MODEL = {
 }
 # options that need a value no default can give
 REQUIRED = {("experiment", "breast_gan_augmented"): ["gan_ckpt=gan.ckpt"]}
+
+
+def _volumes(model: str) -> list[str]:
+    # nets fixed to 3D (`spatial_dims: 3` in their YAML, e.g. resnet18_3d) are tried on volumes
+    fixed_3d = re.search(r"^\s+spatial_dims: 3\b", (CONF / "model" / f"{model}.yaml").read_text(), re.M)
+    return ["data.spatial_dims=3"] if fixed_3d else []
+
+
 MODEL_CASES = [
     (model, data)
     for model in MODELS
     for task, variants in DATA_FOR_TASK.items()
     if f"task/{task}@_here_" in (CONF / "model" / f"{model}.yaml").read_text()
-    for data in DATA_FOR_MODEL.get(model, [[*variant, *SMALL] for variant in variants])
+    for data in DATA_FOR_MODEL.get(model, [[*variant, *SMALL, *_volumes(model)] for variant in variants])
 ]
 
 
@@ -52,7 +62,10 @@ SEGMENTATION = ["data=synthetic_seg", "model=unet", "model.roi_size=[16,16]"]
 
 @pytest.mark.parametrize("augmentations", AUGMENTATIONS)
 def test_augmentation_options_run_on_a_sample(compose_cfg, augmentations):
-    cfg = compose_cfg(f"data/augmentations={augmentations}", *SEGMENTATION, "data.num_samples={train: 4, val: 2, test: 2}")
+    # options for volumes (basic_3d) run on 3D image + mask pairs
+    volumes = ["data.spatial_dims=3", "data.image_size=16"] if augmentations.endswith("_3d") else []
+    cfg = compose_cfg(f"data/augmentations={augmentations}", *SEGMENTATION, *volumes,
+                      "data.num_samples={train: 4, val: 2, test: 2}")
     datamodule = instantiate(cfg.data, _convert_="all")
     assert (len(datamodule.augmentations) > 0) == (augmentations != "none")
     datamodule.setup()

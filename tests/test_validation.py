@@ -37,6 +37,7 @@ BAD_CONFIGS = [
     (["+optimizer.lrr=0.1"], "optimizer.lrr: not an argument of torch.optim.Adam; did you mean lr"),
     (["+callbacks.model_checkpoint.monitr=val/loss"], "callbacks.model_checkpoint.monitr: not an argument of lightning.pytorch.callbacks.ModelCheckpoint; did you mean monitor"),
     (["model=unet"], "the model (SegmentationTask) trains on data.task in ['segmentation'], but data.task='binary'; models for binary data: model=autoencoder,cnn,"),
+    (["data=medmnist", "model=densenet121"], "the net (DenseNet121) needs at least 29 pixels (voxels) per side, but data.image_size=28"),
     (["model=cnn_lstm"], "the net (CNNLSTM) reads sequences of images, but these data are single 2D images; use data=synthetic_longitudinal"),
     (["data=synthetic_seg", "model=cnn"], "models for segmentation data: model=attention_unet,basic_unet,segresnet,unet"),
     (["model.net.in_channels=3"], "model.net.in_channels=3 but data.in_channels=1; they must match"),

@@ -1,4 +1,4 @@
-"""MedMNIST 2D datasets (official splits) from local ``.npz`` files or an MD5-verified download."""
+"""MedMNIST 2D and 3D datasets (official splits) from local ``.npz`` files or an MD5-verified download."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from medexp.data.base import SPLITS, ArrayDataModule
-from medexp.data.medmnist_info import dataset_info, file_name, url
+from medexp.data.medmnist_info import MEDMNIST, dataset_info, file_name, url
 from medexp.utils.errors import MedexpError
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,17 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 class MedMNISTDataModule(ArrayDataModule):
-    """A 2D MedMNIST dataset with its official train/val/test splits.
+    """A 2D or 3D MedMNIST dataset with its official train/val/test splits.
 
-    Images ``(N, H, W)`` or ``(N, H, W, 3)`` become ``(N, C, H, W)``; labels ``(N,)`` and
+    The dimensions follow ``spatial_dims``: 2D images ``(N, H, W)`` or ``(N, H, W, 3)`` become
+    ``(N, C, H, W)``; 3D volumes ``(N, D, H, W)`` become ``(N, 1, D, H, W)``. Labels ``(N,)`` and
     ``(N, 1)`` are both accepted (multi-label sets keep ``(N, L)``).
 
     Args:
-        name: dataset name, e.g. ``breastmnist`` (see :mod:`medexp.data.medmnist_info`).
-        root: folder holding ``<name>.npz`` (28 px) or ``<name>_<size>.npz``.
-        size: image size: 28, 64, 128 or 224.
+        name: dataset name, e.g. ``breastmnist`` or ``organmnist3d`` (see
+            :mod:`medexp.data.medmnist_info`); a 2D name needs ``spatial_dims=2``, a 3D one 3.
+        root: folder holding ``<name>.npz`` (size 28) or ``<name>_<size>.npz``.
+        size: pixels (voxels) per side: 28, 64, 128 or 224 for 2D sets, 28 or 64 for 3D sets.
         download: fetch the file from Zenodo (MD5-verified) when it is not in ``root``.
         image_size: ``size`` again (derived in the YAML), under the synthetic data's name for it.
         **kwargs: see :class:`~medexp.data.base.ArrayDataModule`; ``task``, ``num_classes`` and
@@ -60,9 +62,9 @@ class MedMNISTDataModule(ArrayDataModule):
         if image_size is not None and image_size != size:
             raise MedexpError(f"data.image_size={image_size} but data.size={size}; leave data.image_size unset")
         try:
-            self.info = dataset_info(name, dims=2)
+            self.info = dataset_info(name, dims=self.spatial_dims)
         except ValueError as exc:
-            raise MedexpError(str(exc)) from None
+            raise MedexpError(f"{exc}{_other_dims_hint(name, self.spatial_dims)}") from None
         if size not in self.info["md5"]:
             raise MedexpError(f"data.size={size}; {name} is offered at sizes {sorted(self.info['md5'])}")
         self.name, self.size, self.download = name, size, download
@@ -104,12 +106,17 @@ class MedMNISTDataModule(ArrayDataModule):
             self._arrays = read_npz(self.path)
             self._report_split_sizes()
         images, labels = self._arrays[f"{split}_images"], self._arrays[f"{split}_labels"]
-        if images.ndim == 3:  # grey (N, H, W)
+        if images.ndim == 1 + self.spatial_dims:  # grey (N, H, W) or (N, D, H, W)
             images = images[:, None]
-        elif images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, H, W, C)
+        elif self.spatial_dims == 2 and images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, H, W, C)
             images = images.transpose(0, 3, 1, 2)
-        if images.shape[-2:] != (self.size, self.size):
-            raise MedexpError(f"{self.path}: {split} images are {images.shape[-2:]}, expected data.size={self.size}")
+        # any other shape is reported by the split check, against (N, C, *spatial)
+        spatial = (self.size,) * self.spatial_dims
+        if images.ndim == 2 + self.spatial_dims and images.shape[2:] != spatial:
+            raise MedexpError(
+                f"{self.path}: {split} images are {images.shape[2:]}, expected data.size={self.size} "
+                f"({'x'.join(map(str, spatial))})"
+            )
         if self.task != "multilabel":
             labels = labels.reshape(len(labels), -1)
             if labels.shape[1] != 1:
@@ -126,3 +133,12 @@ class MedMNISTDataModule(ArrayDataModule):
                 sizes,
                 self.info["splits"],
             )
+
+
+def _other_dims_hint(name: str, spatial_dims: int) -> str:
+    """Where a dataset of the other dimensions is meant to go (for the error on a wrong name)."""
+    info = MEDMNIST.get(name)
+    if info is None or info["dims"] == spatial_dims:
+        return ""
+    option = "medmnist3d" if info["dims"] == 3 else "medmnist"
+    return f"; {name} is a {info['dims']}D dataset (data={option} sets data.spatial_dims={info['dims']})"

@@ -241,6 +241,13 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
             "2D images; use data=synthetic_longitudinal or files_longitudinal (images over time), or 3D data "
             "(data.spatial_dims=3, read as a sequence of slices)"
         )
+    size = data.get("image_size")
+    # MONAI's DenseNets halve the resolution five times: below 29 pixels a pooling layer gets nothing
+    if str(net.get("_target_", "")).startswith("monai.networks.nets.DenseNet") and isinstance(size, int) and size < 29:
+        problems.append(
+            f"the net ({net['_target_'].rsplit('.', 1)[-1]}) needs at least 29 pixels (voxels) per side, but "
+            f"data.image_size={size}; for MedMNIST use data.size=64, or choose model=resnet18"
+        )
     for net_key, data_key in (("in_channels", "in_channels"), ("spatial_dims", "spatial_dims")):
         if net_key in net and data_key in data and net[net_key] != data[data_key]:
             problems.append(f"model.net.{net_key}={net[net_key]} but data.{data_key}={data[data_key]}; they must match")
