@@ -199,3 +199,18 @@ def test_resnet18_3d_learns_the_3d_phantoms(compose_cfg, tmp_path):
     assert metrics["status"] == "complete"
     assert metrics["test"]["test/auroc"] > 0.7, metrics["test"]
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_cnn_lstm_reads_a_volume_as_a_sequence_of_slices(compose_cfg, tmp_path):
+    """2.5D: the same model=cnn_lstm that reads series over time reads the slices of a volume."""
+    from medexp.train import train
+
+    cfg = compose_cfg(
+        "data=synthetic_3d", "model=cnn_lstm", *QUIET,
+        "model.net.encoder.channels=[8,16]", "model.net.feature_size=16", "model.net.hidden_size=16",
+        "model.net.pooling=attention", "optimizer.lr=3e-3",
+        "data.num_samples={train: 256, val: 32, test: 64}", "trainer.max_epochs=6",
+    )
+    assert cfg.model.net.sequence_axis == 2  # depth, derived from data.spatial_dims=3
+    metrics = train(cfg)
+    assert metrics["test"]["test/auroc"] > 0.8, metrics["test"]
