@@ -14,6 +14,7 @@ import logging
 import time
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,31 @@ def _resolve(base: Path, text: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def read_csv_rows(path: Path, required: Sequence[str], needs: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The columns of a CSV manifest and its rows as ``(line number, {column: stripped value})``.
+
+    Raises:
+        MedexpError: naming the file, for columns in ``required`` that are missing (``needs``
+            says what the manifest must hold), text that is not CSV, or no rows.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
+            reader = csv.DictReader(file)
+            columns = [name.strip() for name in reader.fieldnames or []]
+            missing = [name for name in required if name not in columns]
+            if missing:
+                raise MedexpError(f"{path}: missing column(s) {missing}; {needs} (found {columns})")
+            rows = [
+                (reader.line_num, {key.strip(): (value or "").strip() for key, value in row.items() if key is not None})
+                for row in reader
+            ]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise MedexpError(f"{path}: cannot read it as a CSV file ({exc})") from exc
+    if not rows:
+        raise MedexpError(f"{path}: the manifest lists no images")
+    return columns, rows
+
+
 def read_manifest(path: Path, task: str, num_classes: int, missing_ok: bool = False) -> list[Case]:
     """Read a CSV manifest: columns ``image``, ``label`` and optionally ``split``, ``patient_id``.
 
@@ -98,24 +124,9 @@ def read_manifest(path: Path, task: str, num_classes: int, missing_ok: bool = Fa
             f"manifest not found: {path}. Point data.manifest at a CSV file with columns "
             f"{list(REQUIRED_COLUMNS)} (optional {list(OPTIONAL_COLUMNS)}), or use data.root=DIR for a folder layout"
         )
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
-            reader = csv.DictReader(file)
-            columns = [name.strip() for name in reader.fieldnames or []]
-            missing = [name for name in REQUIRED_COLUMNS if name not in columns]
-            if missing:
-                raise MedexpError(
-                    f"{path}: missing column(s) {missing}; a manifest needs columns {list(REQUIRED_COLUMNS)} "
-                    f"and may have {list(OPTIONAL_COLUMNS)} (found {columns})"
-                )
-            rows = [
-                (reader.line_num, {key.strip(): (value or "").strip() for key, value in row.items() if key is not None})
-                for row in reader
-            ]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise MedexpError(f"{path}: cannot read it as a CSV file ({exc})") from exc
-    if not rows:
-        raise MedexpError(f"{path}: the manifest lists no images")
+    columns, rows = read_csv_rows(
+        path, REQUIRED_COLUMNS, f"a manifest needs columns {list(REQUIRED_COLUMNS)} and may have {list(OPTIONAL_COLUMNS)}"
+    )
 
     base = path.absolute().parent
     bad_splits, bad_labels, missing_files, cases = [], [], [], []

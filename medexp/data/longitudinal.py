@@ -33,7 +33,9 @@ from torch.utils.data import Dataset
 
 from medexp.data import validation
 from medexp.data.base import SPLITS, ArrayDataModule
-from medexp.data.files import RASTER_SUFFIXES, Case, CaseReader, UnreadableFile, _listing, _resolve, assign_splits
+from medexp.data.files import (
+    RASTER_SUFFIXES, Case, CaseReader, UnreadableFile, _listing, _resolve, assign_splits, read_csv_rows,
+)
 from medexp.data.folds import assign_folds, strata
 from medexp.data.synthetic import _blob
 from medexp.utils.errors import MedexpError
@@ -508,24 +510,10 @@ def read_visits(path: Path, num_classes: int, missing_ok: bool = False) -> list[
             f"manifest not found: {path}. Point data.manifest at a CSV file with columns {list(MANIFEST_COLUMNS)} "
             "(optional ['split']), one row per visit"
         )
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
-            reader = csv.DictReader(file)
-            columns = [name.strip() for name in reader.fieldnames or []]
-            missing = [name for name in MANIFEST_COLUMNS if name not in columns]
-            if missing:
-                raise MedexpError(
-                    f"{path}: missing column(s) {missing}; a longitudinal manifest needs columns "
-                    f"{list(MANIFEST_COLUMNS)} (one row per visit) and may have ['split'] (found {columns})"
-                )
-            rows = [
-                (reader.line_num, {key.strip(): (value or "").strip() for key, value in row.items() if key is not None})
-                for row in reader
-            ]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise MedexpError(f"{path}: cannot read it as a CSV file ({exc})") from exc
-    if not rows:
-        raise MedexpError(f"{path}: the manifest lists no images")
+    columns, rows = read_csv_rows(
+        path, MANIFEST_COLUMNS,
+        f"a longitudinal manifest needs columns {list(MANIFEST_COLUMNS)} (one row per visit) and may have ['split']",
+    )
 
     base = path.absolute().parent
     problems: dict[str, list[str]] = {}
