@@ -45,7 +45,8 @@ RUNS = {
 
 
 def run(stage: str, name: str, seed: int, args: argparse.Namespace) -> dict:
-    run_dir = Path(args.log_dir) / f"{stage}_{name.replace(' ', '_').replace(',', '')}_seed{seed}"
+    slug = "".join(char if char.isalnum() else "_" for char in name)
+    run_dir = Path(args.log_dir) / f"{stage}_{slug}_seed{seed}"
     wall = 0.0
     if not (run_dir / "metrics.json").exists():
         command = [sys.executable, "-m", "medexp.train", *RUNS[stage][name], f"seed={seed}", f"hydra.run.dir={run_dir}", *QUIET]
