@@ -6,6 +6,10 @@ module's splits are not loaded); each input is prepared exactly as the test spli
 (:meth:`~medexp.data.base.ArrayDataModule.predict_transform`). Classification writes
 ``<output>/predictions.csv``; segmentation writes one mask of class indices per input, in the
 input's format and geometry, and lists them in ``<output>/predictions.csv``.
+
+Classifiers may report how certain they are (``uncertainty=mc_dropout|tta``): the CSV then
+holds each image's probabilities averaged over several stochastic passes, and two more columns
+(see :class:`TableWriter`): ``entropy`` and ``std``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning.pytorch as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig
@@ -29,6 +34,9 @@ log = logging.getLogger("medexp")
 register_resolvers()
 
 GLOB_CHARS = "*?["
+# uncertainty=...: Monte Carlo dropout (dropout layers kept stochastic, `samples` passes) or
+# test-time augmentation (every combination of flips along the spatial axes)
+UNCERTAINTY = ("mc_dropout", "tta")
 
 
 def find_inputs(spec: str) -> list[Path]:
@@ -135,8 +143,8 @@ def predict(cfg: DictConfig) -> Path:
     check_config(cfg)
     if cfg.batch_size < 1:
         raise MedexpError(f"batch_size={cfg.batch_size}; expected a positive integer")
+    method = check_uncertainty(cfg)
 
-    import lightning.pytorch as L
     from hydra.utils import instantiate
     from monai.data import DataLoader, Dataset
 
@@ -157,11 +165,14 @@ def predict(cfg: DictConfig) -> Path:
             "medexp predict writes class probabilities and masks; it does not write reconstructions yet. "
             f"Evaluate the reconstruction model with: medexp eval ckpt_path={cfg.ckpt_path}"
         )
+    if method is not None:
+        model = Sampled(model, method, int(cfg.samples))
     transform = datamodule.predict_transform()
     if datamodule.task == "segmentation":
         writer: L.Callback = MaskWriter(transform, inputs, mask_paths(inputs, output))
     else:
-        writer = TableWriter(datamodule.task, _class_columns(datamodule))
+        columns = _class_columns(datamodule, reserved=UNCERTAINTY_COLUMNS if method else ())
+        writer = TableWriter(datamodule.task, columns, uncertainty=method is not None)
     loader = DataLoader(
         Dataset([{"image": str(path)} for path in inputs], transform),
         batch_size=cfg.batch_size,
@@ -169,6 +180,9 @@ def predict(cfg: DictConfig) -> Path:
     )
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[writer])
     log.info("predicting on %d image(s) from %s", len(inputs), cfg.input)
+    if method is not None:
+        log.info("uncertainty: %s over %d passes per image", method, model.passes(datamodule.spatial_dims))
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # the same seed, the same dropout masks
     trainer.predict(model, dataloaders=loader, return_predictions=False)
     table = output / "predictions.csv"
     writer.save(table)
@@ -176,10 +190,101 @@ def predict(cfg: DictConfig) -> Path:
     return table
 
 
-def _class_columns(datamodule: Any) -> list[str]:
+def check_uncertainty(cfg: DictConfig) -> str | None:
+    """The ``uncertainty`` method asked for (None: plain predictions), ``samples`` checked.
+
+    Raises:
+        MedexpError: naming the key with a bad value.
+    """
+    method = cfg.get("uncertainty")
+    if method is not None and method not in UNCERTAINTY:
+        raise MedexpError(f"uncertainty={method!r}; expected null or one of {list(UNCERTAINTY)}")
+    samples = cfg.get("samples")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+        raise MedexpError(f"samples={samples!r}; expected an integer of at least 2 (the passes of uncertainty=mc_dropout)")
+    return method
+
+
+def dropout_layers(model: Any) -> list[Any]:
+    """The dropout layers of ``model`` that drop something (probability above 0)."""
+    from torch import nn
+
+    return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+
+
+def flip_combinations(spatial_dims: int) -> list[tuple[int, ...]]:
+    """The axes of ``(B, C, *spatial)`` batches that test-time augmentation flips, every
+    combination of the spatial axes including none: 4 for images, 8 for volumes."""
+    import itertools
+
+    axes = range(2, 2 + spatial_dims)
+    return [combo for k in range(spatial_dims + 1) for combo in itertools.combinations(axes, k)]
+
+
+UNCERTAINTY_COLUMNS = ("entropy", "std")
+
+
+class Sampled(L.LightningModule):
+    """A classifier predicting over several passes per batch: :meth:`predict_step` returns the
+    probabilities of every pass, ``(passes, B, num_classes)``.
+
+    ``mc_dropout``: the model in evaluation mode (BatchNorm uses its running statistics) except
+    its dropout layers, which keep dropping; ``samples`` passes, drawn from torch's global random
+    state (seed it for repeatable results). ``tta``: one pass per combination of flips along the
+    spatial axes (:func:`flip_combinations`); ``samples`` does not apply.
+
+    Raises:
+        MedexpError: for a model that is not a classifier, or mc_dropout without dropout layers.
+    """
+
+    def __init__(self, model: Any, method: str, samples: int) -> None:
+        from medexp.tasks.classification import ClassificationTask
+
+        if not isinstance(model, ClassificationTask):
+            raise MedexpError(
+                f"uncertainty={method}: supported for classifiers only; this checkpoint's model is a "
+                f"{type(model).__name__} (predict without uncertainty=...)"
+            )
+        if getattr(model.net, "extra_inputs", ()):
+            raise MedexpError(f"uncertainty={method}: not supported for sequence models ({type(model.net).__name__})")
+        super().__init__()
+        self.model, self.method, self.samples = model, method, samples
+        self.dropouts = dropout_layers(model) if method == "mc_dropout" else []
+        if method == "mc_dropout" and not self.dropouts:
+            raise MedexpError(
+                f"uncertainty=mc_dropout: the model ({type(model.net).__name__}) has no dropout layers with a "
+                "probability above 0, so every pass would give the same result; train with dropout (e.g. "
+                "model=cnn model.net.dropout=0.2) or use uncertainty=tta"
+            )
+
+    def passes(self, spatial_dims: int) -> int:
+        return self.samples if self.method == "mc_dropout" else len(flip_combinations(spatial_dims))
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        import torch
+
+        model = self.model
+        batch = model.prepare_batch(batch, "predict")
+        x, extra = batch[model.input_key], model.net_extras(batch)
+        model.eval()
+        if self.method == "mc_dropout":
+            for layer in self.dropouts:
+                layer.train()
+            passes = [model.postprocess(model.infer(x, **extra)) for _ in range(self.samples)]
+            for layer in self.dropouts:
+                layer.eval()
+        else:
+            passes = [
+                model.postprocess(model.infer(x.flip(axes) if axes else x, **extra))
+                for axes in flip_combinations(x.ndim - 2)
+            ]
+        return torch.stack(passes)
+
+
+def _class_columns(datamodule: Any, reserved: tuple[str, ...] = ()) -> list[str]:
     names = datamodule.class_names
     columns = [str(name) for name in names] if names else []
-    if len(set(columns)) != datamodule.num_classes or {"image", "prediction"} & set(columns):
+    if len(set(columns)) != datamodule.num_classes or {"image", "prediction", *reserved} & set(columns):
         return [f"p_{index}" for index in range(datamodule.num_classes)]
     return columns
 
@@ -195,21 +300,41 @@ class TableWriter(BasePredictionWriter):
     Columns: ``image``, one probability per class (``columns``), ``prediction``: the most
     probable class index, or for multi-label tasks each label's 0/1 (probability above 0.5),
     separated by spaces.
+
+    With ``uncertainty``, predictions are ``(passes, B, num_classes)`` (see :class:`Sampled`):
+    the probabilities are their mean over the passes, and two columns follow ``prediction``:
+    ``entropy``, the predictive entropy of the mean probabilities in nats (multi-label: summed
+    over the labels, each a yes/no distribution), and ``std``, the standard deviation over the
+    passes (population, ``correction=0``) of the predicted class's probability (multi-label: the
+    mean over the labels of each label's).
     """
 
-    def __init__(self, task: str, columns: list[str]) -> None:
+    def __init__(self, task: str, columns: list[str], uncertainty: bool = False) -> None:
         super().__init__(write_interval="batch")
-        self.task, self.columns = task, columns
+        self.task, self.columns, self.uncertainty = task, columns, uncertainty
         self.rows: list[list[Any]] = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        probs = prediction.float().cpu()  # (B, num_classes)
-        for file, p in zip(_batch_files(batch), probs):
+        import torch
+
+        passes = prediction.float().cpu()
+        probs = passes.mean(dim=0) if self.uncertainty else passes  # (B, num_classes)
+        for index, (file, p) in enumerate(zip(_batch_files(batch), probs)):
             label = " ".join(str(int(v > 0.5)) for v in p) if self.task == "multilabel" else int(p.argmax())
-            self.rows.append([file, *(f"{v:.6g}" for v in p.tolist()), label])
+            row = [file, *(f"{v:.6g}" for v in p.tolist()), label]
+            if self.uncertainty:
+                spread = passes[:, index].std(dim=0, correction=0)  # (num_classes,)
+                if self.task == "multilabel":
+                    entropy = float((torch.special.entr(p) + torch.special.entr(1 - p)).sum())
+                    std = float(spread.mean())
+                else:
+                    entropy, std = float(torch.special.entr(p).sum()), float(spread[int(p.argmax())])
+                row += [f"{entropy:.6g}", f"{std:.6g}"]
+            self.rows.append(row)
 
     def save(self, path: Path) -> None:
-        _write_csv(path, ["image", *self.columns, "prediction"], self.rows)
+        extra = list(UNCERTAINTY_COLUMNS) if self.uncertainty else []
+        _write_csv(path, ["image", *self.columns, "prediction", *extra], self.rows)
 
 
 class MaskWriter(BasePredictionWriter):

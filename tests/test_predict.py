@@ -170,3 +170,98 @@ def test_predict_takes_data_overrides_that_fit_the_checkpoint(tmp_path):
                          "predict", output_dir=tmp_path / "p")
     with pytest.raises(MedexpError, match="data.root='moved' does not apply"):
         predict(cfg)
+
+
+# --- uncertainty ----------------------------------------------------------------------------------
+
+
+def phantom_pngs(folder: Path, n: int = 4) -> np.ndarray:
+    images, _, _ = make_phantoms(n, 32, "binary", 2, np.random.default_rng(11))
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image[0]).save(folder / f"case{index}.png")
+    return images
+
+
+def predict_rows(ckpt: Path, tmp: Path, name: str, *overrides: str) -> list[dict]:
+    cfg = compose_config([f"ckpt_path={ckpt}", f"input={tmp / 'images'}", f"output={tmp / name}", "batch_size=2",
+                          "trainer.enable_progress_bar=false", *overrides], "predict", output_dir=tmp / "run")
+    return read_rows(predict(cfg))
+
+
+def test_mc_dropout_spreads_and_repeats_under_a_seed(classifier, tmp_path):
+    phantom_pngs(tmp_path / "images")
+    rows = predict_rows(classifier, tmp_path, "a", "uncertainty=mc_dropout", "samples=8", "seed=3")
+    assert list(rows[0]) == ["image", "p_0", "p_1", "prediction", "entropy", "std"]
+    assert max(float(row["std"]) for row in rows) > 0
+    probs = torch.tensor([[float(row["p_0"]), float(row["p_1"])] for row in rows])
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(len(rows)), atol=1e-5, rtol=0)
+    entropy = -(probs * probs.log()).sum(dim=1)
+    torch.testing.assert_close(torch.tensor([float(row["entropy"]) for row in rows]), entropy, atol=1e-5, rtol=0)
+    assert [int(row["prediction"]) for row in rows] == probs.argmax(dim=1).tolist()
+
+    assert predict_rows(classifier, tmp_path, "b", "uncertainty=mc_dropout", "samples=8", "seed=3") == rows
+    other = predict_rows(classifier, tmp_path, "c", "uncertainty=mc_dropout", "samples=8", "seed=4")
+    assert [row["std"] for row in other] != [row["std"] for row in rows]
+    assert list(predict_rows(classifier, tmp_path, "d")[0]) == ["image", "p_0", "p_1", "prediction"]
+
+
+def test_mc_dropout_keeps_batchnorm_in_evaluation_mode(classifier):
+    from medexp.predict import Sampled
+
+    model = model_of(classifier)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [norm.running_mean.clone() for norm in norms]
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        passes = Sampled(model, "mc_dropout", 6).predict_step({"image": x}, 0)
+    assert passes.shape == (6, 3, 2) and passes.std(dim=0).max() > 0
+    assert all(torch.equal(norm.running_mean, old) for norm, old in zip(norms, before))
+    assert not any(m.training for m in model.modules())  # dropout back to evaluation mode after the passes
+
+
+def test_tta_averages_over_flips(classifier, tmp_path):
+    images = phantom_pngs(tmp_path / "images", n=3)
+    rows = predict_rows(classifier, tmp_path, "tta", "uncertainty=tta")
+    assert list(rows[0]) == ["image", "p_0", "p_1", "prediction", "entropy", "std"]
+    model = model_of(classifier)
+    x = torch.from_numpy(images).float() / 255
+    with torch.no_grad():
+        passes = torch.stack([model.postprocess(model(x.flip(axes) if axes else x))
+                              for axes in [(), (2,), (3,), (2, 3)]])
+    probs = torch.tensor([[float(row["p_0"]), float(row["p_1"])] for row in rows])
+    torch.testing.assert_close(probs, passes.mean(dim=0), atol=1e-5, rtol=0)
+    predicted = passes.mean(dim=0).argmax(dim=1)
+    std = passes.std(dim=0, correction=0)[torch.arange(3), predicted]
+    torch.testing.assert_close(torch.tensor([float(row["std"]) for row in rows]), std, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["uncertainty=bayes"], r"uncertainty='bayes'; expected null or one of \['mc_dropout', 'tta'\]"),
+        (["uncertainty=mc_dropout", "samples=1"], r"samples=1; expected an integer of at least 2"),
+    ],
+    ids=["method", "samples"],
+)
+def test_bad_uncertainty_options_name_the_key(tmp_path, overrides, message):
+    cfg = compose_config(["ckpt_path=never-read.ckpt", f"input={tmp_path}", f"output={tmp_path / 'out'}", *overrides],
+                         "predict", output_dir=tmp_path)
+    with pytest.raises(MedexpError, match=message):
+        predict(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_uncertainty_needs_dropout_and_a_classifier(classifier):
+    from medexp.predict import Sampled, dropout_layers
+
+    model = model_of(classifier)
+    for layer in dropout_layers(model):
+        layer.p = 0.0
+    with pytest.raises(MedexpError, match=r"uncertainty=mc_dropout: the model \(SimpleCNN\) has no dropout layers"):
+        Sampled(model, "mc_dropout", 8)
+    Sampled(model, "tta", 8)  # flips need no dropout
+
+    segmenter = instantiate(compose_config(["data=synthetic_seg", *TINY_UNET]).model, _convert_="all")
+    with pytest.raises(MedexpError, match=r"uncertainty=tta: supported for classifiers only; .* SegmentationTask"):
+        Sampled(segmenter, "tta", 8)
