@@ -2,7 +2,8 @@
 
 Data and model are rebuilt from the run config stored in the checkpoint, so no config tree or
 overrides from training are needed. When the checkpoint sits in a run directory with a
-``metrics.json``, the recorded metrics are printed next to the new ones.
+``metrics.json``, the recorded metrics are printed next to the new ones. ``report=true`` writes
+the evaluation report (:mod:`medexp.reports.evaluation`) into ``<eval run>/report/``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for split in cfg.splits:
         run = trainer.validate if split == "val" else trainer.test
         results[split] = to_floats(run(model, datamodule=datamodule)[0])
+
+    if cfg.get("report") and trainer.is_global_zero:
+        from medexp.reports import write_report
+        from medexp.reports.calibration import CALIBRATION_KEY
+
+        split = "test" if "test" in cfg.splits else cfg.splits[0]
+        write_report(
+            trainer, model, datamodule, Path(cfg.paths.output_dir) / "report", split=split, metrics=results[split],
+            remote_images=bool(cfg.get("logger", {}).get("log_images", False)),
+            calibration=checkpoint.get(CALIBRATION_KEY), checkpoint=str(ckpt_path),
+        )
 
     recorded_file = ckpt_path.resolve().parent.parent / "metrics.json"
     if recorded_file.is_file():

@@ -3,8 +3,11 @@
 Writes into the run directory: Hydra's config and overrides (``.hydra/``), the resolved config
 (``resolved_config.yaml``), ``run_info.json``
 (seed, git commit, package versions, data fingerprint, logger run ids),
-``checkpoints/{best,last}.ckpt``, logger files and ``metrics.json`` (the best checkpoint's val
-and test metrics). ``ckpt_path=<run>/checkpoints/last.ckpt`` resumes that run in its directory
+``checkpoints/{best,last}.ckpt``, logger files, ``metrics.json`` (the best checkpoint's val
+and test metrics; with ``model.calibrate=true`` the temperature fitted on the validation split,
+under ``calibration``) and, with ``report=true``, ``report/`` (the evaluation report of the best
+checkpoint on the test split: see :mod:`medexp.reports.evaluation`).
+``ckpt_path=<run>/checkpoints/last.ckpt`` resumes that run in its directory
 (see :func:`medexp.utils.rundir.resume_arguments`).
 """
 
@@ -37,7 +40,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The contents of ``metrics.json``: ``status`` (``complete``, or ``pruned`` when an Optuna
         pruner stopped the run), ``seed``, ``fit``, ``monitor``, ``best_score``,
-        ``best_checkpoint``, ``val`` and ``test``.
+        ``best_checkpoint``, ``calibration`` (with ``model.calibrate=true``), ``val`` and ``test``.
     """
     from medexp.utils.config import check_config
 
@@ -119,6 +122,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 best_score=float(trainer.checkpoint_callback.best_model_score),
                 best_checkpoint=best,
             )
+        if cfg.train and metrics["status"] != "pruned" and model.hparams.get("calibrate"):
+            # temperature scaling of the best checkpoint on the validation split, written into it
+            from medexp.reports.calibration import calibrate_checkpoint
+
+            metrics["calibration"] = calibrate_checkpoint(trainer, model, datamodule, best or None)
         if cfg.test and metrics["status"] != "pruned":
             # without training (train=false), test the checkpoint given as ckpt_path
             ckpt = best or cfg.ckpt_path
@@ -126,6 +134,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 log.warning("no best checkpoint was saved; evaluating the current weights")
             metrics["val"] = to_floats(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)[0])
             metrics["test"] = to_floats(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)[0])
+            if cfg.get("report") and trainer.is_global_zero:
+                _write_report(cfg, trainer, model, datamodule, metrics, ckpt)
     except RunStopped as exc:  # a diverged loss or SIGTERM/SIGINT (medexp.callbacks.faults)
         if trainer.is_global_zero:
             write_json(out / "metrics.json", {**metrics, **exc.record})
@@ -142,6 +152,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 _DRAWN_SEED = "MEDEXP_DRAWN_SEED"
+
+
+def _write_report(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any, metrics: dict[str, Any], ckpt: str | None) -> None:
+    """``<run>/report/``: the evaluation report of the tested checkpoint on the test split (see
+    :mod:`medexp.reports.evaluation`). A failure is logged, never fatal: the run's metrics stand."""
+    from medexp.reports import write_report
+
+    try:
+        write_report(
+            trainer, model, datamodule, Path(cfg.paths.output_dir) / "report", split="test",
+            metrics=metrics["test"], remote_images=bool(cfg.get("logger", {}).get("log_images", False)),
+            calibration=metrics.get("calibration"), checkpoint=str(ckpt) if ckpt else None,
+        )
+    except Exception:  # the report is an addition to the run, not part of its result
+        log.warning("the evaluation report could not be written", exc_info=True)
 
 
 def _seed(seed: int | None) -> int:

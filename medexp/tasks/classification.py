@@ -42,6 +42,11 @@ class ClassificationTask(BaseTask):
     """Classify images into classes (softmax over ``num_classes`` outputs, also for binary
     tasks, as in MedMNIST v2) or into independent labels (sigmoid, multi-label).
 
+    Temperature scaling: :meth:`postprocess` divides the logits by the buffer ``temperature``
+    (a scalar, 1 unless fitted; one for all classes or labels), which checkpoints keep, so the
+    probabilities of validation, test and ``medexp predict`` are the calibrated ones. Accuracy
+    does not change with it (nor, for binary and multi-label tasks, AUROC).
+
     Metrics: accuracy, balanced accuracy (macro recall; binary/multi-class), AUROC (one-vs-rest,
     macro), F1, precision, recall and specificity (macro), and for binary tasks the positive
     class's ``sensitivity``, ``specificity`` and ``precision``.
@@ -54,6 +59,8 @@ class ClassificationTask(BaseTask):
             ``n / (num_classes * n_c)``; for multi-label the positive weight ``negatives / positives``)
             or one weight per class.
         label_smoothing: in [0, 1).
+        calibrate: after training, fit a temperature on the validation set (``medexp train``
+            does it; see :func:`medexp.reports.calibration.calibrate_checkpoint`).
         **kwargs: ``optimizer``, ``scheduler``, ``monitor``; see :class:`~medexp.tasks.base.BaseTask`.
     """
 
@@ -67,6 +74,7 @@ class ClassificationTask(BaseTask):
         num_classes: int,
         class_weights: str | Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        calibrate: bool = False,
         monitor: str = "val/auroc",
         **kwargs: Any,
     ) -> None:
@@ -86,6 +94,13 @@ class ClassificationTask(BaseTask):
         super().__init__(net, monitor=monitor, **kwargs)
         # set in setup(): "auto" needs the training labels; not part of the checkpoint's weights
         self.register_buffer("class_weight", None, persistent=False)
+        # temperature scaling (Guo et al., 2017): fitted after training when calibrate=true
+        self.register_buffer("temperature", torch.ones(()))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints from before temperature scaling existed have no temperature: 1
+        state_dict.setdefault(f"{prefix}temperature", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def configure_metrics(self) -> MetricCollection:
         n = self.num_classes
@@ -145,5 +160,7 @@ class ClassificationTask(BaseTask):
         return F.cross_entropy(outputs, target, weight=self.class_weight, label_smoothing=smoothing)
 
     def postprocess(self, outputs: torch.Tensor) -> torch.Tensor:
-        """``(B, num_classes)`` logits -> probabilities (sigmoid for multi-label, softmax otherwise)."""
+        """``(B, num_classes)`` logits -> probabilities (sigmoid for multi-label, softmax otherwise),
+        of the logits divided by :attr:`temperature`."""
+        outputs = outputs / self.temperature.to(outputs.dtype)
         return outputs.sigmoid() if self.task == "multilabel" else outputs.softmax(dim=1)

@@ -75,6 +75,8 @@ TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 RULES: tuple[Rule, ...] = (
     Rule("seed", "int", 0, 2**32 - 1, optional=True),
     Rule("train", "bool"),
+    Rule("report", "bool"),
+    Rule("model.calibrate", "bool"),
     Rule("test", "bool"),
     Rule("optimizer.lr", "number", 0, low_open=True),
     Rule("optimizer.weight_decay", "number", 0),

@@ -1,0 +1,518 @@
+"""The evaluation report of a classification or segmentation checkpoint on one split.
+
+:func:`write_report` runs one prediction pass over the split (the test split by default) with
+the model as it stands (after ``trainer.test(ckpt_path=best)``: the best checkpoint), on the
+trainer's device and precision and the same batches as the trainer's test loop, and writes
+``<dir>/report.json`` (the numbers), PNG figures, ``report.md`` (linking them) and a
+self-contained ``report.html`` (figures embedded), and sends the figures to the trainer's loggers
+(:func:`medexp.utils.loggers.send_picture`: remote loggers only with ``logger.log_images=true``).
+
+Classification (binary, multi-class, multi-label), computed with torchmetrics on the same
+probabilities the test metrics see, so they equal ``metrics.json``'s:
+
+- accuracy (multi-class: micro; multi-label: mean over labels at 0.5) and AUROC (macro over
+  classes one-vs-rest, or over labels), each with a percentile bootstrap 95% confidence interval
+  (``n_boot`` resamples of the cases with replacement, drawn from ``seed``);
+- per class (label): precision, recall, F1 (argmax; multi-label: threshold 0.5), support (cases
+  of the class; multi-label: positives), AUROC and average precision; the confusion matrix
+  (multi-label: one 2x2 matrix per label); ROC and precision-recall curves one-vs-rest
+  (binary: the positive class);
+- calibration: ECE with 15 bins (top-label for binary and multi-class, mean per-label ECE for
+  multi-label; see :func:`medexp.reports.calibration.ece`), NLL and a reliability diagram, with
+  the model's temperature and without it (``T = 1``), plus the fit on the validation split when
+  the model was calibrated (``model.calibrate=true``).
+
+Segmentation: per case Dice (the test metric's, per case: mean over foreground classes; cases
+with an empty truth and an empty prediction have none) and HD95 (as
+:class:`~medexp.tasks.segmentation.HausdorffDistance95`), their distributions, the means that
+equal the test metrics, and overlays of the ``worst`` cases by Dice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medexp.reports import calibration as cal
+
+log = logging.getLogger("medexp")
+
+N_BOOT = 1000
+BOOT_SEED = 0
+WORST_CASES = 4
+
+
+# --------------------------------------------------------------------------------------------
+# the prediction pass
+
+
+def batch_limit(trainer: Any, split: str, loader: Any) -> int | None:
+    """How many batches of ``split`` the trainer's own loop evaluates (``limit_test_batches``)."""
+    if trainer is None:
+        return None
+    stage = {"test": "test", "val": "val"}[split]
+    counted = getattr(trainer, f"num_{stage}_batches", None)
+    if trainer.world_size == 1 and counted:
+        return int(counted[0])
+    limit = getattr(trainer, f"limit_{stage}_batches", 1.0)
+    if isinstance(limit, int):
+        return limit
+    if limit is None or float(limit) >= 1.0:
+        return None
+    return max(1, int(len(loader) * float(limit)))
+
+
+def prediction_pass(
+    trainer: Any,
+    model: Any,
+    loader: Any,
+    max_batches: int | None,
+    visit: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None],
+) -> None:
+    """Run ``model`` over ``loader`` as its test step does (``prepare_batch``, ``infer`` and
+    ``postprocess`` under the trainer's precision, on the trainer's device, in eval mode, no
+    gradients) and call ``visit(outputs, probabilities, batch)`` for each batch. The model goes
+    back to its device and mode afterwards."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    device = trainer.strategy.root_device if trainer is not None else model.device
+    precision = trainer.precision_plugin if trainer is not None else None
+    context = precision.test_step_context if precision is not None else contextlib.nullcontext
+    convert = precision.convert_input if precision is not None else (lambda data: data)  # e.g. 16-true: half inputs
+    original_device, was_training = model.device, model.training
+    model.to(device).eval()
+    model.on_test_epoch_start()  # e.g. the seed of evaluation randomness
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(loader):
+                if max_batches is not None and index >= max_batches:
+                    break
+                batch = model.prepare_batch(move_data_to_device(convert(batch), device), "test")
+                with context():
+                    outputs = model.infer(batch[model.input_key], **model.net_extras(batch))
+                    probs = model.postprocess(outputs)
+                visit(outputs, probs, batch)
+    finally:
+        model.to(original_device)
+        model.train(was_training)
+
+
+def collect_logits(
+    trainer: Any, model: Any, loader: Any, max_batches: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classifier's ``(N, C)`` logits (before its temperature) and targets over ``loader``."""
+    logits, _, targets = _collect_classification(trainer, model, loader, max_batches)
+    return logits, targets
+
+
+def _collect_classification(
+    trainer: Any, model: Any, loader: Any, max_batches: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits, probs, targets = [], [], []
+
+    def visit(outputs: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        logits.append(outputs.float().cpu())
+        probs.append(p.float().cpu())
+        targets.append(batch[model.target_key].cpu())
+
+    prediction_pass(trainer, model, loader, max_batches, visit)
+    return torch.cat(logits), torch.cat(probs), torch.cat(targets)
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def weighted_auroc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC (the Mann-Whitney statistic, ties counting a half) of ``scores`` for the 0/1 truth
+    ``positive`` under each row of case ``weights`` ``(B, n)``; NaN where a row has no positive
+    or no negative. With all weights 1 it is the usual AUROC."""
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # tie groups
+    pos = positive[order].astype(bool)
+    w = weights[:, order]
+    pos_group = np.add.reduceat(np.where(pos, w, 0.0), starts, axis=1)
+    neg_group = np.add.reduceat(np.where(pos, 0.0, w), starts, axis=1)
+    neg_below = np.cumsum(neg_group, axis=1) - neg_group
+    pairs = (pos_group * (neg_below + 0.5 * neg_group)).sum(axis=1)
+    total = pos_group.sum(axis=1) * neg_group.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, pairs / np.where(total > 0, total, 1.0), np.nan)
+
+
+def _macro_auroc(probs: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Macro AUROC over the columns (one-vs-rest classes or labels) of ``truth`` (0/1, ``(n, C)``)
+    under each row of case ``weights``.
+
+    A class without positives or without negatives in the whole split scores 0, as torchmetrics
+    scores it (so the point estimate is torchmetrics'); a class that only a resample lacks is left
+    out of that resample's mean.
+    """
+    per_class = np.stack([weighted_auroc(probs[:, c], truth[:, c], weights) for c in range(probs.shape[1])], axis=1)
+    degenerate = ~(truth.any(axis=0) & (~truth).any(axis=0))
+    per_class[:, degenerate] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without any class to score: NaN
+        return np.nanmean(per_class, axis=1)
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def bootstrap_classification(
+    probs: torch.Tensor, targets: torch.Tensor, task: str, n_boot: int = N_BOOT, seed: int = BOOT_SEED
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap 95% intervals of accuracy and macro AUROC: ``{name: (low, high)}``.
+
+    Accuracy per resample is the weighted mean of each case's correctness (multi-label: the share
+    of its labels right at 0.5), AUROC the weighted Mann-Whitney statistic per class
+    (:func:`weighted_auroc`); both equal torchmetrics' values with all weights 1. Resamples are
+    processed in chunks, so memory stays bounded for large splits.
+    """
+    p = probs.double().numpy()
+    n = len(p)
+    if task == "multilabel":
+        truth = targets.numpy().astype(bool)
+        correct = ((p > 0.5) == truth).mean(axis=1)
+    else:
+        labels = targets.long().numpy()
+        truth = np.eye(p.shape[1], dtype=bool)[labels]
+        correct = (p.argmax(axis=1) == labels).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // max(n, 1))
+    accuracy, auroc = [], []
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(np.float64)
+        accuracy.append(weights @ correct / n)
+        auroc.append(_macro_auroc(p, truth, weights))
+    return {"accuracy": _interval(np.concatenate(accuracy)), "auroc": _interval(np.concatenate(auroc))}
+
+
+# --------------------------------------------------------------------------------------------
+# classification
+
+
+def _names(datamodule: Any, count: int) -> list[str]:
+    names = getattr(datamodule, "class_names", None)
+    if names and len(names) == count:
+        return [str(name) for name in names]
+    return [str(index) for index in range(count)]
+
+
+def classification_numbers(
+    probs: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    task: str,
+    class_names: list[str],
+    temperature: float = 1.0,
+    n_boot: int = N_BOOT,
+    seed: int = BOOT_SEED,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The numbers of a classification report, and the curves for its figures."""
+    with warnings.catch_warnings():
+        # a class without positives (negatives) in the split: torchmetrics scores it 0, as the test metrics do
+        warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
+        return _classification_numbers(probs, logits, targets, task, class_names, temperature, n_boot, seed)
+
+
+def _classification_numbers(
+    probs: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    task: str,
+    class_names: list[str],
+    temperature: float,
+    n_boot: int,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torchmetrics.functional.classification as tmf
+
+    n_classes = probs.shape[1]
+    if task == "multilabel":
+        t = targets.long()
+        accuracy = tmf.multilabel_accuracy(probs, t, n_classes)
+        auroc = tmf.multilabel_auroc(probs, t, n_classes)
+        precision = tmf.multilabel_precision(probs, t, n_classes, average="none")
+        recall = tmf.multilabel_recall(probs, t, n_classes, average="none")
+        f1 = tmf.multilabel_f1_score(probs, t, n_classes, average="none")
+        per_auroc = tmf.multilabel_auroc(probs, t, n_classes, average="none")
+        per_ap = tmf.multilabel_average_precision(probs, t, n_classes, average="none")
+        support = t.sum(dim=0)
+        confusion = tmf.multilabel_confusion_matrix(probs, t, n_classes)
+        roc = tmf.multilabel_roc(probs, t, n_classes)
+        pr = tmf.multilabel_precision_recall_curve(probs, t, n_classes)
+        extra = {}
+    else:
+        t = targets.long()
+        accuracy = tmf.multiclass_accuracy(probs, t, n_classes, average="micro")
+        auroc = tmf.multiclass_auroc(probs, t, n_classes)
+        precision = tmf.multiclass_precision(probs, t, n_classes, average="none")
+        recall = tmf.multiclass_recall(probs, t, n_classes, average="none")
+        f1 = tmf.multiclass_f1_score(probs, t, n_classes, average="none")
+        per_auroc = tmf.multiclass_auroc(probs, t, n_classes, average="none")
+        per_ap = tmf.multiclass_average_precision(probs, t, n_classes, average="none")
+        support = torch.bincount(t, minlength=n_classes)
+        confusion = tmf.multiclass_confusion_matrix(probs, t, n_classes)
+        roc = tmf.multiclass_roc(probs, t, n_classes)
+        pr = tmf.multiclass_precision_recall_curve(probs, t, n_classes)
+        extra = {"balanced_accuracy": float(recall.mean())}
+    intervals = bootstrap_classification(probs, targets, task, n_boot, seed)
+
+    def with_interval(name: str, value: torch.Tensor) -> dict[str, float]:
+        low, high = intervals[name]
+        return {"value": float(value), "ci_low": low, "ci_high": high}
+
+    before = cal.probabilities(logits, task)
+    calibration = {
+        "ece_kind": cal.ECE_KIND[task],
+        "n_bins": cal.N_BINS,
+        "temperature": float(temperature),
+        "ece": cal.ece(probs, targets, task),
+        "nll": float(cal.nll(logits.double(), targets, task, temperature)),
+        "ece_uncalibrated": cal.ece(before, targets, task),
+        "nll_uncalibrated": float(cal.nll(logits.double(), targets, task, 1.0)),
+        "reliability": cal.reliability_bins(probs, targets, task),
+        "reliability_uncalibrated": cal.reliability_bins(before, targets, task),
+    }
+    per_class = [
+        {
+            "class": name,
+            "precision": float(precision[c]),
+            "recall": float(recall[c]),
+            "f1": float(f1[c]),
+            "support": int(support[c]),
+            "auroc": float(per_auroc[c]),
+            "average_precision": float(per_ap[c]),
+        }
+        for c, name in enumerate(class_names)
+    ]
+    numbers = {
+        "n": int(len(targets)),
+        "classes": class_names,
+        "metrics": {
+            "accuracy": with_interval("accuracy", accuracy),
+            "auroc": with_interval("auroc", auroc),
+            **extra,
+            "f1_macro": float(f1.mean()),
+        },
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "confusion_matrix_layout": (
+            "per label [[TN, FP], [FN, TP]] at 0.5" if task == "multilabel" else "rows: true class, columns: predicted"
+        ),
+        "calibration": calibration,
+        "bootstrap": {"n_resamples": n_boot, "seed": seed, "method": "percentile, cases resampled with replacement"},
+    }
+    curves = {
+        "roc": [(fpr.numpy(), tpr.numpy()) for fpr, tpr in zip(roc[0], roc[1])],
+        "pr": [(rec.numpy(), prec.numpy()) for prec, rec in zip(pr[0], pr[1])],
+        "prevalence": [float(s) / max(1, len(targets)) for s in support],
+    }
+    return numbers, curves
+
+
+# --------------------------------------------------------------------------------------------
+# segmentation
+
+
+def _collect_segmentation(
+    trainer: Any, model: Any, loader: Any, max_batches: int | None, worst: int
+) -> tuple[list[float], list[float], list[int], list[tuple]]:
+    """Per case Dice, HD95 sum and count over foreground classes (see HausdorffDistance95), and
+    the ``worst`` cases by Dice as ``(dice, index, image 2D, truth 2D, prediction 2D)``."""
+    from torchmetrics.functional.segmentation import dice_score
+
+    from medexp.callbacks.overlays import middle_slice
+    from medexp.tasks.segmentation import HausdorffDistance95
+
+    n_classes = model.num_classes
+    hd95 = HausdorffDistance95(n_classes)
+    dice_all: list[float] = []
+    hd_sum: list[float] = []
+    hd_count: list[int] = []
+    heap: list[tuple] = []  # the worst cases so far, as a max-heap on Dice (negated)
+
+    def visit(outputs: torch.Tensor, probs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        preds = probs.argmax(dim=1)
+        target = batch[model.target_key][:, 0].long()
+        roi = batch.get(getattr(model, "roi_key", "roi"))
+        if roi is not None:  # as SegmentationTask.update_metrics: only the pixels inside count
+            inside = roi[:, 0].bool()
+            preds = torch.where(inside, preds, torch.zeros_like(preds))
+            target = torch.where(inside, target, torch.zeros_like(target))
+        dice = dice_score(
+            preds, target, n_classes, include_background=False, average="macro", input_format="index",
+            aggregation_level="samplewise",
+        ).cpu()
+        preds_cpu, target_cpu = preds.cpu(), target.cpu()
+        images = batch[model.input_key][:, 0].float().cpu().numpy()
+        for i in range(len(preds_cpu)):
+            hd95.reset()
+            hd95.update(preds_cpu[i : i + 1], target_cpu[i : i + 1])
+            index = len(dice_all)
+            value = float(dice[i])
+            dice_all.append(value)
+            hd_sum.append(float(hd95.total))
+            hd_count.append(int(hd95.count))
+            if math.isnan(value):
+                continue
+            truth_np, pred_np = target_cpu[i].numpy(), preds_cpu[i].numpy()
+            # 3D: the slice with the most truth, or, for a phantom lesion, the most prediction
+            guide = truth_np if truth_np.any() else pred_np
+            image_2d, _ = middle_slice(images[i], guide)
+            truth_2d, _ = middle_slice(truth_np, guide)
+            pred_2d, _ = middle_slice(pred_np, guide)
+            item = (-value, -index, index, image_2d, truth_2d, pred_2d)
+            if len(heap) < worst:
+                heapq.heappush(heap, item)
+            elif item[:2] > heap[0][:2]:
+                heapq.heapreplace(heap, item)
+
+    prediction_pass(trainer, model, loader, max_batches, visit)
+    cases = sorted(((-item[0], item[2], *item[3:]) for item in heap), key=lambda case: (case[0], case[1]))
+    return dice_all, hd_sum, hd_count, cases
+
+
+def segmentation_numbers(dice: list[float], hd_sum: list[float], hd_count: list[int], cases: list[tuple]) -> dict[str, Any]:
+    dice_np = np.asarray(dice, dtype=np.float64)
+    hd_case = [s / c if c else float("nan") for s, c in zip(hd_sum, hd_count)]
+    finite = dice_np[np.isfinite(dice_np)]
+    total_count = sum(hd_count)
+
+    def summary(values: np.ndarray) -> dict[str, float]:
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return {"n": 0}
+        q = np.percentile(values, [0, 25, 50, 75, 100])
+        return {"n": int(values.size), "mean": float(values.mean()), **dict(zip(("min", "q1", "median", "q3", "max"), map(float, q)))}
+
+    return {
+        "n": len(dice),
+        "metrics": {
+            # the test metrics: Dice's mean over cases that have one; HD95 over (case, class) pairs
+            "dice": float(finite.mean()) if finite.size else float("nan"),
+            "hd95": float(sum(hd_sum) / total_count) if total_count else float("nan"),
+        },
+        "dice_summary": summary(dice_np),
+        "hd95_summary": summary(np.asarray(hd_case, dtype=np.float64)),
+        "per_case": [{"case": i, "dice": d, "hd95": h} for i, (d, h) in enumerate(zip(dice, hd_case))],
+        "worst_cases": [{"case": case[1], "dice": case[0], "hd95": hd_case[case[1]]} for case in cases],
+        "notes": (
+            "case: the index in the split's loader order; dice: mean over foreground classes, none for a case "
+            "with an empty truth and an empty prediction; hd95 in pixels (voxels), a class present in only one "
+            "of truth and prediction counting as the image diagonal"
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+
+
+# the report's numbers that the task's test metrics also compute: report name -> metric name
+AGREEING = {"accuracy": "accuracy", "auroc": "auroc", "balanced_accuracy": "balanced_accuracy", "f1_macro": "f1",
+            "dice": "dice", "hd95": "hd95"}
+
+
+def _agreement(numbers: dict[str, Any], metrics: dict[str, Any] | None, split: str) -> dict[str, Any]:
+    if not metrics:
+        return {}
+    agreement = {}
+    for name, recorded_name in AGREEING.items():
+        key = f"{split}/{recorded_name}"
+        if name not in numbers["metrics"] or metrics.get(key) is None:
+            continue
+        value = numbers["metrics"][name]
+        value = value["value"] if isinstance(value, dict) else value
+        recorded = float(metrics[key])
+        agreement[name] = {"metric": key, "report": value, "metrics": recorded, "abs_diff": abs(value - recorded)}
+        if not abs(value - recorded) <= 1e-4 * max(1.0, abs(recorded)):
+            log.warning("report: %s is %.6g but the %s metrics recorded %.6g", name, value, split, recorded)
+    return agreement
+
+
+def write_report(
+    trainer: Any,
+    model: Any,
+    datamodule: Any,
+    out_dir: str | Path,
+    split: str = "test",
+    metrics: dict[str, Any] | None = None,
+    remote_images: bool = False,
+    calibration: dict[str, Any] | None = None,
+    checkpoint: str | None = None,
+    n_boot: int = N_BOOT,
+    seed: int = BOOT_SEED,
+    worst: int = WORST_CASES,
+) -> dict[str, Any] | None:
+    """Write the evaluation report of ``model`` on ``split`` into ``out_dir`` (see the module).
+
+    Args:
+        trainer: gives the device, precision, batch limit and the loggers the figures go to; may
+            be None (CPU, full precision, every batch, no loggers).
+        metrics: the split's metrics from the trainer (``{"test/auroc": ...}``), compared with
+            the report's under ``agreement`` (a warning when they differ).
+        remote_images: send the figures to remote loggers too (``logger.log_images``).
+        calibration: the record of a temperature fit (:func:`~medexp.reports.calibration.calibrate_checkpoint`).
+        checkpoint: the checkpoint evaluated, for the record.
+
+    Returns:
+        The contents of ``report.json``, or None for tasks without a report (reconstruction, GANs).
+    """
+    from medexp.reports import render
+    from medexp.tasks.classification import ClassificationTask
+    from medexp.tasks.segmentation import SegmentationTask
+
+    if not isinstance(model, (ClassificationTask, SegmentationTask)):
+        log.info("no evaluation report for %s (classification and segmentation only)", type(model).__name__)
+        return None
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datamodule.setup("test" if split == "test" else "validate")
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    limit = batch_limit(trainer, split, loader)
+    report: dict[str, Any] = {"split": split, "checkpoint": checkpoint, "model": type(model).__name__}
+    if isinstance(model, ClassificationTask):
+        logits, probs, targets = _collect_classification(trainer, model, loader, limit)
+        temperature = float(model.temperature)
+        names = _names(datamodule, model.num_classes)
+        numbers, curves = classification_numbers(probs, logits, targets, model.task, names, temperature, n_boot, seed)
+        report.update(task=model.task, **numbers)
+        if calibration:
+            report["calibration"]["fit"] = calibration
+        figures = render.classification_figures(out, report, curves)
+    else:
+        dice, hd_sum, hd_count, cases = _collect_segmentation(trainer, model, loader, limit, worst)
+        report.update(task="segmentation", **segmentation_numbers(dice, hd_sum, hd_count, cases))
+        figures = render.segmentation_figures(out, report, cases)
+    report["agreement"] = _agreement(report, metrics, split)
+    report["figures"] = [path.name for path in figures]
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    render.write_documents(out, report, figures)
+    if trainer is not None:
+        from medexp.utils.loggers import send_picture
+
+        noted = False
+        for path in figures:
+            noted = send_picture(trainer, f"report/{path.stem}", path, remote_images, noted)
+    log.info("evaluation report: %s (%.1f s)", out, time.perf_counter() - start)
+    return report
