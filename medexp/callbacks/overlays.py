@@ -78,7 +78,7 @@ class SegmentationOverlays(L.Callback):
         figure, axes = plt.subplots(1, len(truths), figsize=(3 * len(truths), 3.2), squeeze=False)
         for axis, image, truth, prediction in zip(axes[0], images, truths, predictions):
             picture, truth_2d = middle_slice(image[0], truth)
-            _, prediction_2d = middle_slice(prediction, truth)
+            prediction_2d, _ = middle_slice(prediction, truth)
             axis.imshow(picture, cmap="gray")
             axis.imshow(np.ma.masked_equal(prediction_2d, 0), cmap="autumn", alpha=0.5, interpolation="nearest")
             if truth_2d.any():

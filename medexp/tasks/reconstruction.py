@@ -82,8 +82,9 @@ class ReconstructionTask(BaseTask):
             for [-1, 1]).
         normal_classes: class indices of normal images, or None (no anomaly detection). For
             multi-label data, an image is abnormal when a label outside them is positive.
-        residual: the net predicts the correction to its input (output = input + net(input)),
-            so an untrained denoiser starts as the identity rather than as noise (as DnCNN).
+        residual: the net predicts the correction to its input (output = input + s * net(input),
+            the scale ``s`` learned from 0), so an untrained denoiser starts as the identity
+            rather than as noise (DnCNN's residual learning, ReZero's initialisation).
         **kwargs: ``optimizer``, ``scheduler``, ``monitor``; see :class:`~medexp.tasks.base.BaseTask`.
     """
 
@@ -123,13 +124,16 @@ class ReconstructionTask(BaseTask):
         # not in hparams: BaseTask leaves "loss" out (other tasks inject loss modules there)
         self.loss_kind = loss
         super().__init__(net, monitor=monitor, **kwargs)
+        # residual: output = input + scale * net(input), the scale learned from 0 (as ReZero), so
+        # training starts from the identity whatever the net's last layers are
+        self.residual_scale = nn.Parameter(torch.zeros(())) if residual else None
 
     def forward(self, x: torch.Tensor, **extra: torch.Tensor) -> Any:
         outputs = self.net(x, **extra)
         if self.hparams.residual:
             if isinstance(outputs, tuple):
                 raise MedexpError("model.residual=true needs a net that returns an image, not a VAE's tuple")
-            return x + outputs
+            return x + self.residual_scale * outputs
         return outputs
 
     def configure_metrics(self) -> MetricCollection:
@@ -218,3 +222,4 @@ class ReconstructionTask(BaseTask):
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``(B,)`` KL divergence of ``N(mu, exp(logvar))`` from ``N(0, 1)``, mean over latent units."""
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).flatten(1).mean(dim=1)
+
