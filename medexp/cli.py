@@ -10,6 +10,8 @@ COMMANDS = {
     "train": ("medexp.train", "fit a model, then test its best checkpoint"),
     "eval": ("medexp.eval", "evaluate a checkpoint (ckpt_path=...) with its stored config"),
     "predict": ("medexp.predict", "apply a checkpoint to new images (ckpt_path=... input=... output=...)"),
+    "explain": ("medexp.explain", "saliency maps (Grad-CAM, occlusion) of a classifier, scored against lesion masks"),
+    "export": ("medexp.export", "export a checkpoint to ONNX or TorchScript, verified against the model"),
     "sample": ("medexp.sample", "generate images with a GAN checkpoint (ckpt_path=... n=64 output=...)"),
     "reproduce": ("medexp.reproduce", "train a past run again from its recorded config and seed; compare metrics"),
     "summarize": ("medexp.summarize", "tabulate and plot the runs of a sweep (DIR [--metric NAME]); CV folds pooled"),

@@ -34,6 +34,12 @@ class ArrayDataset(Dataset):
         labels: ``(N,)`` class indices, ``(N, L)`` 0/1 indicators for multi-label tasks, or
             ``(N, 1, *spatial)`` masks of class indices for segmentation.
         transform: applied to each sample dict (MONAI dictionary transforms).
+
+    Attributes:
+        masks: None, or ``(N, 1, *spatial)`` ``uint8`` lesion masks of a classification split,
+            served as ``sample["mask"]`` (``uint8``, untouched by ``transform`` unless its keys
+            name ``mask``) for scoring saliency maps (:mod:`medexp.metrics.saliency`); the model
+            and its metrics never read them. Set by data modules that know their lesions.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None) -> None:
@@ -42,6 +48,7 @@ class ArrayDataset(Dataset):
         self.images = images
         self.labels = torch.as_tensor(labels)
         self.transform = transform
+        self.masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -53,6 +60,8 @@ class ArrayDataset(Dataset):
         # masks are stored compactly as uint8 and travel as float through MONAI's spatial
         # transforms; the chain's last step (see ArrayDataModule.transform) makes them int64
         sample = {"image": image, "label": label.float() if label.dtype == torch.uint8 else label}
+        if self.masks is not None:
+            sample["mask"] = torch.from_numpy(self.masks[index])
         return self.transform(sample) if self.transform is not None else sample
 
 

@@ -116,6 +116,11 @@ def make_phantoms(
 class SyntheticDataModule(ArrayDataModule):
     """Phantom images generated deterministically from ``seed`` (see :func:`make_phantoms`).
 
+    Classification tasks also serve each validation and test image's lesion mask as
+    ``sample["mask"]``, ``(1, *spatial)`` ``uint8`` (1 bright, 2 dark lesion, 0 elsewhere), to
+    score saliency maps against (``medexp explain split=test``, the ``SaliencyWatch`` callback);
+    the training split has none, and the model and its metrics never read them.
+
     Args:
         image_size: pixels (voxels) per side.
         num_samples: images per split, e.g. ``{"train": 2000, "val": 500, "test": 500}``.
@@ -151,10 +156,12 @@ class SyntheticDataModule(ArrayDataModule):
         self.num_samples = num_samples
         self.lesion_contrast = lesion_contrast
         self.seed = seed
+        # lesion masks of the loaded splits, until setup() hands them to the datasets
+        self._masks: dict[str, np.ndarray] = {}
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, SPLITS.index(split)])
-        images, labels, _ = make_phantoms(
+        images, labels, masks = make_phantoms(
             self.num_samples[split],
             self.image_size,
             self.task,
@@ -163,7 +170,39 @@ class SyntheticDataModule(ArrayDataModule):
             self.lesion_contrast,
             self.spatial_dims,
         )
+        # the training split's masks only where a fold of it validates
+        if self.task != "segmentation" and (split != "train" or self.fold is not None):
+            self._masks[split] = masks
         return images, labels
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        super().setup(stage)
+        self._attach_masks()
+
+    def _attach_masks(self) -> None:
+        """Give the validation and test datasets the masks of the rows they kept (``on_bad=skip``
+        leaves rows out; with ``fold`` set, the validation rows are a fold of the training split)."""
+        masks, self._masks = self._masks, {}
+        if not masks:
+            return
+        dropped: dict[str, set[int]] = {}
+        for finding in self.skipped:
+            dropped.setdefault(finding.split, set()).add(finding.index)
+
+        def kept(split: str) -> np.ndarray:
+            return masks[split][[i for i in range(len(masks[split])) if i not in dropped.get(split, set())]]
+
+        served = {"test": kept("test")}
+        if self.fold is None:
+            served["val"] = kept("val")
+        else:
+            served["val"] = masks["train"][[row["index"] for row in self.fold_table if row["fold"] == self.fold]]
+        for split, split_masks in served.items():
+            if len(split_masks) != len(self.datasets[split]):  # never expected: the rows went astray
+                raise RuntimeError(f"{len(split_masks)} masks for {len(self.datasets[split])} {split} samples")
+            self.datasets[split].masks = np.ascontiguousarray(split_masks)
 
     def describe(self) -> str:
         return f"synthetic {self.task} data"
