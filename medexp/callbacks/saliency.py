@@ -61,7 +61,7 @@ class SaliencyWatch(L.Callback):
         dirname: str = "saliency",
         remote_images: bool = False,
     ) -> None:
-        from medexp.explain import METHODS
+        from medexp.explainability.maps import METHODS
 
         if num_images < 1 or (every_n_epochs is not None and every_n_epochs < 0):
             raise ValueError(f"num_images should be >= 1 and every_n_epochs >= 0 or None, got {num_images}, {every_n_epochs}.")
@@ -89,7 +89,7 @@ class SaliencyWatch(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._due(trainer, pl_module):
             return
-        from medexp.explain import SaliencyMaps, mask_scores
+        from medexp.explainability.maps import SaliencyMaps, mask_scores
 
         dataset = _validation_dataset(trainer)
         if dataset is None or len(dataset) == 0:
@@ -133,7 +133,7 @@ class SaliencyWatch(L.Callback):
         matplotlib.use("Agg")  # files only: no display on training machines
         import matplotlib.pyplot as plt
 
-        from medexp.explain import overlay_picture
+        from medexp.explainability.maps import overlay_picture
 
         columns = 2 if len(titles) > 1 else 1
         rows = math.ceil(len(titles) / columns)
