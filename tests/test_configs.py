@@ -97,7 +97,7 @@ def test_model_builds_and_runs_on_matching_data(compose_cfg, model, data):
         samples, labels = task_module.sample(3)
         assert samples.shape == (3, *batch["image"].shape[1:]) and (labels is not None) == task_module.conditional
         assert samples.min() >= cfg.data.intensity_range[0] and samples.max() <= cfg.data.intensity_range[1]
-        code = task_module.condition(batch["label"], len(batch["label"]), batch["image"].device)
+        code = task_module.condition(batch["label"], batch["image"].device)
         assert task_module.discriminate(batch["image"], code).shape == (len(batch["image"]),)
         return
     with torch.no_grad():

@@ -111,7 +111,7 @@ class AdversarialTask(BaseTask):
         return metrics
 
     # ------------------------------------------------------------------ generation
-    def condition(self, labels: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor | None:
+    def condition(self, labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
         """``(B,)`` class indices -> ``(B, num_classes)`` one-hot codes; None when unconditional."""
         if not self.conditional:
             return None
@@ -151,7 +151,7 @@ class AdversarialTask(BaseTask):
             count = min(batch_size, n - start)
             z = torch.randn(count, self.latent_size, generator=generator).to(self.device)
             part = None if labels is None else labels[start : start + count]
-            images.append(self(z, self.condition(part, count, self.device)).cpu())
+            images.append(self(z, self.condition(part, self.device)).cpu())
         self.train(was_training)
         return torch.cat(images), labels
 
@@ -162,7 +162,7 @@ class AdversarialTask(BaseTask):
     def _adversarial_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         real = batch[self.input_key]
         size = real.shape[0]
-        code = self.condition(self._labels(batch), size, real.device)
+        code = self.condition(self._labels(batch), real.device)
         generator = None if stage == "train" else self.eval_rng(real.device)
         z = torch.randn(size, self.latent_size, device=real.device, generator=generator)
         fake = self(z, code)

@@ -9,14 +9,14 @@ import numpy as np
 import torch
 
 
-def grid(images: torch.Tensor, value_range: tuple[float, float], columns: int | None = None, pad: int = 2) -> np.ndarray:
-    """``(N, C, H, W)`` images with values in ``value_range`` -> one ``uint8`` picture, ``(rows *
-    (H + pad) + pad, columns * (W + pad) + pad)`` for grey images (``..., 3)`` for RGB), the
-    images row by row on a black background. 3D volumes ``(N, C, D, H, W)`` show their middle slice."""
+def grid(images: torch.Tensor, value_range: tuple[float, float], pad: int = 2) -> np.ndarray:
+    """``(N, C, H, W)`` images with values in ``value_range`` -> one ``uint8`` picture of
+    ``ceil(sqrt(N))`` columns, ``(rows * (H + pad) + pad, columns * (W + pad) + pad)`` for grey
+    images (``..., 3)`` for RGB), the images row by row on a black background. 3D volumes ``(N, C, D, H, W)`` show their middle slice."""
     if images.ndim == 5:
         images = images[:, :, images.shape[2] // 2]
     n, channels, height, width = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
+    columns = math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     low, high = value_range
     scaled = ((images.float().cpu() - low) / (high - low)).clamp(0, 1).mul(255).round().byte().numpy()
