@@ -180,16 +180,12 @@ def _is_int(value: Any) -> bool:
 
 def _refuse_by_target(run_cfg: dict[str, Any]) -> None:
     """Refuse GANs before they are built (building one may load the checkpoint that measured it)."""
-    from hydra.utils import get_class
+    from medexp.tasks.adversarial import AdversarialTask
+    from medexp.utils.checkpoint import model_class
 
     target = str(run_cfg.get("model", {}).get("_target_", ""))
-    try:
-        cls = get_class(target)
-    except Exception:
-        return  # rebuild() reports it
-    from medexp.tasks.adversarial import AdversarialTask
-
-    if issubclass(cls, AdversarialTask):
+    cls = model_class(run_cfg)
+    if cls is not None and issubclass(cls, AdversarialTask):
         raise MedexpError(
             f"cannot export a GAN ({target}): it generates images from random codes and has no image input to "
             f"predict on; generate images with: medexp sample ckpt_path=... Exportable: {SUPPORTED}"

@@ -5,7 +5,11 @@ Model and data module are rebuilt from the run config stored in the checkpoint (
 module's splits are not loaded); each input is prepared exactly as the test split was
 (:meth:`~medexp.data.base.ArrayDataModule.predict_transform`). Classification writes
 ``<output>/predictions.csv``; segmentation writes one mask of class indices per input, in the
-input's format and geometry, and lists them in ``<output>/predictions.csv``.
+input's format and geometry, and lists them in ``<output>/predictions.csv``; detection writes one
+row per box to ``<output>/predictions.csv`` and every image's boxes to ``<output>/boxes.json``
+(:class:`BoxWriter`); registration takes a CSV of pairs (``fixed``, ``moving``) and writes each
+warped moving image and its displacement field in the fixed image's format and geometry
+(:class:`RegistrationWriter`).
 
 Classifiers may report how certain they are (``uncertainty=mc_dropout|tta``): the CSV then
 holds each image's probabilities averaged over several stochastic passes, and two more columns
@@ -96,6 +100,25 @@ def _read_image_list(path: Path) -> list[Path]:
     return images
 
 
+def find_pairs(spec: str) -> list[Any]:
+    """The pairs a registration model registers, from ``input=spec``: a CSV file with columns
+    ``fixed`` and ``moving`` (see :func:`medexp.data.registration.read_pairs`; other columns,
+    masks and splits included, are ignored).
+
+    Raises:
+        MedexpError: when ``spec`` is not a CSV file, or naming its bad lines.
+    """
+    from medexp.data.registration import read_pairs
+
+    path = Path(spec).expanduser()
+    if not (path.is_file() and path.suffix.lower() == ".csv"):
+        raise MedexpError(
+            f"input={spec!r}: a registration model predicts on pairs; give a CSV file with columns fixed and moving "
+            "(one pair per row; relative paths resolve against the CSV's folder)"
+        )
+    return read_pairs(path, labels=False)
+
+
 def _suffixes() -> tuple[str, ...]:
     from medexp.data.files import RASTER_SUFFIXES
 
@@ -148,12 +171,14 @@ def predict(cfg: DictConfig) -> Path:
     from hydra.utils import instantiate
     from monai.data import DataLoader, Dataset
 
-    from medexp.utils.checkpoint import load_checkpoint, rebuild
+    from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint, rebuild
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    inputs = find_inputs(str(cfg.input))
+    # a registration model predicts on pairs of images (a CSV with fixed and moving columns)
+    registration = (checkpoint[CONFIG_KEY].get("data") or {}).get("task") == "registration"
+    inputs = find_pairs(str(cfg.input)) if registration else find_inputs(str(cfg.input))
     output = Path(cfg.output).expanduser()
     # class_weights=auto counts training labels at setup; loss weights do not change predictions
     datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None}, allowed_targets=cfg.allowed_targets)
@@ -168,13 +193,18 @@ def predict(cfg: DictConfig) -> Path:
     if method is not None:
         model = Sampled(model, method, int(cfg.samples))
     transform = datamodule.predict_transform()
-    if datamodule.task == "segmentation":
-        writer: L.Callback = MaskWriter(transform, inputs, mask_paths(inputs, output))
+    if registration:
+        writer: L.Callback = RegistrationWriter(transform, inputs, output)
+    elif datamodule.task == "segmentation":
+        writer = MaskWriter(transform, inputs, mask_paths(inputs, output))
+    elif datamodule.task == "detection":
+        writer = BoxWriter(datamodule.file_boxes, datamodule.spatial_dims, datamodule.class_names)
     else:
         columns = _class_columns(datamodule, reserved=UNCERTAINTY_COLUMNS if method else ())
         writer = TableWriter(datamodule.task, columns, uncertainty=method is not None)
+    items = [pair.item() for pair in inputs] if registration else [{"image": str(path)} for path in inputs]
     loader = DataLoader(
-        Dataset([{"image": str(path)} for path in inputs], transform),
+        Dataset(items, transform),
         batch_size=cfg.batch_size,
         num_workers=datamodule.num_workers,
     )
@@ -289,8 +319,8 @@ def _class_columns(datamodule: Any, reserved: tuple[str, ...] = ()) -> list[str]
     return columns
 
 
-def _batch_files(batch: dict[str, Any]) -> list[str]:
-    files = batch["image"].meta["filename_or_obj"]
+def _batch_files(batch: dict[str, Any], key: str = "image") -> list[str]:
+    files = batch[key].meta["filename_or_obj"]
     return [files] if isinstance(files, str) else list(files)
 
 
@@ -376,6 +406,151 @@ class MaskWriter(BasePredictionWriter):
 
     def save(self, path: Path) -> None:
         _write_csv(path, ["image", "mask"], self.rows)
+
+
+class BoxWriter(BasePredictionWriter):
+    """Collect each input's detected boxes; :meth:`save` writes ``predictions.csv``, one row per
+    box (``image, label, score`` and the box: ``x_min, y_min, x_max, y_max``, 3D also ``z``), and
+    ``boxes.json`` beside it: per image its ``spatial_size`` and its ``boxes``, ``labels`` and
+    ``scores`` (images without detections included), plus the class names.
+
+    Boxes are in the input file's index space as MONAI's ``LoadImage`` reads it (PNG: x the
+    column, y the row; NIfTI: voxel indices), pixel edges (see :mod:`medexp.data.detection`).
+
+    Args:
+        to_file: maps boxes on the model's input back to the file's axes (the data module's ``file_boxes``).
+        spatial_dims: 2 or 3; class_names: the lesion classes, where the data know them.
+    """
+
+    def __init__(self, to_file: Any, spatial_dims: int, class_names: list[str] | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.to_file, self.spatial_dims, self.class_names = to_file, spatial_dims, class_names
+        self.rows: list[list[Any]] = []
+        self.images: dict[str, dict[str, Any]] = {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        import torch
+
+        dims = self.spatial_dims
+        for file, image, found in zip(_batch_files(batch), batch["image"], prediction):
+            boxes = self.to_file(found["boxes"].detach().float().cpu())
+            # the input's extent as a box from the origin, mapped like the boxes: the file's size
+            size = self.to_file(torch.tensor([[0.0] * dims + list(image.shape[1:])]))[0, dims:].long().tolist()
+            labels, scores = found["labels"].cpu().tolist(), found["labels_scores"].float().cpu().tolist()
+            for box, label, score in zip(boxes.tolist(), labels, scores):
+                self.rows.append([file, label, f"{score:.6g}", *(f"{v:.6g}" for v in box)])
+            self.images[file] = {"spatial_size": size, "boxes": boxes.tolist(), "labels": labels, "scores": scores}
+
+    def save(self, path: Path) -> None:
+        import json
+
+        axes = "xyz"[: self.spatial_dims]
+        _write_csv(path, ["image", "label", "score", *(f"{a}_min" for a in axes), *(f"{a}_max" for a in axes)], self.rows)
+        record = {"box_mode": "xyxy" if self.spatial_dims == 2 else "xyzxyz", "classes": self.class_names, "images": self.images}
+        path.with_name("boxes.json").write_text(json.dumps(record, indent=1))
+
+
+class RegistrationWriter(BasePredictionWriter):
+    """Write each pair's warped moving image and displacement field (DDF) in the fixed image's
+    format and geometry, and list them in ``predictions.csv`` (``fixed, moving, warped, ddf``).
+
+    Per pair, named ``<moving>_to_<fixed>`` after the files' names in ``output``:
+
+    - ``_warped``: the moving image as read (its own intensities, before ``data.transforms``)
+      warped onto the fixed image's grid: NIfTI in, NIfTI out with the fixed image's affine;
+      PNG/TIFF/JPEG in, PNG out (8-bit, 16-bit for values above 255); DICOM in, NIfTI out;
+    - ``_ddf``: the displacement in voxels along each array axis (the warped image at ``x`` is
+      the moving image at ``x + ddf(x)``). Beside NIfTI/DICOM: ``.nii.gz`` float32, components
+      last, ``(X, Y, Z, 3)`` or ``(X, Y, 1, 2)``, the fixed image's affine. Beside raster images:
+      ``.npy`` float32 ``(2, H, W)`` in numpy's axis order, ``[0]`` rows and ``[1]`` columns:
+      ``warped[r, c] = moving[r + ddf[0, r, c], c + ddf[1, r, c]]``.
+
+    The model's DDF lives on the grid of its prepared inputs; where ``data.image_size`` resampled
+    them, it is resized back to the fixed image's grid and each component scaled by its axis's
+    size ratio. Other spatial transforms cannot be undone this way and are refused.
+
+    Args:
+        transform: the chain that prepared the inputs (``predict_transform()``).
+        pairs: the pairs (:class:`~medexp.data.registration.Pair`); output: the folder.
+
+    Raises:
+        MedexpError: for spatial transforms other than resizing in ``transform``, or pairs whose
+            outputs would share a name.
+    """
+
+    def __init__(self, transform: Any, pairs: list[Any], output: Path) -> None:
+        from monai.transforms import InvertibleTransform, Resized
+
+        from medexp.data.files import RASTER_SUFFIXES, _stem
+        from medexp.data.registration import PairReader
+
+        super().__init__(write_interval="batch")
+        steps = transform.flatten().transforms
+        spatial = [type(t).__name__ for t in steps if isinstance(t, InvertibleTransform) and not isinstance(t, Resized)]
+        if spatial:
+            raise MedexpError(
+                f"medexp predict maps a displacement field back onto the fixed image by resizing only; the data's "
+                f"transforms also hold {spatial}, which it cannot undo"
+            )
+        self.reader = PairReader()
+        self.paths: dict[tuple[str, str], tuple[Path, Path]] = {}
+        for pair in pairs:
+            raster = pair.fixed.name.lower().endswith(RASTER_SUFFIXES)
+            image_ext = ".png" if raster else ".nii" if pair.fixed.name.lower().endswith(".nii") else ".nii.gz"
+            name = f"{_stem(pair.moving)}_to_{_stem(pair.fixed)}"
+            paths = (output.absolute() / f"{name}_warped{image_ext}", output.absolute() / f"{name}_ddf{'.npy' if raster else '.nii.gz'}")
+            if paths in self.paths.values():
+                raise MedexpError(f"two pairs would write {paths[0].name}: give the files of different pairs different names")
+            self.paths[(str(pair.fixed), str(pair.moving))] = paths
+        self.rows: list[list[str]] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        from monai.data import MetaTensor
+        from monai.transforms import SaveImage
+
+        from medexp.utils.privacy import geometry_only
+
+        pairs = zip(_batch_files(batch, "fixed"), _batch_files(batch, "moving"))
+        for ddf, (fixed_file, moving_file) in zip(prediction.detach().float().cpu(), pairs):
+            # the files as stored: the warped image keeps the moving image's own intensities
+            images = self.reader({"fixed": fixed_file, "moving": moving_file})
+            fixed, moving = images["fixed"], images["moving"]
+            ddf = _resize_ddf(ddf, tuple(fixed.shape[1:]))
+            warped = pl_module.warp(moving.as_tensor()[None].float(), ddf[None])[0]
+            warped_path, ddf_path = self.paths[(fixed_file, moving_file)]
+            warped_path.parent.mkdir(parents=True, exist_ok=True)
+            suffix = ".nii.gz" if warped_path.name.endswith(".nii.gz") else warped_path.suffix
+            if suffix == ".png":
+                dtype = np.uint8 if float(moving.max()) <= 255 else np.uint16
+                warped = warped.round().clamp(0, np.iinfo(dtype).max)
+                np.save(ddf_path, ddf.numpy()[::-1].swapaxes(1, 2).astype(np.float32))  # (x, y) -> (rows, columns)
+            else:
+                dtype = np.float32
+                # only the geometry of the fixed image's metadata: never its DICOM tags
+                SaveImage(output_ext=".nii.gz", output_dtype=np.float32, resample=False, print_log=False)(
+                    geometry_only(MetaTensor(ddf, meta=fixed.meta)), filename=str(ddf_path)[: -len(".nii.gz")]
+                )
+            SaveImage(output_ext=suffix, output_dtype=dtype, resample=False, print_log=False)(
+                geometry_only(MetaTensor(warped, meta=fixed.meta)), filename=str(warped_path)[: -len(suffix)]
+            )
+            self.rows.append([fixed_file, moving_file, str(warped_path), str(ddf_path)])
+
+    def save(self, path: Path) -> None:
+        _write_csv(path, ["fixed", "moving", "warped", "ddf"], self.rows)
+
+
+def _resize_ddf(ddf: Any, shape: tuple[int, ...]) -> Any:
+    """A ``(D, *spatial)`` displacement field in voxels, resized to ``shape`` with each component
+    scaled by its axis's size ratio (pixel centres aligned, as MONAI's ``Resized`` maps them)."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(ddf.shape[1:]) == shape:
+        return ddf
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    scale = torch.tensor([new / old for new, old in zip(shape, ddf.shape[1:])], dtype=ddf.dtype)
+    resized = F.interpolate(ddf[None], size=shape, mode=mode, align_corners=False)[0]
+    return resized * scale.view(-1, *[1] * len(shape))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

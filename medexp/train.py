@@ -44,10 +44,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     from medexp.utils.config import check_config
 
+    from medexp.privacy import check_config as check_privacy
     from medexp.utils.validation import validate_config
 
     # every config problem at once, before anything is built (the seed may still be null)
-    validate_config(check_config(cfg))
+    config = check_config(cfg)
+    validate_config(config, extra=check_privacy(config))
 
     import lightning.pytorch as L
     from hydra.utils import instantiate
@@ -78,14 +80,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # plain lists and dicts, not OmegaConf containers: hyperparameters are saved in checkpoints
     datamodule = build(cfg.data)
     model = build(cfg.model)
-    callbacks = [*instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved), SeedEachEpoch(seed)]
+    # privacy=dp: Opacus-compatible layers before the optimiser exists; its callback goes first, so
+    # it sees each loss before the fault check does (see medexp.privacy.dp)
+    privacy = [build(cfg.privacy)] if cfg.get("privacy") else []
+    for dp in privacy:
+        dp.prepare(model)
+    callbacks = [*privacy, *instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved), SeedEachEpoch(seed)]
     loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=out)  # drops those that fail
     if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.callbacks.LearningRateMonitor)]
     if cfg.trainer.get("strategy") == "ddp" and getattr(model, "ddp_strategy", None):
         log.info("%s under DDP: trainer.strategy=%s", type(model).__name__, model.ddp_strategy)
         cfg.trainer.strategy = model.ddp_strategy
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    from medexp.privacy.encryption import EncryptedCheckpointIO
+
+    # checkpoints encrypted with encryption.key_env's key; encrypted ones are read in any case
+    checkpoint_io = EncryptedCheckpointIO((cfg.get("encryption") or {}).get("key_env"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint_io])
 
     info = run_info(seed) if trainer.is_global_zero else {}
     if trainer.is_global_zero:
@@ -113,10 +124,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if any(getattr(callback, "pruned", False) for callback in trainer.callbacks):
                 metrics["status"] = "pruned"
         if hasattr(datamodule, "fingerprint") and trainer.is_global_zero:
+            datamodule.setup()  # done by fit; a test-only run (train=false) has not set it up yet
             info["data_fingerprint"] = datamodule.fingerprint()
             write_json(out / "run_info.json", info)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if cfg.train and best:
+        # without medexp's checkpoint callbacks (callbacks=none), Lightning's default one keeps
+        # the latest checkpoint, scored by nothing
+        if cfg.train and best and trainer.checkpoint_callback.best_model_score is not None:
             metrics.update(
                 monitor=model.monitor,
                 best_score=float(trainer.checkpoint_callback.best_model_score),

@@ -13,7 +13,7 @@ from medexp.utils.config import check_config
 from tests.conftest import REPO
 
 CONF = REPO / "conf"
-GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "debug", "experiment"]
+GROUPS = ["data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "debug", "experiment", "privacy"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 MODELS = sorted(path.stem for path in (CONF / "model").glob("*.yaml"))
 # which data each model is tried on, by the task its YAML builds on
@@ -22,15 +22,23 @@ DATA_FOR_TASK = {
     "segmentation": [["data=synthetic_seg"], ["data=synthetic_seg", "data.spatial_dims=3", "data.num_classes=3"]],
     "reconstruction": [["data.task=binary"]],
     "adversarial": [["data.task=binary"], ["data.task=multiclass", "data.num_classes=3", "model.conditional=true"]],
+    # the teacher is read only when training starts (tests/test_distillation.py trains with one)
+    "distillation": [["data.task=binary", "model.teacher_ckpt=teacher.ckpt"],
+                     ["data.task=multilabel", "model.teacher_ckpt=teacher.ckpt"]],
+    "registration": [["data=synthetic_reg"], ["data=synthetic_reg", "data.spatial_dims=3"]],
+    "detection": [["data=synthetic_det"], ["data=synthetic_det", "data.spatial_dims=3"]],
 }
 SMALL = ["data.image_size=32", "data.num_samples={train: 4, val: 2, test: 2}"]
 # models that need other data than their task's usual (sequences, volumes)
 DATA_FOR_MODEL = {
     "cnn_lstm": [["data=synthetic_longitudinal", "data.image_size=32", "data.num_patients={train: 4, val: 2, test: 2}"],
                  ["data.spatial_dims=3", *SMALL]],
+    # GlobalNet is built for one input size on every axis (see conf/model/globalnet.yaml)
+    "globalnet": [["data=synthetic_reg", *SMALL], ["data=synthetic_reg", "data.spatial_dims=3", *SMALL]],
 }
 # options that need a value no default can give
-REQUIRED = {("experiment", "breast_gan_augmented"): ["gan_ckpt=gan.ckpt"]}
+REQUIRED = {("experiment", "breast_gan_augmented"): ["gan_ckpt=gan.ckpt"], ("model", "distill"): ["model.teacher_ckpt=teacher.ckpt"],
+            ("data", "files_det"): ["data.manifest=boxes.csv"]}
 
 
 def _volumes(model: str) -> list[str]:
@@ -52,7 +60,7 @@ MODEL_CASES = [
 def test_group_option_composes_and_resolves(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}", *REQUIRED.get((group, option), []))
     resolved = check_config(cfg)
-    if group not in ("scheduler", "logger", "callbacks", "debug", "experiment"):
+    if group not in ("scheduler", "logger", "callbacks", "debug", "experiment", "privacy"):
         assert resolved[group], f"{group}={option} composed to an empty node"
 
 

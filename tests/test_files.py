@@ -225,7 +225,7 @@ def test_missing_column(tmp_path):
     manifest = write_csv(tmp_path / "cases.csv", [{"path": "a.png", "label": 0}])
     expected = (
         r"cases\.csv: missing column\(s\) \['image'\]; a manifest needs columns \['image', 'label'\] and may have "
-        r"\['split', 'patient_id', 'roi'\] \(found \['path', 'label'\]\)"
+        r"\['split', 'patient_id', 'roi', 'site'\] \(found \['path', 'label'\]\)"
     )
     with pytest.raises(MedexpError, match=expected):
         files(manifest=manifest)

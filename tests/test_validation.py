@@ -19,7 +19,7 @@ BAD_CONFIGS = [
     (["data.batch_size=abc"], "data.batch_size='abc'; expected an integer >= 1"),
     (["data.batch_size=2.5"], "data.batch_size=2.5; expected an integer >= 1"),
     (["data.num_workers=-1"], "data.num_workers=-1; expected an integer >= 0"),
-    (["data.task=regression"], "data.task='regression'; expected one of ['binary', 'multiclass', 'multilabel', 'segmentation']"),
+    (["data.task=regression"], "data.task='regression'; expected one of ['binary', 'multiclass', 'multilabel', 'segmentation'"),
     (["data.spatial_dims=4"], "data.spatial_dims=4; expected one of [2, 3]"),
     (["data.image_size=0"], "data.image_size=0; expected an integer >= 1"),
     (["model.net.dropout=1.0"], "model.net.dropout=1.0; expected a number in [0, 1)"),

@@ -3,7 +3,8 @@
 With ``data.fold=k``, a data module trains on the other folds of its training split and validates
 on fold ``k``; the test split is left as it is. The assignment depends only on the training
 split and ``data.fold_seed``, never on the training seed, so every job of a sweep over
-``data.fold`` (and over seeds) sees the same folds.
+``data.fold`` (and over seeds) sees the same folds. With ``data.fold_by=site`` the folds are the
+acquisition sites instead (leave-one-site-out: fold ``k`` is site ``k``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,43 @@ def check_folds(fold: int | None, num_folds: int) -> None:
             f"data.fold={fold!r}; expected an integer in 0..{num_folds - 1} (data.num_folds={num_folds}), "
             "or null for the usual train/val split"
         )
+
+
+def check_fold_by(fold_by: str | None, fold: int | None, site_names: Sequence[str] | None) -> None:
+    """Validate ``data.fold_by``: None (folds drawn from ``data.fold_seed``) or ``site``
+    (leave-one-site-out: fold ``k`` is site ``k`` of ``site_names``; ``data.num_folds`` is not
+    used).
+
+    Raises:
+        MedexpError: naming the key, its value and what would be valid.
+    """
+    if fold_by is None:
+        return
+    if fold_by != "site":
+        raise MedexpError(
+            f"data.fold_by={fold_by!r}; expected null (folds drawn from data.fold_seed) or 'site' "
+            "(leave-one-site-out: data.fold=k validates on site k)"
+        )
+    if not site_names:
+        raise MedexpError(
+            "data.fold_by=site needs data with sites: data.sites for synthetic data, or a site (or scanner) column "
+            "in the manifest of file data"
+        )
+    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < len(site_names)):
+        raise MedexpError(
+            f"data.fold={fold!r} with data.fold_by=site; expected an integer in 0..{len(site_names) - 1}, "
+            f"one per site {list(site_names)}"
+        )
+
+
+def split_by_fold(folds: np.ndarray, fold: int, what: str) -> np.ndarray:
+    """The rows of fold ``fold`` (True) among the training rows' ``folds``, checked that both
+    parts are non-empty (``what`` names the fold in the message: a site of leave-one-site-out)."""
+    held_out = np.asarray(folds) == fold
+    if not held_out.any() or held_out.all():
+        part = "validate on" if not held_out.any() else "train on"
+        raise MedexpError(f"data.fold={fold} ({what}) leaves nothing to {part} in the training split ({len(held_out)} samples)")
+    return held_out
 
 
 def strata(labels: np.ndarray, task: str) -> np.ndarray | None:

@@ -7,9 +7,13 @@ label says whether, how many, or which kind are present, or is the lesion mask i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from medexp.data.base import SPLITS, ArrayDataModule
+from medexp.data.sites import apply_site, check_train_sites, deal_sites, parse_sites
 from medexp.utils.errors import MedexpError
 
 
@@ -31,6 +35,7 @@ def make_phantoms(
     rng: np.random.Generator,
     lesion_contrast: float = 1.0,
     spatial_dims: int = 2,
+    class_fractions: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate ``n`` phantom images (2D) or volumes (3D).
 
@@ -44,6 +49,8 @@ def make_phantoms(
         rng: the source of randomness; the same generator state gives the same images.
         lesion_contrast: scales the lesions' intensity difference; lower is harder to learn.
         spatial_dims: 2 for ``(size, size)`` images, 3 for ``(size, size, size)`` volumes.
+        class_fractions: binary/multi-class: the probability of each class (summing to 1), for
+            imbalanced data; None: classes equally likely.
 
     Returns:
         images ``(n, 1, *spatial)`` uint8; labels: ``(n,)`` int64, ``(n, 2)`` for multi-label, or
@@ -75,6 +82,9 @@ def make_phantoms(
 
     zeros = np.zeros(n, dtype=np.int64)
     match task:
+        case "binary" | "multiclass" if class_fractions is not None:
+            bright, dark = rng.choice(num_classes, size=n, p=np.asarray(class_fractions, dtype=np.float64)), zeros
+            labels = bright
         case "binary":
             bright, dark = rng.integers(0, 2, size=n), zeros
             labels = bright
@@ -126,6 +136,13 @@ class SyntheticDataModule(ArrayDataModule):
         num_samples: images per split, e.g. ``{"train": 2000, "val": 500, "test": 500}``.
         lesion_contrast: difficulty knob, see :func:`make_phantoms`.
         seed: data seed, independent of the training seed so sweeps over seeds see the same data.
+        class_fractions: binary/multi-class: the frequency of each class, e.g. ``[0.9, 0.1]``
+            for imbalanced data; None: equally frequent.
+        sites: acquisition sites, name -> :class:`~medexp.data.sites.SiteShift` settings (e.g.
+            ``{a: {}, b: {contrast: 0.6, noise: 0.05}}``); each split's samples are dealt to the
+            sites in turn and carry ``site``. None: no sites.
+        train_sites: names of the sites of the training and validation splits (the test split
+            holds every site): train on some sites, test on others. None: all sites.
         **kwargs: see :class:`~medexp.data.base.ArrayDataModule`.
     """
 
@@ -135,6 +152,9 @@ class SyntheticDataModule(ArrayDataModule):
         num_samples: dict | None = None,
         lesion_contrast: float = 1.0,
         seed: int = 0,
+        class_fractions: Sequence[float] | None = None,
+        sites: dict[str, Any] | None = None,
+        train_sites: Sequence[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -152,10 +172,23 @@ class SyntheticDataModule(ArrayDataModule):
             raise MedexpError("synthetic data are grey (data.in_channels=1), 2D or 3D (data.spatial_dims)")
         if image_size < 16:
             raise MedexpError(f"data.image_size={image_size}; expected at least 16 pixels")
+        if class_fractions is not None:
+            fractions = np.asarray(class_fractions, dtype=np.float64)
+            if self.task not in ("binary", "multiclass") or fractions.shape != (self.num_classes,) or (
+                not (fractions > 0).all() or abs(fractions.sum() - 1) > 1e-6
+            ):
+                raise MedexpError(
+                    f"data.class_fractions={list(class_fractions)}; expected {self.num_classes} positive numbers "
+                    "summing to 1, one per class, for binary or multiclass data"
+                )
         self.image_size = image_size
         self.num_samples = num_samples
         self.lesion_contrast = lesion_contrast
         self.seed = seed
+        self.class_fractions = None if class_fractions is None else [float(f) for f in class_fractions]
+        names, self.site_shifts = parse_sites(sites)
+        self.site_names = names or None
+        self.train_sites = check_train_sites(train_sites, names)
         # lesion masks of the loaded splits, until setup() hands them to the datasets
         self._masks: dict[str, np.ndarray] = {}
 
@@ -169,11 +202,29 @@ class SyntheticDataModule(ArrayDataModule):
             rng,
             self.lesion_contrast,
             self.spatial_dims,
+            self.class_fractions,
         )
+        if self.site_names:
+            images = self._image_sites(split, images)
         # the training split's masks only where a fold of it validates
         if self.task != "segmentation" and (split != "train" or self.fold is not None):
             self._masks[split] = masks
         return images, labels
+
+    def _image_sites(self, split: str, images: np.ndarray) -> np.ndarray:
+        """Deal the split's images to the sites (the training sites for training and validation)
+        and apply each site's changes; records the sites in ``loaded_sites``."""
+        pool = self.train_sites if self.train_sites is not None and split != "test" else range(len(self.site_names))
+        sites = deal_sites(len(images), list(pool))
+        # a stream of its own: the phantoms are the same with or without sites
+        rng = np.random.default_rng([self.seed, SPLITS.index(split), 1])
+        images = images.copy()
+        for index, shift in enumerate(self.site_shifts):
+            rows = sites == index
+            if rows.any():
+                images[rows] = apply_site(images[rows], shift, rng)
+        self.loaded_sites[split] = sites
+        return images
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

@@ -2,7 +2,8 @@
 
 :func:`write_report` runs one prediction pass over the split (the test split by default) with
 the model as it stands (after ``trainer.test(ckpt_path=best)``: the best checkpoint), on the
-trainer's device and precision and the same batches as the trainer's test loop, and writes
+trainer's device and precision and the same batches as the trainer's test loop (with the test's
+BatchNorm adaptation, ``callbacks.bn_adapt``, where it ran: :func:`_test_time_adaptation`), and writes
 ``<dir>/report.json`` (the numbers), PNG figures, ``report.md`` (linking them) and a
 self-contained ``report.html`` (figures embedded), and sends the figures to the trainer's loggers
 (:func:`medexp.utils.loggers.send_picture`: remote loggers only with ``logger.log_images=true``).
@@ -17,6 +18,9 @@ probabilities the test metrics see, so they equal ``metrics.json``'s:
   of the class; multi-label: positives), AUROC and average precision; the confusion matrix
   (multi-label: one 2x2 matrix per label); ROC and precision-recall curves one-vs-rest
   (binary: the positive class);
+- per site, where the data name acquisition sites (``site_names``, batches carrying ``site``):
+  cases and the task's metrics (:func:`site_numbers`), equal to the ``test/site_<name>/...``
+  metrics;
 - calibration: ECE with 15 bins (top-label for binary and multi-class, mean per-label ECE for
   multi-label; see :func:`medexp.reports.calibration.ece`), NLL and a reliability diagram, with
   the model's temperature and without it (``T = 1``), plus the fit on the validation split when
@@ -26,6 +30,10 @@ Segmentation: per case Dice (the test metric's, per case: mean over foreground c
 with an empty truth and an empty prediction have none) and HD95 (as
 :class:`~medexp.tasks.segmentation.HausdorffDistance95`), their distributions, the means that
 equal the test metrics, and overlays of the ``worst`` cases by Dice.
+
+Detection: mAP and FROC (equal to the test metrics), the FROC curve, per-image counts of lesions
+found and missed and of false positives, and box overlays of the ``worst`` cases (see
+:mod:`medexp.reports.detection`).
 """
 
 from __future__ import annotations
@@ -111,22 +119,25 @@ def collect_logits(
     trainer: Any, model: Any, loader: Any, max_batches: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A classifier's ``(N, C)`` logits (before its temperature) and targets over ``loader``."""
-    logits, _, targets = _collect_classification(trainer, model, loader, max_batches)
+    logits, _, targets, _ = _collect_classification(trainer, model, loader, max_batches)
     return logits, targets
 
 
 def _collect_classification(
     trainer: Any, model: Any, loader: Any, max_batches: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits, probs, targets = [], [], []
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Logits, probabilities, targets and, where batches carry them, site indices ``(N,)``."""
+    logits, probs, targets, sites = [], [], [], []
 
     def visit(outputs: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         logits.append(outputs.float().cpu())
         probs.append(p.float().cpu())
         targets.append(batch[model.target_key].cpu())
+        if "site" in batch:
+            sites.append(batch["site"].cpu())
 
     prediction_pass(trainer, model, loader, max_batches, visit)
-    return torch.cat(logits), torch.cat(probs), torch.cat(targets)
+    return torch.cat(logits), torch.cat(probs), torch.cat(targets), torch.cat(sites) if sites else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +340,31 @@ def _classification_numbers(
     return numbers, curves
 
 
+def site_numbers(
+    probs: torch.Tensor, targets: torch.Tensor, sites: torch.Tensor, site_names: list[str], metrics: Any
+) -> list[dict[str, Any]]:
+    """Per site (acquisition site, scanner): its cases and ``metrics`` on them.
+
+    Args:
+        probs, targets: as the test metrics take them, ``(N, C)`` and ``(N,)`` (multi-label ``(N, C)``).
+        sites: ``(N,)`` site index of each case (into ``site_names``).
+        metrics: a fresh copy of the task's metric collection (``configure_metrics()``), so the
+            numbers are those of the ``test/site_<name>/...`` metrics.
+
+    Returns:
+        One row per site with cases in the split: ``site``, ``n`` and each metric.
+    """
+    rows = []
+    for index, name in enumerate(site_names):
+        chosen = sites == index
+        if not chosen.any():
+            continue
+        metrics.reset()
+        metrics.update(probs[chosen], targets[chosen])
+        rows.append({"site": name, "n": int(chosen.sum()), **{key: float(value) for key, value in metrics.compute().items()}})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # segmentation
 
@@ -429,7 +465,7 @@ def segmentation_numbers(dice: list[float], hd_sum: list[float], hd_count: list[
 
 # the report's numbers that the task's test metrics also compute: report name -> metric name
 AGREEING = {"accuracy": "accuracy", "auroc": "auroc", "balanced_accuracy": "balanced_accuracy", "f1_macro": "f1",
-            "dice": "dice", "hd95": "hd95"}
+            "dice": "dice", "hd95": "hd95", "map_10": "map_10", "map_50": "map_50", "froc": "froc"}
 
 
 def _agreement(numbers: dict[str, Any], metrics: dict[str, Any] | None, split: str) -> dict[str, Any]:
@@ -446,7 +482,25 @@ def _agreement(numbers: dict[str, Any], metrics: dict[str, Any] | None, split: s
         agreement[name] = {"metric": key, "report": value, "metrics": recorded, "abs_diff": abs(value - recorded)}
         if not abs(value - recorded) <= 1e-4 * max(1.0, abs(recorded)):
             log.warning("report: %s is %.6g but the %s metrics recorded %.6g", name, value, split, recorded)
+    for row in numbers.get("per_site", []):
+        key = f"{split}/site_{row['site']}/auroc"
+        if metrics.get(key) is not None:
+            recorded = float(metrics[key])
+            agreement[f"site_{row['site']}/auroc"] = {
+                "metric": key, "report": row["auroc"], "metrics": recorded, "abs_diff": abs(row["auroc"] - recorded),
+            }
     return agreement
+
+
+def _test_time_adaptation(trainer: Any, model: Any, split: str) -> contextlib.AbstractContextManager:
+    """The trainer's test-time adaptation (:mod:`medexp.callbacks.adaptation`) of the test just
+    run, so the report scores the model the test metrics scored; nothing for other splits."""
+    from medexp.callbacks.adaptation import BatchNormAdaptation
+
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if isinstance(callback, BatchNormAdaptation) and split == "test":
+            return callback.applied(model)
+    return contextlib.nullcontext()
 
 
 def write_report(
@@ -479,10 +533,11 @@ def write_report(
     """
     from medexp.reports import render
     from medexp.tasks.classification import ClassificationTask
+    from medexp.tasks.detection import DetectionTask
     from medexp.tasks.segmentation import SegmentationTask
 
-    if not isinstance(model, (ClassificationTask, SegmentationTask)):
-        log.info("no evaluation report for %s (classification and segmentation only)", type(model).__name__)
+    if not isinstance(model, (ClassificationTask, SegmentationTask, DetectionTask)):
+        log.info("no evaluation report for %s (classification, segmentation and detection only)", type(model).__name__)
         return None
     start = time.perf_counter()
     out = Path(out_dir)
@@ -492,16 +547,29 @@ def write_report(
     limit = batch_limit(trainer, split, loader)
     report: dict[str, Any] = {"split": split, "checkpoint": checkpoint, "model": type(model).__name__}
     if isinstance(model, ClassificationTask):
-        logits, probs, targets = _collect_classification(trainer, model, loader, limit)
+        with _test_time_adaptation(trainer, model, split):
+            logits, probs, targets, sites = _collect_classification(trainer, model, loader, limit)
         temperature = float(model.temperature)
         names = _names(datamodule, model.num_classes)
         numbers, curves = classification_numbers(probs, logits, targets, model.task, names, temperature, n_boot, seed)
         report.update(task=model.task, **numbers)
+        site_names = getattr(datamodule, "site_names", None)
+        if sites is not None and site_names:
+            with warnings.catch_warnings():  # a site without one of the classes: scored 0, as the test metrics
+                warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
+                report["per_site"] = site_numbers(probs, targets, sites, list(site_names), model.configure_metrics())
         if calibration:
             report["calibration"]["fit"] = calibration
         figures = render.classification_figures(out, report, curves)
+    elif isinstance(model, DetectionTask):
+        from medexp.reports.detection import collect_detection, detection_figures
+
+        numbers, cases = collect_detection(trainer, model, loader, limit, worst)
+        report.update(task="detection", **numbers)
+        figures = detection_figures(out, report, cases)
     else:
-        dice, hd_sum, hd_count, cases = _collect_segmentation(trainer, model, loader, limit, worst)
+        with _test_time_adaptation(trainer, model, split):
+            dice, hd_sum, hd_count, cases = _collect_segmentation(trainer, model, loader, limit, worst)
         report.update(task="segmentation", **segmentation_numbers(dice, hd_sum, hd_count, cases))
         figures = render.segmentation_figures(out, report, cases)
     report["agreement"] = _agreement(report, metrics, split)

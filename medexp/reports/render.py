@@ -219,6 +219,10 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
         entry = agreement.get(name)
         return _f(entry["metrics"]) if entry else "-"
 
+    if report["task"] == "detection":
+        from medexp.reports.detection import detection_blocks
+
+        return blocks + detection_blocks(report, images, recorded)
     if report["task"] == "segmentation":
         rows = [[name, _f(report["metrics"][name]), recorded(name)] for name in ("dice", "hd95")]
         blocks += [("h2", "Summary"), ("table", ["metric", "value", "metrics.json"], rows)]
@@ -248,6 +252,16 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
         ("table", ["metric", "value", "95% CI", "metrics.json"], rows),
         ("p", f"Confidence intervals: percentile bootstrap, {boot['n_resamples']} resamples of the cases (seed "
               f"{boot['seed']}). AUROC: macro over {'labels' if report['task'] == 'multilabel' else 'classes, one-vs-rest'}."),
+    ]
+    if report.get("per_site"):
+        columns = [key for key in ("accuracy", "balanced_accuracy", "auroc", "f1") if key in report["per_site"][0]]
+        blocks += [
+            ("h2", "Per site"),
+            ("table", ["site", "cases", *columns, "auroc in metrics.json"],
+             [[r["site"], r["n"], *(_f(r[key]) for key in columns), recorded(f"site_{r['site']}/auroc")]
+              for r in report["per_site"]]),
+        ]
+    blocks += [
         ("h2", "Per class" if report["task"] != "multilabel" else "Per label"),
         ("table", ["class", "precision", "recall", "F1", "support", "AUROC", "AP"],
          [[r["class"], _f(r["precision"]), _f(r["recall"]), _f(r["f1"]), r["support"], _f(r["auroc"]),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
+from torch import nn
+from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import (
     BinaryPrecision,
     BinaryRecall,
@@ -31,11 +33,54 @@ from medexp.tasks.base import BaseTask
 from medexp.utils.errors import MedexpError
 
 TASKS = ("binary", "multiclass", "multilabel")
+LOSSES = ("ce", "focal")
 
 
 def positive_class(probs: torch.Tensor) -> torch.Tensor:
     """``(B, 2)`` class probabilities -> ``(B,)`` probability of class 1."""
     return probs[:, 1]
+
+
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    multilabel: bool,
+    gamma: float,
+    weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Focal loss (Lin et al., 2017): each sample's cross-entropy (each label's BCE) scaled by
+    ``(1 - p_t) ** gamma``, ``p_t`` the probability given to the true class (label value), so
+    confident, easy samples count less and rare, hard ones more.
+
+    Built on PyTorch's cross-entropy rather than MONAI's ``FocalLoss``: MONAI averages over
+    batch x classes and weights classes per element, so neither its scale nor its class weights
+    match :func:`torch.nn.functional.cross_entropy`'s; here ``gamma=0`` is exactly the task's
+    cross-entropy, class weights, label smoothing and reduction included. Without weights and
+    smoothing it equals MONAI's per-sample focal loss summed over classes.
+
+    Args:
+        logits: ``(B, C)``.
+        target: ``(B,)`` class indices (softmax over classes), or ``(B, C)`` 0/1 labels with
+            ``multilabel`` (a sigmoid per label).
+        gamma: the focusing exponent, at least 0.
+        weight: ``(C,)`` class weights (softmax; the mean is over the weights of the targets,
+            as PyTorch's), or positive-label weights (``pos_weight``, multi-label).
+        label_smoothing: as in the cross-entropy; multi-label targets become ``t(1 - s) + s/2``.
+
+    Returns:
+        The mean loss, a scalar.
+    """
+    if multilabel:
+        soft = target.float() * (1 - label_smoothing) + 0.5 * label_smoothing
+        loss = F.binary_cross_entropy_with_logits(logits, soft, pos_weight=weight, reduction="none")
+        # 1 - p_t in log space, stable for large logits: sigmoid(-x) for t=1, sigmoid(x) for t=0
+        return (torch.exp(gamma * F.logsigmoid(-logits * (2 * soft - 1))) * loss).mean()
+    loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing, reduction="none")
+    if gamma > 0:  # (1 - p) ** 0 is 1 but its gradient is NaN where p = 1: no factor at all
+        p_true = logits.softmax(dim=1).gather(1, target[:, None])[:, 0]
+        loss = (1 - p_true).clamp_min(torch.finfo(p_true.dtype).tiny).pow(gamma) * loss
+    return loss.sum() / (weight[target].sum() if weight is not None else len(target))
 
 
 class ClassificationTask(BaseTask):
@@ -59,9 +104,15 @@ class ClassificationTask(BaseTask):
             ``n / (num_classes * n_c)``; for multi-label the positive weight ``negatives / positives``)
             or one weight per class.
         label_smoothing: in [0, 1).
+        loss: ``ce`` (cross-entropy; BCE for multi-label) or ``focal`` (see :func:`focal_loss`).
+        focal_gamma: the focal loss's focusing exponent (0: cross-entropy).
         calibrate: after training, fit a temperature on the validation set (``medexp train``
             does it; see :func:`medexp.reports.calibration.calibrate_checkpoint`).
         **kwargs: ``optimizer``, ``scheduler``, ``monitor``; see :class:`~medexp.tasks.base.BaseTask`.
+
+    Sites: when the data module names acquisition sites (``site_names``) and batches carry each
+    sample's ``site`` index, the test metrics are also computed per site, logged as
+    ``test/site_<name>/<metric>`` with the site's case count ``test/site_<name>/n``.
     """
 
     # the data.task values this task trains on (checked before anything is built)
@@ -76,6 +127,8 @@ class ClassificationTask(BaseTask):
         label_smoothing: float = 0.0,
         calibrate: bool = False,
         monitor: str = "val/auroc",
+        loss: str = "ce",
+        focal_gamma: float = 2.0,
         **kwargs: Any,
     ) -> None:
         if task == "segmentation":
@@ -90,8 +143,21 @@ class ClassificationTask(BaseTask):
             raise MedexpError(f"model.class_weights={class_weights!r}; expected null, auto or a list of numbers")
         if class_weights is not None and not isinstance(class_weights, str) and len(class_weights) != num_classes:
             raise MedexpError(f"model.class_weights has {len(class_weights)} values; expected {num_classes}")
+        if loss not in LOSSES:
+            raise MedexpError(f"model.loss={loss!r}; expected one of {list(LOSSES)} for a classifier")
+        if isinstance(focal_gamma, bool) or not isinstance(focal_gamma, int | float) or focal_gamma < 0:
+            raise MedexpError(f"model.focal_gamma={focal_gamma!r}; expected a number >= 0 (2 is usual, 0 is cross-entropy)")
         self.task, self.num_classes = task, num_classes
         super().__init__(net, monitor=monitor, **kwargs)
+        # not in hparams: BaseTask leaves "loss" out (other tasks inject loss modules there)
+        self.loss_kind = loss
+        # per-site test metrics, built in setup() when the data name their sites
+        self.site_names: list[str] | None = None
+        self.test_site_metrics: nn.ModuleDict | None = None
+        self.test_site_counts: nn.ModuleDict | None = None
+        # the site index of each sample of the batch being evaluated (None: the data have no
+        # sites), read by per-site test-time adaptation (medexp.callbacks.adaptation)
+        self.current_sites: torch.Tensor | None = None
         # set in setup(): "auto" needs the training labels; not part of the checkpoint's weights
         self.register_buffer("class_weight", None, persistent=False)
         # temperature scaling (Guo et al., 2017): fitted after training when calibrate=true
@@ -133,6 +199,7 @@ class ClassificationTask(BaseTask):
         return MetricCollection(metrics)
 
     def setup(self, stage: str) -> None:
+        self._setup_sites(getattr(self._trainer, "datamodule", None))
         weights = self.hparams.class_weights
         if weights == "auto":
             datamodule = getattr(self.trainer, "datamodule", None)
@@ -152,8 +219,56 @@ class ClassificationTask(BaseTask):
         if weights is not None:
             self.class_weight = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
 
+    def _setup_sites(self, datamodule: Any) -> None:
+        names = getattr(datamodule, "site_names", None)
+        if not names or self.site_names == list(names):
+            return
+        self.site_names = [str(name) for name in names]
+        # keyed by index: ModuleDict keys cannot hold the dots a site name may have
+        self.test_site_metrics = nn.ModuleDict(
+            {str(i): self.configure_metrics().clone(prefix=f"test/site_{name}/") for i, name in enumerate(self.site_names)}
+        ).to(self.device)
+        self.test_site_counts = nn.ModuleDict({str(i): SumMetric() for i in range(len(self.site_names))}).to(self.device)
+
+    def prepare_batch(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        self.current_sites = batch.get("site")
+        return super().prepare_batch(batch, stage)
+
+    def update_metrics(self, metrics: MetricCollection, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        super().update_metrics(metrics, outputs, batch)
+        sites = batch.get("site")
+        if metrics is not self.test_metrics or sites is None or self.test_site_metrics is None:
+            return
+        probs, target = self.postprocess(outputs), batch[self.target_key]
+        for index in sites.unique().tolist():
+            chosen = sites == index
+            self.test_site_metrics[str(index)].update(probs[chosen], target[chosen])
+            self.test_site_counts[str(index)].update(chosen.sum())
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if self.test_site_metrics is None:
+            return
+        values = {}
+        for index, name in enumerate(self.site_names):
+            collection, count = self.test_site_metrics[str(index)], self.test_site_counts[str(index)]
+            # the count is synced across DDP processes first, so all of them skip the same sites:
+            # a site without test cases is left out of the log, not scored 0
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+                n = count.compute()
+            if n > 0:
+                values.update({f"test/site_{name}/n": n, **collection.compute()})
+            collection.reset()
+            count.reset()
+        self.log_dict(values)
+
     def compute_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         smoothing = self.hparams.label_smoothing
+        if self.loss_kind == "focal":
+            return focal_loss(
+                outputs, target, self.task == "multilabel", self.hparams.focal_gamma, self.class_weight, smoothing
+            )
         if self.task == "multilabel":
             target = target.float() * (1 - smoothing) + 0.5 * smoothing
             return F.binary_cross_entropy_with_logits(outputs, target, pos_weight=self.class_weight)

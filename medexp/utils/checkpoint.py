@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,17 @@ def rebuild(
     return datamodule, _model_of(run_cfg, checkpoint, model_overrides)
 
 
+def model_class(run_cfg: dict[str, Any]) -> type | None:
+    """The LightningModule class a run config's ``model._target_`` names, without building it
+    (e.g. to refuse a task early); None when it cannot be imported (:func:`rebuild` reports that)."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(str(run_cfg.get("model", {}).get("_target_", "")))
+    except Exception:  # noqa: BLE001 - any import problem is rebuild()'s to report
+        return None
+
+
 def rebuild_model(
     checkpoint: dict[str, Any], model_overrides: dict[str, Any] | None = None, allowed_targets: Sequence[str] = ()
 ) -> L.LightningModule:
@@ -120,21 +132,30 @@ def _model_of(run_cfg: Any, checkpoint: dict[str, Any], overrides: dict[str, Any
         if key in run_cfg.model:
             run_cfg.model[key] = value
     model = build(run_cfg.model)
+    if run_cfg.get("privacy"):  # trained with DP-SGD: the net's layers as Opacus made them
+        from medexp.privacy.dp import compatible_net
+
+        model.net = compatible_net(model.net)
     model.load_state_dict(checkpoint["state_dict"])
     return model
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a medexp checkpoint on the CPU without unpickling code (``weights_only=True``).
+    """Load a medexp checkpoint on the CPU without unpickling code (``weights_only=True``),
+    decrypted first when it was written encrypted (see :mod:`medexp.privacy.encryption`).
 
     Raises:
-        MedexpError: when the file is missing, is not a loadable checkpoint, or holds no run config.
+        MedexpError: when the file is missing, is not a loadable checkpoint, holds no run config,
+            or is encrypted and the key variable its header names is unset or holds another key.
     """
+    from medexp.privacy.encryption import read_bytes
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise MedexpError(f"ckpt_path={str(path)!r}: no such file")
+    data = read_bytes(path, what="checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise MedexpError(f"ckpt_path={str(path)!r}: cannot load it safely ({type(exc).__name__}: {exc})") from exc
     if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint:

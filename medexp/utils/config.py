@@ -17,7 +17,7 @@ from medexp.utils.errors import MedexpError
 CONFIG_PATH = "pkg://medexp.conf"
 
 # Metric names (after the stage prefix) for which lower is better; everything else is maximised.
-_LOWER_IS_BETTER = ("loss", "mse", "mae", "hd95", "hausdorff", "ece", "error", "fid", "kid", "kl")
+_LOWER_IS_BETTER = ("loss", "mse", "mae", "hd95", "hausdorff", "ece", "error", "fid", "kid", "kl", "folding")
 
 
 def metric_mode(metric: str) -> str:
@@ -89,6 +89,11 @@ def slice_axis(spatial_dims: int) -> int | None:
     return 2 if int(spatial_dims) == 3 else None
 
 
+def repeat(value: Any, times: int) -> list[Any]:
+    """``[value] * times``, e.g. one size per spatial axis: ``${repeat:${data.image_size},${data.spatial_dims}}``."""
+    return [value] * int(times)
+
+
 def register_resolvers() -> None:
     """Register medexp's OmegaConf resolvers (idempotent)."""
     resolvers = {
@@ -100,6 +105,7 @@ def register_resolvers() -> None:
         "plus_if": plus_if,
         "floordiv": floordiv,
         "slice_axis": slice_axis,
+        "repeat": repeat,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

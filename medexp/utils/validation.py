@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,7 @@ class Rule:
 
 
 PRECISIONS = (64, 32, 16, "64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine")
-TASKS = ("binary", "multiclass", "multilabel", "segmentation")
+TASKS = ("binary", "multiclass", "multilabel", "segmentation", "registration", "detection")
 
 RULES: tuple[Rule, ...] = (
     Rule("seed", "int", 0, 2**32 - 1, optional=True),
@@ -92,6 +92,9 @@ RULES: tuple[Rule, ...] = (
     Rule("data.test_fraction", "number", 0, 1, high_open=True),
     Rule("data.lesion_contrast", "number", 0, low_open=True),
     Rule("model.label_smoothing", "number", 0, 1, high_open=True),
+    Rule("model.focal_gamma", "number", 0),
+    Rule("data.sampler", ("balanced",), optional=True),
+    Rule("data.fold_by", ("site",), optional=True),
     Rule("model.overlap", "number", 0, 1, high_open=True),
     Rule("model.sw_batch_size", "int", 1),
     Rule("model.noise", ("gaussian", "poisson", "speckle", "blur"), optional=True),
@@ -103,6 +106,12 @@ RULES: tuple[Rule, ...] = (
     Rule("model.conditional", "bool"),
     Rule("model.real_label", "number", 0.5, 1, low_open=True),
     Rule("model.kid_subset_size", "int", 2),
+    Rule("model.similarity", ("lncc", "mse", "mi")),
+    Rule("model.regularization", ("bending", "diffusion")),
+    Rule("model.reg_weight", "number", 0),
+    Rule("model.label_weight", "number", 0),
+    Rule("model.output", ("ddf", "dvf")),
+    Rule("model.integration_steps", "int", 1),
     Rule("trainer.max_epochs", "int", 1),
     Rule("trainer.min_epochs", "int", 0, optional=True),
     Rule("trainer.precision", PRECISIONS),
@@ -112,6 +121,22 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.gradient_clip_val", "number", 0, optional=True),
     Rule("trainer.num_nodes", "int", 1),
     Rule("trainer.deterministic", (True, False, "warn")),
+    # privacy=dp (conf/privacy/dp.yaml; combinations: medexp.privacy.dp.check_config)
+    Rule("privacy.max_grad_norm", "number", 0, low_open=True),
+    Rule("privacy.target_epsilon", "number", 0, low_open=True, optional=True),
+    Rule("privacy.noise_multiplier", "number", 0, low_open=True, optional=True),
+    Rule("privacy.delta", "number", 0, 1, low_open=True, high_open=True),
+    Rule("privacy.accountant", ("prv", "rdp", "gdp")),
+    Rule("privacy.noise_seed", "int", 0, 2**63 - 1, optional=True),
+    # medexp federate (conf/federate.yaml)
+    Rule("federated.sites", "int", 2, optional=True),
+    Rule("federated.rounds", "int", 1),
+    Rule("federated.local_epochs", "int", 1),
+    Rule("federated.algorithm", ("fedavg", "fedprox")),
+    Rule("federated.mu", "number", 0),
+    Rule("federated.split", ("iid", "dirichlet", "column")),
+    Rule("federated.alpha", "number", 0, low_open=True),
+    Rule("federated.seed", "int", 0, 2**32 - 1),
 )
 
 
@@ -234,6 +259,9 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
             f"the model ({model['_target_'].rsplit('.', 1)[-1]}) trains on data.task in {list(handles)}, but "
             f"data.task={data.get('task')!r}; models for {data.get('task')} data: model={','.join(fitting) or '(none)'}"
         )
+    # a task's own checks of the whole config (e.g. a distillation teacher against these data)
+    if callable(own_checks := getattr(task_class, "config_problems", None)):
+        problems.extend(own_checks(config))
     net = model.get("net") or {}
     net_class = _locate(str(net.get("_target_", ""))) if isinstance(net, dict) else None
     # a sequence model (its forward takes each sample's length) on single 2D images
@@ -250,9 +278,25 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
             f"the net ({net['_target_'].rsplit('.', 1)[-1]}) needs at least 29 pixels (voxels) per side, but "
             f"data.image_size={size}; for MedMNIST use data.size=64, or choose model=resnet18"
         )
-    for net_key, data_key in (("in_channels", "in_channels"), ("spatial_dims", "spatial_dims")):
-        if net_key in net and data_key in data and net[net_key] != data[data_key]:
-            problems.append(f"model.net.{net_key}={net[net_key]} but data.{data_key}={data[data_key]}; they must match")
+    # images stacked into the net's input (a registration net takes the moving and the fixed image)
+    images = getattr(task_class, "net_input_images", 1)
+    if "in_channels" in net and "in_channels" in data and net["in_channels"] != images * data["in_channels"]:
+        expected = "they must match" if images == 1 else f"the net takes {images} x data.in_channels (the images it stacks)"
+        problems.append(f"model.net.in_channels={net['in_channels']} but data.in_channels={data['in_channels']}; {expected}")
+    if "spatial_dims" in net and "spatial_dims" in data and net["spatial_dims"] != data["spatial_dims"]:
+        problems.append(f"model.net.spatial_dims={net['spatial_dims']} but data.spatial_dims={data['spatial_dims']}; they must match")
+    # GlobalNet is built for one input size: a number of pixels (voxels) per spatial axis, the data's
+    net_size, data_size = net.get("image_size"), data.get("image_size")
+    if isinstance(net_size, list) and (
+        len(net_size) != data.get("spatial_dims")
+        or not all(isinstance(v, int) and v > 0 for v in net_size)
+        or (isinstance(data_size, int) and any(v != data_size for v in net_size))
+    ):
+        problems.append(
+            f"model.net.image_size={net_size}; the net needs the images' size, one number per axis of "
+            f"data.spatial_dims={data.get('spatial_dims')} (e.g. {[data_size or 32] * (data.get('spatial_dims') or 2)} for "
+            f"data.image_size={data_size or 32}): set data.image_size (file data are resampled to it) and model.net.image_size"
+        )
     outputs = next((net[k] for k in ("out_channels", "num_classes") if k in net), None)
     # the data property the net's outputs must equal: classes, or channels for a reconstruction
     match_key = getattr(task_class, "net_outputs", "num_classes")
@@ -261,13 +305,18 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
     return problems
 
 
-def validate_config(config: dict[str, Any]) -> None:
+def validate_config(config: dict[str, Any], extra: Sequence[str] = ()) -> None:
     """Run every check on a resolved config.
+
+    Args:
+        config: the resolved config.
+        extra: problems a command found with its own settings (e.g. ``medexp federate``'s),
+            reported together with the rest.
 
     Raises:
         MedexpError: listing every problem found, one per line.
     """
-    problems = [*check_values(config), *check_arguments(config), *check_combinations(config)]
+    problems = [*check_values(config), *check_arguments(config), *check_combinations(config), *extra]
     if problems:
         lines = "\n".join(f"  - {problem}" for problem in problems)
         raise MedexpError(f"{len(problems)} problem(s) in the config:\n{lines}")
