@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from hydra.utils import instantiate
+
+from medexp.data.base import ArrayDataset
 from medexp.data.medmnist import MedMNISTDataModule
 from medexp.data.synthetic import SyntheticDataModule, make_phantoms
 from medexp.utils.errors import MedexpError
@@ -205,3 +208,37 @@ def test_real_medmnist_files(shared_medmnist, name, task, num_classes, channels)
     counts, total = dm.label_counts()
     assert total == sizes["train"] and (counts > 0).all()
     assert dm.datasets["train"][0]["image"].shape == (channels, 28, 28)
+
+
+def test_prebuilt_samples_and_batches_equal_those_made_per_sample(compose_cfg):
+    # a deterministic MONAI chain (MedMNIST's normalisation) is run once at setup; epochs index it
+    cfg = compose_cfg("data.num_samples={train: 40, val: 10, test: 10}", "data.batch_size=16",
+                      "data.transforms=[{_target_: monai.transforms.NormalizeIntensityd, keys: [image], subtrahend: 0.5, divisor: 0.5}]")
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    batches = list(datamodule.test_dataloader())
+    prebuilt = datamodule.datasets["test"]
+    assert prebuilt.prebuilt is not None
+    fresh = ArrayDataset(prebuilt.images, prebuilt.labels.numpy(), prebuilt.transform)
+    fresh.masks = prebuilt.masks
+    for index in (0, 7):
+        made, kept = fresh[index], prebuilt[index]
+        assert made.keys() == kept.keys() == {"image", "label", "mask"}
+        for key in made:
+            assert made[key].dtype == kept[key].dtype and torch.equal(made[key], kept[key])
+    assert prebuilt[0]["image"].min() < 0  # normalised to [-1, 1]
+    expected = list(torch.utils.data.DataLoader(fresh, batch_size=16))
+    assert len(batches) == len(expected) == 1 + 10 // 16
+    for batch, reference in zip(batches, expected):
+        assert all(torch.equal(batch[key], reference[key]) for key in reference)
+    # a torch DataLoader with its own collate function still sees samples
+    assert torch.equal(next(iter(torch.utils.data.DataLoader(prebuilt, batch_size=4)))["image"], expected[0]["image"][:4])
+
+
+def test_random_augmentations_are_not_prebuilt(compose_cfg):
+    cfg = compose_cfg("data/augmentations=basic", "data.num_samples={train: 8, val: 4, test: 4}")
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    datamodule.train_dataloader(), datamodule.val_dataloader()
+    assert datamodule.datasets["train"].prebuilt is None  # drawn anew every epoch
+    assert datamodule.datasets["val"].prebuilt is not None

@@ -369,6 +369,8 @@ def _any_rank(trainer: L.Trainer, flag: bool) -> bool:
 def _mid_epoch_state(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
     from torchmetrics import Metric
 
+    if hasattr(pl_module, "flush_metrics"):  # batches medexp's tasks hold back (BaseTask.feed_metrics)
+        pl_module.flush_metrics()
     metrics = {
         name: {"update_count": module._update_count, "state": {k: _cpu(v) for k, v in module.metric_state.items()}}
         for name, module in pl_module.named_modules()
@@ -433,10 +435,12 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 def _transform_generators(trainer: L.Trainer) -> list[np.random.RandomState]:
     """The generators of the training transforms' random steps (MONAI ``Randomizable.R``), in a
     fixed order; the same duck-typed place as :class:`medexp.callbacks.seed.SeedEachEpoch`."""
-    from monai.transforms import Randomizable, Transform
-
     datasets = getattr(trainer.datamodule, "datasets", None) or {}
     transform = getattr(datasets.get("train"), "transform", None)
+    if not type(transform).__module__.startswith("monai."):  # no MONAI chain: nothing random to find
+        return []
+    from monai.transforms import Randomizable, Transform
+
     found: list[np.random.RandomState] = []
     seen: set[int] = set()
 

@@ -5,24 +5,24 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 import numpy as np
 import torch
-from monai.data import DataLoader
-from monai.transforms import Compose, EnsureTyped, LoadImaged, MapTransform, ScaleIntensityRanged, Transposed
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default_collate
 
 from medexp.data import validation
-from medexp.data.folds import assign_folds, check_folds, strata, write_folds
+from medexp.callbacks.seed import epoch_seed
+from medexp.data.folds import assign_folds, check_fold_by, check_folds, split_by_fold, strata, write_folds
 from medexp.data.sampling import EpochShuffleSampler
 from medexp.utils.errors import MedexpError
 
 SPLITS = ("train", "val", "test")
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
+SAMPLERS = (None, "balanced")
 
 
 class ArrayDataset(Dataset):
@@ -40,7 +40,18 @@ class ArrayDataset(Dataset):
             served as ``sample["mask"]`` (``uint8``, untouched by ``transform`` unless its keys
             name ``mask``) for scoring saliency maps (:mod:`medexp.metrics.saliency`); the model
             and its metrics never read them. Set by data modules that know their lesions.
+        sites: None, or ``(N,)`` site index of each sample (see ``site_names`` of the data
+            module), served as ``sample["site"]`` (an int64 scalar) for per-site metrics and
+            test-time adaptation. Set by data modules whose data have sites.
+
+    With a deterministic ``transform`` (no random step), :meth:`prebuild` (called when a data
+    module makes the loader) runs every sample through it once and keeps the results as
+    tensors: epochs then index them, whole batches at once (:meth:`__getitems__`), as fast as
+    tensors built by hand.
     """
+
+    # the most memory the prebuilt tensors may take (beyond it, samples are made per epoch)
+    prebuild_limit_bytes = 2**30
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None = None) -> None:
         if len(images) != len(labels):
@@ -49,11 +60,38 @@ class ArrayDataset(Dataset):
         self.labels = torch.as_tensor(labels)
         self.transform = transform
         self.masks: np.ndarray | None = None
+        self.sites: np.ndarray | None = None
+        self.prebuilt: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def prebuild(self) -> bool:
+        """Keep every sample, transformed, as stacked tensors (when ``transform`` has no random
+        step and they fit in :attr:`prebuild_limit_bytes`). Returns whether it did."""
+        if self.prebuilt is not None:
+            return True
+        if len(self) == 0 or not _deterministic(self.transform):
+            return False
+        first = self[0]
+        size = sum(value.element_size() * value.numel() for value in first.values() if isinstance(value, torch.Tensor))
+        if not all(isinstance(value, torch.Tensor) for value in first.values()) or size * len(self) > self.prebuild_limit_bytes:
+            return False
+        samples = [first, *(self[index] for index in range(1, len(self)))]
+        self.prebuilt = {key: torch.stack([sample[key] for sample in samples]) for key in first}
+        return True
+
+    def __getitems__(self, indices: list[int]) -> Sequence[dict[str, torch.Tensor]]:
+        """The samples of a batch: prebuilt, indexed at once (a :class:`PrebuiltBatch`), else
+        one by one."""
+        if self.prebuilt is None:
+            return [self[index] for index in indices]
+        rows = torch.as_tensor(indices)
+        return PrebuiltBatch({key: value[rows] for key, value in self.prebuilt.items()})
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.prebuilt is not None:  # copies: a consumer may change a sample in place
+            return {key: value[index].clone() for key, value in self.prebuilt.items()}
         image = torch.from_numpy(self.images[index])
         image = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
         label = self.labels[index]
@@ -62,7 +100,118 @@ class ArrayDataset(Dataset):
         sample = {"image": image, "label": label.float() if label.dtype == torch.uint8 else label}
         if self.masks is not None:
             sample["mask"] = torch.from_numpy(self.masks[index])
+        if self.sites is not None:
+            sample["site"] = torch.tensor(int(self.sites[index]))
         return self.transform(sample) if self.transform is not None else sample
+
+
+def _deterministic(transform: Callable | None) -> bool:
+    """Whether ``transform`` gives a sample the same result every time (no MONAI random step)."""
+    if transform is None or isinstance(transform, PlainTensors):
+        return True
+    if not type(transform).__module__.startswith("monai."):
+        return False  # unknown: assume random
+    from monai.transforms import Compose, Randomizable
+
+    steps = transform.flatten().transforms if isinstance(transform, Compose) else (transform,)
+    return not any(isinstance(step, Randomizable) for step in steps)
+
+
+class PrebuiltBatch(Sequence):
+    """A batch indexed at once from prebuilt tensors: :func:`collate` takes its ``tensors`` as
+    they are, and any other collate function sees the sequence of samples it expects.
+
+    Args:
+        tensors: ``{key: (B, ...)}``.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}
+
+
+def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples into a batch (a :class:`PrebuiltBatch` is stacked already)."""
+    if isinstance(batch, PrebuiltBatch):
+        return batch.tensors
+    return default_collate(batch)
+
+
+class PlainTensors:
+    """The end of every sample chain without MONAI: ``image`` float32, ``label`` int64 (class
+    indices, 0/1 indicators, masks), ``roi`` bool, as ``EnsureTyped`` makes them in a MONAI chain."""
+
+    dtypes = {"image": torch.float32, "label": torch.long, "roi": torch.bool}
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        for key, dtype in self.dtypes.items():
+            if key in sample:
+                sample[key] = torch.as_tensor(sample[key]).to(dtype)
+        return sample
+
+
+def _prebuild(dataset: Dataset) -> None:
+    """:meth:`ArrayDataset.prebuild` every in-memory dataset that ``dataset`` serves."""
+    for part in dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]:
+        part = part.dataset if isinstance(part, Subset) else part
+        if isinstance(part, ArrayDataset):
+            part.prebuild()
+
+
+def _plain(dataset: Dataset) -> bool:
+    """Whether every sample of ``dataset`` is prebuilt or goes through :class:`PlainTensors`
+    alone (no MONAI transform at batch time)."""
+    if isinstance(dataset, Subset):
+        return _plain(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        return all(_plain(part) for part in dataset.datasets)
+    return getattr(dataset, "prebuilt", None) is not None or isinstance(getattr(dataset, "transform", None), PlainTensors)
+
+
+class BalancedSampler(EpochShuffleSampler):
+    """``data.sampler=balanced``: each epoch ``len(data)`` indices drawn with replacement, every
+    stratum (class) equally likely, so rare classes fill as many batches as common ones.
+
+    Drawn from ``(seed, epoch)`` like :class:`~medexp.data.sampling.EpochShuffleSampler` (whose
+    epoch and mid-epoch skipping it keeps), so a resumed run draws the same batches.
+
+    Args:
+        data: the dataset (only its length is used).
+        strata: ``(N,)`` stratum of each sample, e.g. its class (see :func:`~medexp.data.folds.strata`).
+        seed: the run's seed.
+    """
+
+    def __init__(self, data: Sized, strata: np.ndarray, seed: int) -> None:
+        super().__init__(data, seed)
+        if len(strata) != len(data):
+            raise ValueError(f"{len(strata)} strata for {len(data)} samples")
+        _, stratum, counts = np.unique(np.asarray(strata), return_inverse=True, return_counts=True)
+        # each stratum's samples share its probability equally: 1 / (strata * its size)
+        self.weights = torch.as_tensor(1.0 / (len(counts) * counts[stratum.ravel()]), dtype=torch.float64)
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        draws = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator)
+        yield from draws[skip:].tolist()
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """The labels of a training dataset in index order: :class:`ArrayDataset` and generated
+    images hold them, MONAI datasets of file cases list them in their items, and a
+    ``ConcatDataset`` joins its parts', a ``Subset`` (a federated site's share) takes its rows'."""
+    if isinstance(dataset, ConcatDataset):
+        return np.concatenate([dataset_labels(part) for part in dataset.datasets])
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    if hasattr(dataset, "labels"):
+        return np.asarray(dataset.labels)
+    return np.asarray([item["label"] for item in dataset.data])
 
 
 class ArrayDataModule(L.LightningDataModule):
@@ -101,6 +250,17 @@ class ArrayDataModule(L.LightningDataModule):
         generated: GAN-augmented training: images from a class-conditional GAN checkpoint mixed
             into the training split, ``{ckpt, ratio, labels, seed}``; see
             :class:`~medexp.data.generated.GeneratedImages`. None or ``ratio: 0``: real data only.
+        sampler: how training batches are drawn: None (a shuffle of the split per epoch) or
+            ``balanced`` (with replacement, every class equally likely; multi-label: by each
+            sample's rarest positive label, see :func:`~medexp.data.folds.strata`), from
+            ``(seed, epoch)`` so a resumed run draws the same batches (:class:`BalancedSampler`).
+        fold_by: None, or ``site``: leave-one-site-out cross-validation, fold ``k`` being site
+            ``k`` of ``site_names`` (``num_folds`` is then not used).
+
+    Attributes:
+        site_names: the acquisition sites (scanners, hospitals) of data that have them, in index
+            order; None otherwise. Subclasses set it and, in :meth:`load_split`, the site index
+            of each row returned in ``loaded_sites[split]``; samples then carry ``site``.
     """
 
     def __init__(
@@ -122,9 +282,18 @@ class ArrayDataModule(L.LightningDataModule):
         on_bad: str = "fail",
         intensity_range: Sequence[float] | None = None,
         generated: dict[str, Any] | None = None,
+        sampler: str | None = None,
+        fold_by: str | None = None,
     ) -> None:
         super().__init__()
         scan = validation.check_options(scan, scan_sample, on_bad)
+        if sampler not in SAMPLERS:
+            raise MedexpError(f"data.sampler={sampler!r}; expected one of {list(SAMPLERS)}")
+        if sampler is not None and task == "segmentation":
+            raise MedexpError(
+                f"data.sampler={sampler} balances the classes of images (binary, multiclass, multilabel), not "
+                "data.task=segmentation; for lesions in patches use data/augmentations=patches"
+            )
         if task not in TASKS:
             raise MedexpError(f"data.task={task!r}; expected one of {list(TASKS)}")
         if num_classes < 2:
@@ -133,7 +302,8 @@ class ArrayDataModule(L.LightningDataModule):
             raise MedexpError(f"data.num_classes={num_classes} with data.task=binary; binary means 2 classes")
         if batch_size < 1:
             raise MedexpError(f"data.batch_size={batch_size}; expected a positive integer")
-        check_folds(fold, num_folds)
+        # leave-one-site-out folds are the sites, checked once the sites are known (see setup)
+        check_folds(fold if fold_by is None else None, num_folds)
         self.task = task
         self.num_classes = num_classes
         self.in_channels = in_channels
@@ -145,7 +315,10 @@ class ArrayDataModule(L.LightningDataModule):
         # names of the classes (labels) in index order, where the data know them
         self.class_names: list[str] | None = None
         self.datasets: dict[str, ArrayDataset] = {}
-        self.fold, self.num_folds, self.fold_seed = fold, num_folds, fold_seed
+        self.fold, self.num_folds, self.fold_seed, self.fold_by = fold, num_folds, fold_seed, fold_by
+        self.sampler = sampler
+        self.site_names: list[str] | None = None
+        self.loaded_sites: dict[str, np.ndarray] = {}
         self.output_dir = Path(output_dir).expanduser() if output_dir else None
         # with fold set: one row per training sample and the fold it is in (see :meth:`save_folds`)
         self.fold_table: list[dict[str, Any]] | None = None
@@ -172,21 +345,40 @@ class ArrayDataModule(L.LightningDataModule):
             self._check_split(split, *arrays[split])
         # rows of the loaded splits kept by the data check (all of them unless on_bad=skip)
         kept = self._scan_arrays(arrays)
+        self.check_sites()
+        sites = {split: self.loaded_sites[split][rows] for split, rows in kept.items()} if self.site_names else {}
         if self.fold is not None:
             images, labels = arrays["train"]
-            folds = assign_folds(strata(labels, self.task), None, self.num_folds, self.fold_seed)
+            if self.fold_by == "site":
+                folds = sites["train"]
+                held_out = split_by_fold(folds, self.fold, f"site {self.site_names[self.fold]!r}")
+            else:
+                folds = assign_folds(strata(labels, self.task), None, self.num_folds, self.fold_seed)
+                held_out = folds == self.fold
             self.fold_table = [
                 {"index": int(index), "label": self._label_text(label), "fold": int(fold)}
                 for index, label, fold in zip(kept["train"], labels, folds)
             ]
-            held_out = folds == self.fold
+            if sites:
+                for row, site in zip(self.fold_table, sites["train"]):
+                    row["site"] = self.site_names[site]
+                sites["val"], sites["train"] = sites["train"][held_out], sites["train"][~held_out]
             # boolean indexing copies: where a subclass keeps its arrays (MedMNIST), the training split is held twice
             arrays["val"] = images[held_out], labels[held_out]
             arrays["train"] = images[~held_out], labels[~held_out]
         for split in SPLITS:
             self.datasets[split] = ArrayDataset(*arrays[split], self.transform(split))
+            self.datasets[split].sites = sites.get(split)
         self.save_folds()
         self.save_skipped("index", lambda split, index: index)
+
+    def check_sites(self) -> None:
+        """Check the options that depend on the sites, once ``site_names`` is known."""
+        check_fold_by(self.fold_by, self.fold, self.site_names)
+        if self.site_names and self.generated is not None:
+            raise MedexpError(
+                "data.generated cannot join data with sites (data.sites, or a site column): generated images have no site"
+            )
 
     def _scan_arrays(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
         """Check the loaded splits (see :mod:`medexp.data.validation`); with ``on_bad="skip"``
@@ -266,16 +458,24 @@ class ArrayDataModule(L.LightningDataModule):
         if self.trainer is None or self.trainer.is_global_zero:
             write_folds(self.output_dir / "folds.csv", self.fold_table)
 
-    def transform(self, split: str, head: Sequence[Callable] = ()) -> Compose:
+    def transform(self, split: str, head: Sequence[Callable] = ()) -> Callable:
         """The per-sample chain of ``split``: ``head`` (e.g. a file reader), augmentations
         (training only), transforms, then plain tensors: float32 images, int64 labels.
 
         ``split="predict"`` is the evaluation chain for samples without a label: keys missing
         from a sample are skipped, and images stay MetaTensors that record the spatial transforms
         applied, so predictions can be mapped back onto their input (``monai.transforms.Invertd``).
+
+        With nothing to apply but the types (in-memory data without transforms or augmentations,
+        the default command), the chain is :class:`PlainTensors`: MONAI is not imported (about
+        2 s of start-up) and samples skip its per-call bookkeeping.
         """
         augmentations = self.augmentations if split == "train" else []
         predict = split == "predict"
+        if not (head or augmentations or self.transforms or predict):
+            return PlainTensors()
+        from monai.transforms import Compose, EnsureTyped, MapTransform
+
         # plain tensors in batches: MONAI transforms otherwise return MetaTensors
         # "roi": an optional region where metrics are computed (see SegmentationTask)
         ensure = EnsureTyped(
@@ -293,13 +493,15 @@ class ArrayDataModule(L.LightningDataModule):
         transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
         return transform
 
-    def predict_transform(self) -> Compose:
+    def predict_transform(self) -> Callable:
         """The chain that turns one image file into a model input ``{"image": (C, *spatial)}``,
         as the test split prepares its samples (see :meth:`transform` with ``split="predict"``).
 
         In-memory samples are ``uint8`` arrays in numpy's axis order that :class:`ArrayDataset`
         scales to [0, 1]; files are read and scaled the same way.
         """
+        from monai.transforms import LoadImaged, ScaleIntensityRanged, Transposed
+
         with warnings.catch_warnings():
             # LoadImage registers MONAI's GPU DICOM decoder too, which warns wherever nvImageCodec is absent
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
@@ -357,20 +559,32 @@ class ArrayDataModule(L.LightningDataModule):
         return self._make_loader(self.datasets[split], shuffle)
 
     def _make_loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        _prebuild(dataset)  # now: the data modules have attached everything a sample carries
+        loader, options = DataLoader, {"collate_fn": collate}
+        if not _plain(dataset):
+            # MONAI's collates lists of samples (patches) and seeds random transforms in workers
+            from monai.data import DataLoader as loader
+
+            options = {}
+        return loader(
             dataset,
             batch_size=self.batch_size,
             sampler=self._shuffler(dataset) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            **options,
         )
 
     def _shuffler(self, dataset: Dataset) -> EpochShuffleSampler:
         # seeded like the transforms (see :meth:`transform`): from the run's seed. The epoch is
         # set now too: worker processes draw indices as soon as the loader's iterator exists,
         # before Lightning's set_epoch, and a resumed run's first epoch is not epoch 0.
-        sampler = EpochShuffleSampler(dataset, int(torch.initial_seed() % 2**32))
+        seed = int(torch.initial_seed() % 2**32)
+        if self.sampler == "balanced":
+            sampler = BalancedSampler(dataset, strata(dataset_labels(dataset), self.task), seed)
+        else:
+            sampler = EpochShuffleSampler(dataset, seed)
         sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return sampler
 
@@ -387,6 +601,11 @@ class ArrayDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def subset_loader(self, split: str, indices: Sequence[int], shuffle: bool) -> DataLoader:
+        """A loader over the samples ``indices`` of ``split``, batched like the split's own
+        (e.g. one simulated site's share in ``medexp federate``). Call after :meth:`setup`."""
+        return self._make_loader(Subset(self.datasets[split], [int(i) for i in indices]), shuffle)
 
     def fingerprint(self) -> str:
         """SHA-256 of what the splits hold (images and labels, in order), so a reproduction can

@@ -26,14 +26,16 @@ from monai.transforms import Compose, LoadImage, Transform
 
 from medexp.data import validation
 from medexp.data.base import SPLITS, ArrayDataModule
-from medexp.data.folds import assign_folds
+from medexp.data.folds import assign_folds, split_by_fold
 from medexp.utils.errors import MedexpError, user_error_message
 
 log = logging.getLogger(__name__)
 
 FILE_TASKS = ("binary", "multiclass", "segmentation")
 REQUIRED_COLUMNS = ("image", "label")
-OPTIONAL_COLUMNS = ("split", "patient_id", "roi")
+OPTIONAL_COLUMNS = ("split", "patient_id", "roi", "site")
+# names a manifest may give its site column (the acquisition site or scanner of each image)
+SITE_COLUMNS = ("site", "scanner")
 # MONAI chooses PILReader by suffix only for png/jpg/jpeg/bmp: TIFF and GIF would reach the DICOM reader
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 # files whose affine places them in space (a folder counts too: a DICOM series); other formats get a
@@ -49,6 +51,7 @@ class Case:
     ``split`` is None until a split is assigned; ``where`` names the manifest line the case came
     from (empty for folder layouts, where the path says it all). ``roi`` is an optional mask of
     the region where segmentation metrics are computed (e.g. a retina's field of view).
+    ``site`` is the acquisition site or scanner (empty when the manifest has none).
     """
 
     image: Path
@@ -57,11 +60,14 @@ class Case:
     patient_id: str = ""
     where: str = ""
     roi: Path | None = None
+    site: str = ""
 
     def item(self) -> dict[str, Any]:
         """The dict a MONAI dataset holds for this case (see :class:`CaseReader`)."""
         label = str(self.label) if isinstance(self.label, Path) else self.label
         item = {"image": str(self.image), "label": label, "where": self.where}
+        if self.site:
+            item["site"] = self.site
         return item if self.roi is None else {**item, "roi": str(self.roi)}
 
 
@@ -105,7 +111,9 @@ def read_csv_rows(path: Path, required: Sequence[str], needs: str) -> tuple[list
 
 
 def read_manifest(path: Path, task: str, num_classes: int, missing_ok: bool = False) -> list[Case]:
-    """Read a CSV manifest: columns ``image``, ``label`` and optionally ``split``, ``patient_id``.
+    """Read a CSV manifest: columns ``image``, ``label`` and optionally ``split``, ``patient_id``,
+    ``roi`` and ``site`` (or ``scanner``: the acquisition site of each image, for per-site metrics
+    and leave-one-site-out folds).
 
     Relative paths resolve against the manifest's folder. ``label`` is a class index, or a mask
     path for ``task="segmentation"``. Other columns are ignored.
@@ -129,6 +137,7 @@ def read_manifest(path: Path, task: str, num_classes: int, missing_ok: bool = Fa
     )
 
     base = path.absolute().parent
+    site_column = next((name for name in SITE_COLUMNS if name in columns), None)
     bad_splits, bad_labels, missing_files, cases = [], [], [], []
     for line, row in rows:
         split = row.get("split") if "split" in columns else None
@@ -151,8 +160,15 @@ def read_manifest(path: Path, task: str, num_classes: int, missing_ok: bool = Fa
         roi = _resolve(base, row["roi"]) if row.get("roi") else None
         if roi is not None and not roi.exists():
             missing_files.append(f"line {line}: roi {row['roi']!r}")
-        cases.append(Case(image, label, split, row.get("patient_id", ""), f"{path} line {line}", roi))
+        site = row.get(site_column, "") if site_column else ""
+        cases.append(Case(image, label, split, row.get("patient_id", ""), f"{path} line {line}", roi, site))
 
+    unsited = [f"line {case.where.rsplit(' ', 1)[-1]}" for case in cases if site_column and not case.site]
+    if unsited:
+        raise MedexpError(
+            f"{path}: the {site_column} column is empty on {len(unsited)} line(s): {_listing(unsited)}; give every "
+            "image its site (or scanner), or drop the column"
+        )
     if bad_splits:
         raise MedexpError(
             f"{path}: unknown split value(s) {_listing(bad_splits)}; expected one of {list(SPLITS)} "
@@ -277,16 +293,20 @@ def assign_splits(
 
 
 def write_splits(cases: dict[str, list[Case]], path: Path) -> None:
-    """Write the split used as a CSV (``image, label, split, patient_id, roi``, absolute paths).
+    """Write the split used as a CSV (``image, label, split, patient_id, roi``, absolute paths;
+    and ``site`` where the cases have sites).
 
     The file is itself a manifest: ``data.manifest=<it>`` reuses the split elsewhere.
     """
+    sites = any(case.site for members in cases.values() for case in members)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["image", "label", "split", "patient_id", "roi"])
+        writer.writerow(["image", "label", "split", "patient_id", "roi", *(["site"] if sites else [])])
         for split in SPLITS:
-            writer.writerows([c.image, c.label, split, c.patient_id, c.roi or ""] for c in cases[split])
+            writer.writerows(
+                [c.image, c.label, split, c.patient_id, c.roi or "", *([c.site] if sites else [])] for c in cases[split]
+            )
 
 
 def _file_digest(path: Path) -> bytes:
@@ -344,6 +364,8 @@ class CaseReader(Transform):
         self.task = task
         self.num_classes = num_classes
         self.mask_threshold = mask_threshold
+        # site name -> index (FileDataModule.site_names); a case's "site" is served as its index
+        self.site_index: dict[str, int] = {}
         with warnings.catch_warnings():
             # LoadImage registers MONAI's GPU DICOM decoder too, which warns wherever nvImageCodec is absent
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
@@ -440,6 +462,8 @@ class CaseReader(Transform):
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         sample = self.load(data)
+        if "site" in data:
+            sample["site"] = self.site_index[data["site"]]
         if "label" not in data:  # an image to predict on
             return sample
         if self.task != "segmentation":
@@ -483,6 +507,19 @@ def scan_drive(root: Path, val_fraction: float, seed: int) -> list[Case]:
     return [replace(case, split="val") if i in set(chosen.tolist()) else case for i, case in enumerate(cases)]
 
 
+def _cache_mode(cache: bool | str | None) -> str | None:
+    """``data.cache`` -> ``memory``, ``disk`` or None."""
+    match cache:
+        case None | False | "none":
+            return None
+        case True | "memory":
+            return "memory"
+        case "disk":
+            return "disk"
+        case _:
+            raise MedexpError(f"data.cache={cache!r}; expected one of [null, memory, disk] (true: memory)")
+
+
 class FileDataModule(ArrayDataModule):
     """Image files from a CSV manifest or a folder layout, for classification or segmentation.
 
@@ -510,7 +547,9 @@ class FileDataModule(ArrayDataModule):
         in_channels: channels, spatial_dims: 2 or 3, of images as the model receives them (after
             ``transforms``); checked on the first training image.
         manifest: CSV with columns ``image``, ``label`` (class index or mask path), optional
-            ``split`` (train/val/test) and ``patient_id`` (see :func:`read_manifest`).
+            ``split`` (train/val/test), ``patient_id`` and ``site`` (or ``scanner``: sets
+            ``site_names``, sorted, and batches carry each image's ``site`` index; see
+            :func:`read_manifest`).
         root: instead of a manifest, a folder layout (see :func:`scan_folder`).
         layout: how ``root`` is laid out: ``folders`` (see :func:`scan_folder`) or ``drive`` (the
             DRIVE dataset as distributed, see :func:`scan_drive`).
@@ -518,8 +557,12 @@ class FileDataModule(ArrayDataModule):
         split_seed: seed of the random split; val_fraction, test_fraction: its sizes, as
             fractions of patients (of images without ``patient_id``).
         mask_threshold: how mask values become class indices (see :class:`CaseReader`).
-        cache: keep loaded cases (and their deterministic transforms) in memory
-            (``monai.data.CacheDataset``).
+        cache: keep loaded cases (and the results of their transforms up to the first random
+            one): ``memory`` (or true; ``monai.data.CacheDataset``, filled at setup), ``disk``
+            (``monai.data.PersistentDataset`` in ``cache_dir``, filled as cases are first read
+            and kept across runs; keyed by each case's files and the transforms, so a changed
+            chain is cached anew), or None/false.
+        cache_dir: the folder of ``cache="disk"``.
         **kwargs: ``batch_size``, ``num_workers``, ``transforms``, ``augmentations``, ``fold``,
             ``num_folds``, ``fold_seed``, ``scan``, ``scan_sample``, ``on_bad``; see
             :class:`~medexp.data.base.ArrayDataModule`. With ``on_bad="skip"``, listed files that
@@ -539,7 +582,8 @@ class FileDataModule(ArrayDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         mask_threshold: float | None = None,
-        cache: bool = False,
+        cache: bool | str | None = False,
+        cache_dir: str | Path | None = None,
         layout: str = "folders",
         **kwargs,
     ) -> None:
@@ -562,7 +606,10 @@ class FileDataModule(ArrayDataModule):
                 "and a sum below 1"
             )
         self.source = Path(manifest if manifest is not None else root).expanduser()
-        self.cache = cache
+        self.cache = _cache_mode(cache)
+        if self.cache == "disk" and cache_dir is None:
+            raise MedexpError("data.cache=disk needs data.cache_dir (a folder for the cached cases)")
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.reader = CaseReader(task, num_classes, mask_threshold)
         if layout not in ("folders", "drive"):
             raise MedexpError(f"data.layout={layout!r}; expected one of ['folders', 'drive']")
@@ -580,6 +627,10 @@ class FileDataModule(ArrayDataModule):
         else:
             self._warn_shared_patients(cases)
         self.cases = {split: [case for case in cases if case.split == split] for split in SPLITS}
+        # sorted: the same sites get the same indices whatever the manifest's order
+        self.site_names = sorted({case.site for case in cases if case.site}) or None
+        self.reader.site_index = {name: index for index, name in enumerate(self.site_names or [])}
+        self.check_sites()
         if self.fold is not None:
             self._split_folds()
         for split, members in self.cases.items():
@@ -605,9 +656,14 @@ class FileDataModule(ArrayDataModule):
         # the fold's validation part replaces the validation split (label_counts sees the rest)
         train = self.cases["train"]
         labels = None if self.task == "segmentation" else [case.label for case in train]
-        folds = assign_folds(labels, [case.patient_id for case in train], self.num_folds, self.fold_seed)
+        if self.fold_by == "site":  # leave-one-site-out: fold k is site k
+            folds = np.array([self.reader.site_index[case.site] for case in train], dtype=np.int64)
+            split_by_fold(folds, self.fold, f"site {self.site_names[self.fold]!r}")
+        else:
+            folds = assign_folds(labels, [case.patient_id for case in train], self.num_folds, self.fold_seed)
         self.fold_table = [
             {"image": case.image, "patient_id": case.patient_id, "label": case.label, "fold": int(fold)}
+            | ({"site": case.site} if self.site_names else {})
             for case, fold in zip(train, folds)
         ]
         self.cases["val"] = [replace(case, split="val") for case, fold in zip(train, folds) if fold == self.fold]
@@ -681,8 +737,14 @@ class FileDataModule(ArrayDataModule):
     def _dataset(self, split: str) -> Dataset:
         items = [case.item() for case in self.cases[split]]
         transform = self.transform(split, head=[self.reader])
-        if not self.cache:
+        if self.cache is None:
             return Dataset(items, transform)
+        if self.cache == "disk":
+            from monai.data import PersistentDataset
+            from monai.data.utils import json_hashing
+
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            return PersistentDataset(items, transform, cache_dir=self.cache_dir, hash_transform=json_hashing)
         try:
             return CacheDataset(items, transform, progress=False)
         except RuntimeError as exc:  # MONAI wraps a transform's error; ours names the file
