@@ -62,7 +62,9 @@ class BaseTask(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # no NaN check: it would wait for the GPU every step; a non-finite training loss is
+        # medexp.callbacks.faults.FaultTolerance's to stop (a NaN mean is reported as it is)
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.monitor_best = MaxMetric() if metric_mode(monitor) == "max" else MinMetric()
         # kept in checkpoints so a resumed run continues the same best value
         self.monitor_best.persistent(True)
@@ -151,7 +153,7 @@ class BaseTask(L.LightningModule):
         """
         pending = self._pending.setdefault(metrics.prefix, (metrics, []))[1]
         pending.append((preds, target))
-        if sum(p.numel() for p, _ in pending) >= self.metric_chunk:
+        if len(pending) * preds.numel() >= self.metric_chunk:  # batches of about equal size
             self.flush_metrics(metrics.prefix)
 
     def flush_metrics(self, prefix: str | None = None) -> None:

@@ -41,12 +41,12 @@ def overrides(model: str, epochs: int, train: int, tiny: bool) -> list[str]:
     ]
 
 
-def medexp_run(shared: list[str], out: Path) -> dict:
+def medexp_run(shared: list[str], out: Path, extra: list[str] = ()) -> dict:
     """One `medexp train` (defaults otherwise; no test and report: they come after the timed part)."""
     timing = out / "timing.json"
     command = medexp(
         "train", *shared, "test=false", "report=false", f"hydra.run.dir={out}",
-        "+callbacks.step_timer._target_=common.StepTimer", f"+callbacks.step_timer.path={timing}",
+        "+callbacks.step_timer._target_=common.StepTimer", f"+callbacks.step_timer.path={timing}", *extra,
     )
     run(command, THREADS)
     return json.loads(timing.read_text())
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time, steadier on a busy machine (use with --threads 1)")
+    parser.add_argument("--medexp", nargs="*", default=[], metavar="OVERRIDE",
+                        help="overrides of the medexp side only, e.g. callbacks.rich_progress_bar=null (what it costs)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run: correctness only")
     parser.add_argument("--save", type=Path, default=None, help="append the result to this JSON-lines file")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
@@ -140,7 +142,7 @@ def main() -> None:
         raws: list[dict] = []
         timing = interleave(
             args.pairs,
-            lambda: step_ms(ours.append(medexp_run(shared, tmp / f"medexp{next(counter)}")) or ours[-1]),
+            lambda: step_ms(ours.append(medexp_run(shared, tmp / f"medexp{next(counter)}", args.medexp)) or ours[-1]),
             lambda: step_ms(raws.append(raw_run(shared, tmp / f"raw{next(counter)}")) or raws[-1]),
         )
     # same seed, net, data order and optimiser: every run must take the same steps
@@ -160,6 +162,7 @@ def main() -> None:
         "loss_steps_compared": steps,
         "loss_max_abs_diff": diff,
         "losses_agree_1e-5": diff <= 1e-5,
+        "medexp_overrides": args.medexp,
         "tiny": args.tiny,
     }
     save(args.save, result)
