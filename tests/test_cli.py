@@ -128,3 +128,20 @@ def test_eval_of_a_missing_checkpoint(tmp_path):
 def test_unknown_command(tmp_path):
     proc = run_cli("fit", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unknown command 'fit'" in proc.stderr
+
+
+def test_help_lists_the_groups_and_options_hydra_lists(tmp_path):
+    # `medexp <command> --help` reads the packaged YAML names instead of asking Hydra, which
+    # rebuilds its config repository once per group; both must list the same groups and options
+    ours = run_cli("train", "--help", "model=unet", cwd=tmp_path).stdout
+    hydra = subprocess.run([sys.executable, "-m", "medexp.train", "--help", "model=unet"], cwd=tmp_path, env=ENV,
+                           capture_output=True, text=True, timeout=120).stdout
+
+    def groups(text: str) -> str:
+        return text.split("== Configuration groups ==")[1].split("== Config ==")[0].strip()
+
+    def config(text: str) -> dict:
+        return yaml.safe_load(text.split("Override anything in the config (foo.bar=value)")[1].split("Powered by Hydra")[0])
+
+    assert groups(ours) == groups(hydra) and "privacy: dp, none" in groups(ours)
+    assert config(ours) == config(hydra) and config(ours)["model"]["net"]["_target_"] == "monai.networks.nets.UNet"

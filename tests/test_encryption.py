@@ -141,3 +141,36 @@ def test_without_the_key_or_with_another_medexp_refuses(encrypted_run, tmp_path,
     last = run / "checkpoints" / "last.ckpt"
     with pytest.raises(MedexpError, match=f"cannot decrypt checkpoint {last} with the key in {KEY_ENV}"):
         train(compose_config([*RUN, "trainer.max_epochs=5", f"ckpt_path={last}"], output_dir=tmp_path / "resumed"))
+
+
+def test_the_disk_cache_of_file_data_is_encrypted_with_the_run_key(tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    monkeypatch.setenv(KEY_ENV, generate_key())
+    rows = ["image,label"]
+    for i in range(12):
+        Image.fromarray(np.full((16, 16), 20 * i, dtype=np.uint8)).save(tmp_path / f"case{i}.png")
+        rows.append(f"case{i}.png,{i % 2}")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    cache = tmp_path / "cache"
+
+    def first_batch(*overrides: str) -> dict:
+        cfg = compose_config(["data=files", f"data.manifest={tmp_path / 'cases.csv'}", "data.batch_size=4", "data.scan=off",
+                              f"data.cache_dir={cache}", *overrides], output_dir=tmp_path / "run")
+        datamodule = instantiate(cfg.data, _convert_="all")
+        datamodule.setup()
+        return next(iter(datamodule.val_dataloader()))
+
+    plain = first_batch()
+    sealed = first_batch("data.cache=disk", f"encryption.key_env={KEY_ENV}")
+    assert torch.equal(plain["image"], sealed["image"]) and torch.equal(plain["label"], sealed["label"])
+    files = sorted(cache.glob("*.pt"))
+    assert files and all(is_encrypted_file(path) for path in files)
+    again = first_batch("data.cache=disk", f"encryption.key_env={KEY_ENV}")  # read back from the cache
+    assert torch.equal(again["image"], plain["image"])
+    monkeypatch.setenv(KEY_ENV, generate_key())
+    with pytest.raises(MedexpError, match=f"cannot decrypt cached case .* with the key in {KEY_ENV}"):
+        first_batch("data.cache=disk", f"encryption.key_env={KEY_ENV}")
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(MedexpError, match=f"cached case .* is encrypted; set {KEY_ENV}"):
+        first_batch("data.cache=disk")  # a run without the key cannot read the sealed cache

@@ -70,7 +70,7 @@ class FaultTolerance(L.Callback):
     waits for the step's kernels; the tasks' loss metric (torchmetrics ``MeanMetric``, which
     checks for NaN) already does so every step, so this costs nothing measurable. With
     ``check_every_n_steps > 1`` the steps in between are flagged on the device and read every
-    n steps (on a single CPU process, where reading waits for nothing, every loss is read), and always before validation and before any checkpoint is written, so a diverged
+    n steps, and always before validation and before any checkpoint is written, so a diverged
     model is still never saved; the run then stops up to n-1 steps after the bad one. Under DDP
     the ranks' answers are combined (one small collective per check), so all stop together.
 
@@ -135,8 +135,7 @@ class FaultTolerance(L.Callback):
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         loss = loss.detach()
-        # on one CPU process reading the loss waits for nothing: cheaper than flagging it
-        if self.check_every_n_steps == 1 or (loss.device.type == "cpu" and trainer.world_size == 1):
+        if self.check_every_n_steps == 1:
             if _any_rank(trainer, not bool(torch.isfinite(loss).all())):
                 self._diverged(trainer, float(loss.float().mean()), trainer.global_step)
             return

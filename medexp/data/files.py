@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, MetaTensor, PILReader
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset, PILReader
 from monai.transforms import Compose, LoadImage, Transform
 
 from medexp.data import validation
@@ -507,6 +507,33 @@ def scan_drive(root: Path, val_fraction: float, seed: int) -> list[Case]:
     return [replace(case, split="val") if i in set(chosen.tolist()) else case for i, case in enumerate(cases)]
 
 
+class SealedPersistentDataset(PersistentDataset):
+    """MONAI's ``PersistentDataset`` whose cache files are encrypted with the key in ``key_env``
+    (:mod:`medexp.privacy.encryption`, AES-256-GCM; None: plain files), so cached patient images
+    are not left in the clear. With a key, a plain cached file is written again, sealed; a sealed
+    one read with another key, or by a run without the key, is refused by name (MONAI's own class
+    would take it for a corrupt file, delete it and cache the case again in the clear).
+    """
+
+    def __init__(self, data: Sequence, transform: Any, cache_dir: Path, key_env: str | None, **kwargs: Any) -> None:
+        super().__init__(data, transform, cache_dir=cache_dir, **kwargs)
+        self.key_env = key_env
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        from copy import deepcopy
+
+        from monai.utils import convert_to_tensor
+
+        from medexp.privacy.encryption import is_encrypted_file, load_torch, save_torch
+
+        path = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+        if path.is_file() and (is_encrypted_file(path) or not self.key_env):
+            return load_torch(path, what="cached case")
+        item = self._pre_transform(deepcopy(item_transformed))
+        save_torch(convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta), path, self.key_env)
+        return item
+
+
 def _cache_mode(cache: bool | str | None) -> str | None:
     """``data.cache`` -> ``memory``, ``disk`` or None."""
     match cache:
@@ -563,6 +590,9 @@ class FileDataModule(ArrayDataModule):
             and kept across runs; keyed by each case's files and the transforms, so a changed
             chain is cached anew), or None/false.
         cache_dir: the folder of ``cache="disk"``.
+        cache_key_env: with ``cache="disk"``, the environment variable holding the key that
+            encrypts the cached cases (:class:`SealedPersistentDataset`; ``encryption.key_env``
+            of the run); None: plain files.
         **kwargs: ``batch_size``, ``num_workers``, ``transforms``, ``augmentations``, ``fold``,
             ``num_folds``, ``fold_seed``, ``scan``, ``scan_sample``, ``on_bad``; see
             :class:`~medexp.data.base.ArrayDataModule`. With ``on_bad="skip"``, listed files that
@@ -584,6 +614,7 @@ class FileDataModule(ArrayDataModule):
         mask_threshold: float | None = None,
         cache: bool | str | None = False,
         cache_dir: str | Path | None = None,
+        cache_key_env: str | None = None,
         layout: str = "folders",
         **kwargs,
     ) -> None:
@@ -610,6 +641,7 @@ class FileDataModule(ArrayDataModule):
         if self.cache == "disk" and cache_dir is None:
             raise MedexpError("data.cache=disk needs data.cache_dir (a folder for the cached cases)")
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.cache_key_env = cache_key_env
         self.reader = CaseReader(task, num_classes, mask_threshold)
         if layout not in ("folders", "drive"):
             raise MedexpError(f"data.layout={layout!r}; expected one of ['folders', 'drive']")
@@ -740,11 +772,10 @@ class FileDataModule(ArrayDataModule):
         if self.cache is None:
             return Dataset(items, transform)
         if self.cache == "disk":
-            from monai.data import PersistentDataset
             from monai.data.utils import json_hashing
 
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            return PersistentDataset(items, transform, cache_dir=self.cache_dir, hash_transform=json_hashing)
+            return SealedPersistentDataset(items, transform, self.cache_dir, self.cache_key_env, hash_transform=json_hashing)
         try:
             return CacheDataset(items, transform, progress=False)
         except RuntimeError as exc:  # MONAI wraps a transform's error; ours names the file
