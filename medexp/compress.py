@@ -89,21 +89,13 @@ def compress(cfg: DictConfig) -> Path:
     method, amounts = check_options(cfg)
 
     from medexp.export import describe, sha256
-    from medexp.utils.checkpoint import CONFIG_KEY, check_targets, load_checkpoint, rebuild
+    from medexp.utils.checkpoint import CONFIG_KEY, rebuild_for_inference
     from medexp.utils.run_info import write_json
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
-    checkpoint = load_checkpoint(ckpt_path)
+    ckpt_path, checkpoint, datamodule, model = rebuild_for_inference(cfg, refuse_non_classifier)
     run_cfg = checkpoint[CONFIG_KEY]
-    check_targets(run_cfg, cfg.allowed_targets, where="the checkpoint's config")
-    refuse_non_classifier(run_cfg)
-    # class_weights=auto counts training labels at setup; loss weights do not change outputs
-    datamodule, model = rebuild(
-        checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None},
-        allowed_targets=cfg.allowed_targets,
-    )
     extra = tuple(getattr(model.net, "extra_inputs", ()))
     if extra:
         raise MedexpError(

@@ -59,21 +59,13 @@ def export(cfg: DictConfig) -> Path:
     fmt, opset, batches, tolerance = _check_options(cfg)
     dynamic_spatial = bool(cfg.dynamic_spatial) and fmt == "onnx"
 
-    from medexp.utils.checkpoint import CONFIG_KEY, check_targets, load_checkpoint, rebuild
+    from medexp.utils.checkpoint import CONFIG_KEY, rebuild_for_inference
     from medexp.utils.run_info import write_json
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
-    checkpoint = load_checkpoint(ckpt_path)
+    ckpt_path, checkpoint, datamodule, model = rebuild_for_inference(cfg, _refuse_by_target)
     run_cfg = checkpoint[CONFIG_KEY]
-    check_targets(run_cfg, cfg.allowed_targets, where="the checkpoint's config")
-    _refuse_by_target(run_cfg)
-    # class_weights=auto counts training labels at setup; loss weights do not change outputs
-    datamodule, model = rebuild(
-        checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None},
-        allowed_targets=cfg.allowed_targets,
-    )
     _refuse_model(model)
     model = model.cpu().eval()
 

@@ -105,6 +105,22 @@ class ArrayDataset(Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
 
+def monai_chain(steps: Sequence[Callable], predict: bool = False) -> Callable:
+    """``steps`` as one MONAI ``Compose`` whose random steps draw from the run's seed. With
+    ``predict`` (samples without a label), steps skip the keys a sample lacks (e.g.
+    ``Resized(keys=[image, label])`` given an image alone)."""
+    from monai.transforms import Compose, MapTransform
+
+    transform = Compose(list(steps))
+    if predict:
+        for step in transform.flatten().transforms:
+            if isinstance(step, MapTransform):
+                step.allow_missing_keys = True
+    # MONAI's random transforms draw from their own generator; tie it to the run's seed
+    transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
+    return transform
+
+
 def _deterministic(transform: Callable | None) -> bool:
     """Whether ``transform`` gives a sample the same result every time (no MONAI random step)."""
     if transform is None or isinstance(transform, PlainTensors):
@@ -474,7 +490,7 @@ class ArrayDataModule(L.LightningDataModule):
         predict = split == "predict"
         if not (head or augmentations or self.transforms or predict):
             return PlainTensors()
-        from monai.transforms import Compose, EnsureTyped, MapTransform
+        from monai.transforms import EnsureTyped
 
         # plain tensors in batches: MONAI transforms otherwise return MetaTensors
         # "roi": an optional region where metrics are computed (see SegmentationTask)
@@ -484,14 +500,7 @@ class ArrayDataModule(L.LightningDataModule):
             track_meta=predict,
             allow_missing_keys=True,
         )
-        transform = Compose([*head, *augmentations, *self.transforms, ensure])
-        if predict:  # e.g. Resized(keys=[image, label]) in data.transforms, given an image alone
-            for step in transform.flatten().transforms:
-                if isinstance(step, MapTransform):
-                    step.allow_missing_keys = True
-        # MONAI's random transforms draw from their own generator; tie it to the run's seed
-        transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
-        return transform
+        return monai_chain([*head, *augmentations, *self.transforms, ensure], predict)
 
     def predict_transform(self) -> Callable:
         """The chain that turns one image file into a model input ``{"image": (C, *spatial)}``,

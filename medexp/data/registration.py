@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from monai.data import CacheDataset, DataLoader
 from monai.data import Dataset as MonaiDataset
-from monai.transforms import Compose, EnsureTyped, MapTransform, Resized, ScaleIntensityRanged, Transform
+from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityRanged, Transform
 from torch.utils.data import Dataset
 
 from medexp.data import validation
-from medexp.data.base import SPLITS
+from medexp.data.base import SPLITS, monai_chain
 from medexp.data.files import (
     Case, CaseReader, _at, _file_digest, _has_geometry, _listing, _resolve, assign_splits, read_csv_rows,
 )
@@ -299,14 +299,7 @@ class RegistrationDataModule(L.LightningDataModule):
         """The per-sample chain: ``head`` (e.g. a file reader), ``transforms``, then plain float32
         tensors; with ``predict``, MetaTensors that keep their metadata (file names)."""
         ensure = EnsureTyped(keys=list(KEYS), dtype=torch.float32, track_meta=predict, allow_missing_keys=True)
-        transform = Compose([*head, *self.transforms, ensure])
-        if predict:  # e.g. a transform on the mask keys, given images alone
-            for step in transform.flatten().transforms:
-                if isinstance(step, MapTransform):
-                    step.allow_missing_keys = True
-        # MONAI's random transforms draw from their own generator; tie it to the run's seed
-        transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
-        return transform
+        return monai_chain([*head, *self.transforms, ensure], predict)
 
     def predict_transform(self) -> Compose:
         """The chain that turns ``{"fixed": path, "moving": path}`` into model inputs, as the test

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,27 @@ def model_class(run_cfg: dict[str, Any]) -> type | None:
         return get_class(str(run_cfg.get("model", {}).get("_target_", "")))
     except Exception:  # noqa: BLE001 - any import problem is rebuild()'s to report
         return None
+
+
+def rebuild_for_inference(cfg: Any, refuse: Callable[[dict[str, Any]], None]) -> tuple[Path, dict[str, Any], Any, Any]:
+    """What commands that turn a checkpoint into something else (export, compress) start with:
+    load ``cfg.ckpt_path`` safely, check its config's targets against ``cfg.allowed_targets``,
+    let ``refuse`` reject its model from the config alone (nothing built yet), then rebuild data
+    module and model with ``cfg.data``'s overrides.
+
+    Returns:
+        The checkpoint's path and contents, the data module and the model. Loss class weights
+        are left out: ``auto`` would count the training labels, and weights do not change outputs.
+    """
+    path = Path(cfg.ckpt_path).expanduser()
+    checkpoint = load_checkpoint(path)
+    check_targets(checkpoint[CONFIG_KEY], cfg.allowed_targets, where="the checkpoint's config")
+    refuse(checkpoint[CONFIG_KEY])
+    datamodule, model = rebuild(
+        checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None},
+        allowed_targets=cfg.allowed_targets,
+    )
+    return path, checkpoint, datamodule, model
 
 
 def rebuild_model(
