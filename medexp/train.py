@@ -140,7 +140,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # temperature scaling of the best checkpoint on the validation split, written into it
             from medexp.reports.calibration import calibrate_checkpoint
 
-            metrics["calibration"] = calibrate_checkpoint(trainer, model, datamodule, best or None)
+            key_env = OmegaConf.select(cfg, "encryption.key_env")
+            metrics["calibration"] = calibrate_checkpoint(trainer, model, datamodule, best or None, key_env)
         if cfg.test and metrics["status"] != "pruned":
             # without training (train=false), test the checkpoint given as ckpt_path
             ckpt = best or cfg.ckpt_path

@@ -15,7 +15,6 @@ use the calibrated probabilities.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +133,9 @@ def calibration_record(logits: torch.Tensor, targets: torch.Tensor, task: str, t
         }
 
 
-def calibrate_checkpoint(trainer: Any, model: Any, datamodule: Any, ckpt_path: str | Path | None) -> dict[str, Any]:
+def calibrate_checkpoint(
+    trainer: Any, model: Any, datamodule: Any, ckpt_path: str | Path | None, key_env: str | None = None
+) -> dict[str, Any]:
     """Fit ``model``'s temperature on the validation split with the weights of ``ckpt_path``,
     set it in ``model`` and write it into the checkpoint file (its ``state_dict`` and, as a
     record of the fit, :data:`CALIBRATION_KEY`).
@@ -150,7 +151,9 @@ def calibrate_checkpoint(trainer: Any, model: Any, datamodule: Any, ckpt_path: s
 
     task = model.task
     if ckpt_path:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        from medexp.privacy.encryption import load_torch
+
+        checkpoint = load_torch(ckpt_path, what="checkpoint")  # decrypted when the run encrypts them
         state = dict(checkpoint["state_dict"])
         state["temperature"] = torch.ones(())
         model.load_state_dict(state)
@@ -183,9 +186,10 @@ def calibrate_checkpoint(trainer: Any, model: Any, datamodule: Any, ckpt_path: s
         if trainer is None or trainer.is_global_zero:
             checkpoint["state_dict"]["temperature"] = torch.tensor(temperature, dtype=torch.float32)
             checkpoint[CALIBRATION_KEY] = record
-            tmp = Path(f"{ckpt_path}.calibrating")
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, ckpt_path)
+            from medexp.privacy.encryption import save_torch
+
+            # through a temporary file; sealed again with the run's key (encryption.key_env)
+            save_torch(checkpoint, ckpt_path, key_env)
         if trainer is not None and trainer.world_size > 1:
             trainer.strategy.barrier("medexp-calibration")
     return record
