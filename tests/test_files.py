@@ -271,6 +271,8 @@ def test_corrupt_file_is_named(tmp_path, cache):
         ({"root": "nowhere"}, r"data\.root=nowhere is not a folder"),
         ({"task": "multilabel", "root": "x"}, r"data\.task='multilabel'; file data serve one of \['binary', 'multiclass',"),
         ({"root": ".", "val_fraction": 0.6, "test_fraction": 0.5}, r"val_fraction=0\.6, data\.test_fraction=0\.5"),
+        ({"root": ".", "cache": "yes"}, r"data\.cache='yes'; expected one of \[null, memory, disk\]"),
+        ({"root": ".", "cache": "disk"}, r"data\.cache=disk needs data\.cache_dir"),
     ],
 )
 def test_bad_arguments(kwargs, message):

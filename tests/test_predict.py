@@ -88,10 +88,14 @@ def test_nifti_masks_keep_the_input_geometry(tmp_path):
         nib.save(nib.Nifti1Image(rng.normal(size=shape).astype(np.float32), affine), new / name)
     # a resize in data.transforms: predictions are resized back onto each input's grid
     resize = "{_target_: monai.transforms.Resized, keys: [image, label], spatial_size: [16, 16, 16], mode: [trilinear, nearest]}"
+    # the resized volumes cached on disk (data.cache=disk): predict reads and resizes on its own
     ckpt = fit(
         tmp_path / "run", "data=files", f"data.manifest={manifest}", "data.task=segmentation", "data.spatial_dims=3",
-        "data.batch_size=2", f"data.transforms=[{resize}]", *TINY_UNET,
+        "data.batch_size=2", f"data.transforms=[{resize}]", "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}",
+        *TINY_UNET,
     )
+    # each training and validation case cached once (test=false: the test case is never read)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == sum(row["split"] != "test" for row in rows)
 
     run_cli("predict", f"ckpt_path={ckpt}", f"input={new}", "output=masks", "hydra.run.dir=p",
             "trainer.enable_progress_bar=false", cwd=tmp_path)

@@ -257,34 +257,24 @@ def _classification_numbers(
     import torchmetrics.functional.classification as tmf
 
     n_classes = probs.shape[1]
-    if task == "multilabel":
-        t = targets.long()
-        accuracy = tmf.multilabel_accuracy(probs, t, n_classes)
-        auroc = tmf.multilabel_auroc(probs, t, n_classes)
-        precision = tmf.multilabel_precision(probs, t, n_classes, average="none")
-        recall = tmf.multilabel_recall(probs, t, n_classes, average="none")
-        f1 = tmf.multilabel_f1_score(probs, t, n_classes, average="none")
-        per_auroc = tmf.multilabel_auroc(probs, t, n_classes, average="none")
-        per_ap = tmf.multilabel_average_precision(probs, t, n_classes, average="none")
-        support = t.sum(dim=0)
-        confusion = tmf.multilabel_confusion_matrix(probs, t, n_classes)
-        roc = tmf.multilabel_roc(probs, t, n_classes)
-        pr = tmf.multilabel_precision_recall_curve(probs, t, n_classes)
-        extra = {}
-    else:
-        t = targets.long()
-        accuracy = tmf.multiclass_accuracy(probs, t, n_classes, average="micro")
-        auroc = tmf.multiclass_auroc(probs, t, n_classes)
-        precision = tmf.multiclass_precision(probs, t, n_classes, average="none")
-        recall = tmf.multiclass_recall(probs, t, n_classes, average="none")
-        f1 = tmf.multiclass_f1_score(probs, t, n_classes, average="none")
-        per_auroc = tmf.multiclass_auroc(probs, t, n_classes, average="none")
-        per_ap = tmf.multiclass_average_precision(probs, t, n_classes, average="none")
-        support = torch.bincount(t, minlength=n_classes)
-        confusion = tmf.multiclass_confusion_matrix(probs, t, n_classes)
-        roc = tmf.multiclass_roc(probs, t, n_classes)
-        pr = tmf.multiclass_precision_recall_curve(probs, t, n_classes)
-        extra = {"balanced_accuracy": float(recall.mean())}
+    t = targets.long()
+    # torchmetrics' task-generic functions; binary tasks are two-class softmax outputs here
+    kind = {"task": "multilabel", "num_labels": n_classes} if task == "multilabel" else {"task": "multiclass", "num_classes": n_classes}
+
+    def metric(name: str, **kwargs: Any) -> Any:
+        return getattr(tmf, name)(probs, t, **kind, **kwargs)
+
+    # accuracy: of every label decision (multi-label, macro over labels) or of every case
+    accuracy = metric("accuracy", average="macro" if task == "multilabel" else "micro")
+    auroc = metric("auroc")
+    precision, recall, f1 = (metric(name, average="none") for name in ("precision", "recall", "f1_score"))
+    per_auroc = metric("auroc", average="none")
+    per_ap = metric("average_precision", average="none")
+    support = t.sum(dim=0) if task == "multilabel" else torch.bincount(t, minlength=n_classes)
+    confusion = metric("confusion_matrix")
+    roc = metric("roc")
+    pr = metric("precision_recall_curve")
+    extra = {} if task == "multilabel" else {"balanced_accuracy": float(recall.mean())}
     intervals = bootstrap_classification(probs, targets, task, n_boot, seed)
 
     def with_interval(name: str, value: torch.Tensor) -> dict[str, float]:
