@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,22 +44,36 @@ def recorded_config(source: Path, allowed_targets: Sequence[str] = ()) -> tuple[
     """
     from omegaconf import OmegaConf
 
+    from medexp.checkpoints.allowlist import FETCHING, make_inert, refuse_interpolations
+
+    where = f"the config recorded in {source}"
     run_dir = run_dir_of(source)
     if run_dir is not None:
-        config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+        config_file = run_dir / ".hydra" / "config.yaml"
+        try:
+            config = OmegaConf.to_container(OmegaConf.load(config_file))
+        except Exception as exc:  # noqa: BLE001 - YAML and OmegaConf raise many types
+            raise MedexpError(f"{config_file}: not a readable config ({str(exc).splitlines()[0]})") from None
+        if not isinstance(config, dict):
+            raise MedexpError(f"{config_file}: expected a mapping of config groups")
+        _refuse_resolvers(config, where)
         seed = read_json(run_dir / "run_info.json").get("seed")
     elif source.is_file():
-        from medexp.utils.checkpoint import load_checkpoint
-        from medexp.utils.checkpoint import CONFIG_KEY
+        from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
 
         config = load_checkpoint(source)[CONFIG_KEY]
+        refuse_interpolations(config, where)
         config = _unpin_paths(config, str(config["paths"]["output_dir"]))
         seed = config.get("seed")
     else:
         raise MedexpError(f"{source}: neither a run directory (with .hydra/) nor a checkpoint file")
     from medexp.utils.checkpoint import check_targets
 
-    check_targets(config, allowed_targets, where=f"the config recorded in {source}")
+    for key in ("hydra", "defaults"):  # Hydra's own settings and composition stay medexp's
+        if key in config:
+            raise MedexpError(f"refusing to build {where}: it sets {key!r}, which a recorded run config never holds")
+    check_targets(config, allowed_targets, where=where)
+    config = make_inert(config, FETCHING)
     if seed is not None:
         config["seed"] = seed  # the seed drawn when the run had seed=null
     # a sweep's pruning callback talks to that sweep's study; a reproduction trains alone
@@ -65,6 +81,39 @@ def recorded_config(source: Path, allowed_targets: Sequence[str] = ()) -> tuple[
     # a resumed run is reproduced from scratch; resuming is exact, so the metrics still match
     config["ckpt_path"] = None
     return config, run_dir
+
+
+# resolvers a recorded config may use: medexp's own (pure functions of their arguments) and
+# Hydra's run settings; `oc.env` would copy secrets (an encryption key) into the run, and
+# `oc.decode`/`oc.create` build nodes, a `_target_` among them, after the checks
+RECORDED_RESOLVERS = (
+    "hydra", "now", "medmnist", "epoch_fraction", "monitor_mode", "gpus_per_node", "span", "plus_if", "floordiv",
+    "slice_axis", "repeat",
+)
+
+
+def _refuse_resolvers(config: Any, where: str) -> None:
+    """Refuse resolvers outside :data:`RECORDED_RESOLVERS`, and dict or list literals passed to
+    any resolver (``${repeat:{_target_: ...},1}`` would build a node no check saw)."""
+    import re
+
+    def strings(node: Any, key: str) -> Any:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                yield from strings(value, f"{key}.{name}" if key else str(name))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                yield from strings(value, f"{key}.{index}")
+        elif isinstance(node, str):
+            yield key, node
+
+    for key, value in strings(config, ""):
+        for name in re.findall(r"\$\{\s*([\w.]+)\s*:", value):
+            if name not in RECORDED_RESOLVERS:
+                raise MedexpError(f"refusing to build {where}: {key}={value!r} calls the resolver {name!r}; recorded "
+                                  f"configs may use only {list(RECORDED_RESOLVERS)}")
+        if "${" in value and re.search(r"[{\[]", value.replace("${", "")):
+            raise MedexpError(f"refusing to build {where}: {key}={value!r} passes a mapping or list to a resolver")
 
 
 def _unpin_paths(value: Any, old_output_dir: str) -> Any:
@@ -142,7 +191,11 @@ def reproduce(
             f"hydra.run.dir={output}", *overrides,
         ]  # fmt: skip
         log.info("reproducing %s in %s", source, output)
-        if subprocess.run(command).returncode != 0:
+        # train checks the resolved config too (see medexp.train): what interpolations made
+        from medexp.checkpoints.allowlist import RECORDED_CONFIG_ENV
+
+        environment = {**os.environ, RECORDED_CONFIG_ENV: json.dumps([str(name) for name in allowed_targets])}
+        if subprocess.run(command, env=environment).returncode != 0:
             raise MedexpError(f"the reproduction of {source} failed; see {output}")
 
     new_info = read_json(output / "run_info.json")

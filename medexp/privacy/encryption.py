@@ -251,7 +251,8 @@ class EncryptedCheckpointIO(TorchCheckpointIO):
             data = decrypt_bytes(data, f"checkpoint {path}")
         elif self.key_env is not None:
             log.warning("checkpoint %s is not encrypted; reading it as it is", path)
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
+        # never unpickle code, whatever the caller asks (a resumed checkpoint may come from anyone)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
 
 
 def check_config(config: dict[str, Any]) -> list[str]:

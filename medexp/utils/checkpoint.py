@@ -26,43 +26,38 @@ class StoreConfig(L.Callback):
         checkpoint[CONFIG_KEY] = self.config
 
 
-# Packages whose classes a stored config may name as `_target_`. A config from a checkpoint or
-# run directory is data from whoever wrote it: `_target_: os.system` would run their command.
-TRUSTED_TARGETS = ("torch.", "lightning.", "monai.", "torchmetrics.", "medexp.", "hydra_plugins.medexp.", "optuna.")
-# ...except the parts of those that load or run code from elsewhere
-UNTRUSTED_TARGETS = ("torch.hub.", "torch.package.", "torch.utils.cpp_extension.", "torch.load", "torch.jit.load", "monai.bundle.")
-
-
 def check_targets(config: Any, allowed: Sequence[str] = (), where: str = "the stored config") -> None:
-    """Refuse a stored config that names a ``_target_`` outside :data:`TRUSTED_TARGETS` and
-    ``allowed`` (prefixes the user trusts, from their own config or command line).
+    """Refuse a stored config that would build anything medexp does not build itself (see
+    :mod:`medexp.checkpoints.allowlist`); ``allowed``: exact dotted names the user trusts.
 
     Raises:
-        MedexpError: naming every refused target and its key.
+        MedexpError: naming every refused key and its target.
     """
-    trusted = (*TRUSTED_TARGETS, *allowed)
-    refused = []
+    from medexp.checkpoints.allowlist import check_targets as check
 
-    def visit(node: Any, key: str) -> None:
-        if isinstance(node, dict):
-            target = node.get("_target_")
-            if target is not None and (
-                not str(target).startswith(trusted) or str(target).startswith(UNTRUSTED_TARGETS)
-            ):
-                refused.append(f"{key + '.' if key else ''}_target_={target}")
-            for name, value in node.items():
-                visit(value, f"{key}.{name}" if key else str(name))
-        elif isinstance(node, list):
-            for index, value in enumerate(node):
-                visit(value, f"{key}.{index}")
+    check(config, allowed, where)
 
-    visit(config, "")
-    if refused:
-        raise MedexpError(
-            f"refusing to build {where}: {', '.join(refused)} is outside the trusted packages "
-            f"({', '.join(p.rstrip('.') for p in TRUSTED_TARGETS)}); if you trust its author, allow it with "
-            f"allowed_targets=[<prefix>] (medexp reproduce: --allow-target <prefix>)"
-        )
+
+def safe_run_config(checkpoint: dict[str, Any], allowed: Sequence[str] = (), part: str | None = None) -> dict[str, Any]:
+    """The checkpoint's stored run config (or its ``part``, e.g. ``model``), checked and with
+    every argument that would fetch other weights made inert: what a rebuild instantiates.
+
+    Raises:
+        MedexpError: for interpolations (a checkpoint stores its config resolved) or a
+            ``_target_`` that is not allowed (see :mod:`medexp.checkpoints.allowlist`).
+    """
+    from medexp.checkpoints.allowlist import FETCHING_WHEN_REBUILT, make_inert, refuse_interpolations
+
+    config = checkpoint[CONFIG_KEY]
+    where = "the checkpoint's config"
+    if part is not None:
+        config, where = config.get(part) or {}, f"the checkpoint's {part} config"
+    if not isinstance(config, dict):
+        raise MedexpError(f"refusing to build {where}: expected a mapping, found {type(config).__name__}")
+    named = config if part is None else {part: config}  # keys named from the root: model.net._target_
+    refuse_interpolations(named, where)
+    check_targets(named, allowed, where=where)
+    return make_inert(config, FETCHING_WHEN_REBUILT)
 
 
 def rebuild(
@@ -81,16 +76,15 @@ def rebuild(
         data_output_dir: where the data module writes (e.g. ``splits.csv``): the new run's
             directory, or None for nowhere, never the training run's.
         model_overrides: values replacing recorded ``model.*`` keys that exist.
-        allowed_targets: ``_target_`` prefixes trusted besides :data:`TRUSTED_TARGETS`.
+        allowed_targets: exact ``_target_`` names trusted besides what medexp builds.
 
     Raises:
         MedexpError: for a data override the checkpoint's data module does not take, or a
             ``_target_`` that is not trusted (see :func:`check_targets`).
     """
-    check_targets(checkpoint[CONFIG_KEY], allowed_targets, where="the checkpoint's config")
     from omegaconf import OmegaConf
 
-    run_cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
+    run_cfg = OmegaConf.create(safe_run_config(checkpoint, allowed_targets))
     for key, value in data_overrides.items():
         if value is None:
             continue
@@ -109,12 +103,13 @@ def rebuild(
 def model_class(run_cfg: dict[str, Any]) -> type | None:
     """The LightningModule class a run config's ``model._target_`` names, without building it
     (e.g. to refuse a task early); None when it cannot be imported (:func:`rebuild` reports that)."""
-    from hydra.utils import get_class
+    from medexp.checkpoints.allowlist import resolve
 
-    try:
-        return get_class(str(run_cfg.get("model", {}).get("_target_", "")))
+    try:  # imports only the packages medexp uses: importing a module runs its code
+        found = resolve(str(run_cfg.get("model", {}).get("_target_", "")))
     except Exception:  # noqa: BLE001 - any import problem is rebuild()'s to report
         return None
+    return found if isinstance(found, type) else None
 
 
 def rebuild_for_inference(cfg: Any, refuse: Callable[[dict[str, Any]], None]) -> tuple[Path, dict[str, Any], Any, Any]:
@@ -129,7 +124,7 @@ def rebuild_for_inference(cfg: Any, refuse: Callable[[dict[str, Any]], None]) ->
     """
     path = Path(cfg.ckpt_path).expanduser()
     checkpoint = load_checkpoint(path)
-    check_targets(checkpoint[CONFIG_KEY], cfg.allowed_targets, where="the checkpoint's config")
+    safe_run_config(checkpoint, cfg.allowed_targets)
     refuse(checkpoint[CONFIG_KEY])
     datamodule, model = rebuild(
         checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None},
@@ -142,10 +137,12 @@ def rebuild_model(
     checkpoint: dict[str, Any], model_overrides: dict[str, Any] | None = None, allowed_targets: Sequence[str] = ()
 ) -> L.LightningModule:
     """The model alone, with the checkpoint's weights, in evaluation mode (see :func:`rebuild`)."""
-    check_targets(checkpoint[CONFIG_KEY].get("model", {}), allowed_targets, where="the checkpoint's model config")
     from omegaconf import OmegaConf
 
-    return _model_of(OmegaConf.create(checkpoint[CONFIG_KEY]), checkpoint, model_overrides).eval()
+    model = safe_run_config(checkpoint, allowed_targets, part="model")
+    privacy = checkpoint[CONFIG_KEY].get("privacy")
+    run_cfg = OmegaConf.create({"model": model, "privacy": bool(privacy)})
+    return _model_of(run_cfg, checkpoint, model_overrides).eval()
 
 
 def _model_of(run_cfg: Any, checkpoint: dict[str, Any], overrides: dict[str, Any] | None) -> L.LightningModule:
@@ -175,10 +172,62 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MedexpError(f"ckpt_path={str(path)!r}: no such file")
     data = read_bytes(path, what="checkpoint")
-    try:
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        raise MedexpError(f"ckpt_path={str(path)!r}: cannot load it safely ({type(exc).__name__}: {exc})") from exc
+    checkpoint = load_weights_only(data, f"ckpt_path={str(path)!r}")
     if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint:
         raise MedexpError(f"ckpt_path={str(path)!r}: not a medexp checkpoint (no stored run config)")
     return checkpoint
+
+
+def load_weights_only(data: bytes, where: str) -> Any:
+    """``torch.load`` of ``data`` that unpickles no code (``weights_only=True``), on the CPU.
+
+    Raises:
+        MedexpError: in one line: a file holding pickled objects beyond tensors and plain
+            containers is refused as unsafe (naming the first object torch refused); any other
+            failure means the file is not a PyTorch checkpoint (truncated, another format).
+    """
+    import pickle
+    import re
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message goes on to suggest weights_only=False: never the advice to give here
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is None:  # an opcode the safe unpickler does not know: text, another format
+            raise MedexpError(
+                f"{where}: not a PyTorch checkpoint (unreadable as one); expected a .ckpt file written by medexp train"
+            ) from None
+        raise MedexpError(
+            f"{where}: refused, it holds a pickled {found.group(1)}, which loading would run as code; medexp reads "
+            "only tensors and plain values (weights_only). Export the weights from a trusted copy, or re-train"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for files of other formats
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MedexpError(
+            f"{where}: not a PyTorch checkpoint ({type(exc).__name__}: {detail}); expected a .ckpt file written by "
+            "medexp train"
+        ) from None
+
+
+def check_checkpoint_for(config: dict[str, Any]) -> None:
+    """Check that ``config["ckpt_path"]`` (resumed, or tested with ``train=false``) loads safely
+    and holds the model this run builds: same task and net, before data or model are built.
+
+    Raises:
+        MedexpError: for a missing, damaged, unsafe or foreign file, naming ``ckpt_path``.
+    """
+    path = config["ckpt_path"]
+    stored = load_checkpoint(path)[CONFIG_KEY]
+    theirs, ours = stored.get("model") or {}, config.get("model") or {}
+    for key in ("_target_", "net._target_"):
+        get = lambda node: (node.get("net") or {}).get("_target_") if key.startswith("net.") else node.get("_target_")  # noqa: E731
+        if get(theirs) != get(ours):
+            raise MedexpError(
+                f"ckpt_path={str(path)!r} holds a model with model.{key}={get(theirs)}, but this run builds "
+                f"model.{key}={get(ours)}; resume with the model it was trained with (its run's overrides), or start "
+                "from scratch without ckpt_path"
+            )

@@ -1,0 +1,1 @@
+"""Checkpoints and the configs they store: what may be built from them (:mod:`.allowlist`)."""
