@@ -39,8 +39,8 @@ def recorded_config(source: Path, allowed_targets: Sequence[str] = ()) -> tuple[
     the run directory (None for a checkpoint outside one).
 
     Raises:
-        MedexpError: when it names a ``_target_`` outside the trusted packages and
-            ``allowed_targets`` (see :func:`medexp.utils.checkpoint.check_targets`).
+        MedexpError: when it builds anything beyond what medexp builds and ``allowed_targets``
+            (see :mod:`medexp.checkpoints.allowlist`), or uses a resolver that could.
     """
     from omegaconf import OmegaConf
 
@@ -83,11 +83,11 @@ def recorded_config(source: Path, allowed_targets: Sequence[str] = ()) -> tuple[
     return config, run_dir
 
 
-# resolvers a recorded config may use: medexp's own (pure functions of their arguments) and
+# resolvers a recorded config may use: medexp's own (pure functions of their arguments), oc.select and
 # Hydra's run settings; `oc.env` would copy secrets (an encryption key) into the run, and
 # `oc.decode`/`oc.create` build nodes, a `_target_` among them, after the checks
 RECORDED_RESOLVERS = (
-    "hydra", "now", "medmnist", "epoch_fraction", "monitor_mode", "gpus_per_node", "span", "plus_if", "floordiv",
+    "hydra", "now", "oc.select", "medmnist", "epoch_fraction", "monitor_mode", "gpus_per_node", "span", "plus_if", "floordiv",
     "slice_axis", "repeat",
 )
 
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the new run, e.g. trainer.accelerator=cpu")
     parser.add_argument("--output", type=Path, help="the new run directory (default: logs/reproduce/runs/<time>)")
     parser.add_argument("--tolerance", type=float, default=0.0, help="largest metric difference that counts as reproduced")
-    parser.add_argument("--allow-target", action="append", default=[], metavar="PREFIX",
-                        help="trust `_target_`s starting with PREFIX in the recorded config (besides torch, lightning, monai, ...)")
+    parser.add_argument("--allow-target", action="append", default=[], metavar="NAME",
+                        help="trust the `_target_` NAME (an exact dotted name) in the recorded config besides what medexp builds")
     parser.add_argument("--strict", action="store_true", help="exit with status 3 unless every metric is within --tolerance")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")

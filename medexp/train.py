@@ -45,16 +45,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from medexp.utils.config import check_config
 
     from medexp.privacy import check_config as check_privacy
-    from medexp.utils.validation import validate_config
+    from medexp.utils.validation import check_monitors, validate_config
 
     # every config problem at once, before anything is built (the seed may still be null)
     config = check_config(cfg)
     validate_config(config, extra=check_privacy(config))
+    if config.get("ckpt_path"):  # a missing, foreign or unsafe file: one line now, not after building
+        from medexp.utils.checkpoint import check_checkpoint_for
+
+        check_checkpoint_for(config)
 
     import lightning.pytorch as L
     from hydra.utils import instantiate
 
     from medexp.callbacks.faults import RunStopped
+    from medexp.callbacks.moved_checkpoints import RestoreMovedCheckpoints
     from medexp.callbacks.seed import SeedEachEpoch
     from medexp.utils.checkpoint import StoreConfig
     from medexp.utils.config import build, instantiate_dict
@@ -75,17 +80,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", cfg.ckpt_path)
         _continue_logger_runs(cfg, previous.get("loggers", {}))
     resolved = check_config(cfg)
+    _check_recorded(resolved)
     check_run_dirs(resolved)  # a full disk or unwritable directory now, not at the first checkpoint
 
     # plain lists and dicts, not OmegaConf containers: hyperparameters are saved in checkpoints
     datamodule = build(cfg.data)
     model = build(cfg.model)
+    # callbacks' monitors against what this task logs: now, not when the first epoch ends
+    check_monitors(resolved, model.logged_metrics(), type(model).__name__)
     # privacy=dp: Opacus-compatible layers before the optimiser exists; its callback goes first, so
     # it sees each loss before the fault check does (see medexp.privacy.dp)
     privacy = [build(cfg.privacy)] if cfg.get("privacy") else []
     for dp in privacy:
         dp.prepare(model)
-    callbacks = [*privacy, *instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved), SeedEachEpoch(seed)]
+    callbacks = [*privacy, *instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved), SeedEachEpoch(seed),
+                 RestoreMovedCheckpoints()]  # a resumed run whose directory moved keeps its best checkpoint
     loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=out)  # drops those that fail
     if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.callbacks.LearningRateMonitor)]
@@ -167,6 +176,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 _DRAWN_SEED = "MEDEXP_DRAWN_SEED"
+
+
+def _check_recorded(resolved: dict[str, Any]) -> None:
+    """A reproduction trains from a recorded config (see :mod:`medexp.reproduce`): check what its
+    interpolations resolved to as well, against what medexp builds and what the user trusts."""
+    import json
+
+    from medexp.checkpoints.allowlist import RECORDED_CONFIG_ENV, check_targets
+
+    trusted = os.environ.get(RECORDED_CONFIG_ENV)
+    if trusted is not None:
+        check_targets(resolved, json.loads(trusted), where="the recorded config (resolved)")
 
 
 def _write_report(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any, metrics: dict[str, Any], ckpt: str | None) -> None:

@@ -185,7 +185,7 @@ def test_no_pixels_phi_or_paths_reach_a_remote_logger_nor_any_file(
     out = tmp_path / "predictions"
     predict(compose_config(
         [f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"input={dicoms[0].parent}", f"output={out}",
-         "trainer.enable_progress_bar=false", "allowed_targets=[tests.test_privacy.]"],
+         "trainer.enable_progress_bar=false", f"allowed_targets=[{FAKE}]"],
         "predict", output_dir=tmp_path / "predict_run",
     ))
     assert len(list(out.glob("*.nii.gz"))) == len(dicoms)

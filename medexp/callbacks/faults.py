@@ -1,7 +1,8 @@
 """Training faults: a diverged loss, and SIGTERM/SIGINT (cluster pre-emption, Ctrl-C).
 
 A NaN or Inf loss stops the run at once, before the diverged weights reach any checkpoint, and
-names the last good one. A signal saves ``checkpoints/interrupted.ckpt`` at the next batch
+names the last good one; so does a loss that explodes while staying finite (see
+:class:`FaultTolerance`). A signal saves ``checkpoints/interrupted.ckpt`` at the next batch
 boundary and exits; ``medexp train ckpt_path=<that file>`` continues the run exactly where it
 stopped, even in the middle of an epoch (see :class:`FaultTolerance`).
 """
@@ -42,7 +43,8 @@ class RunStopped(MedexpError):
 
 
 class TrainingDiverged(RunStopped):
-    """The training loss became NaN or Inf. One run's failure: a sweep goes on without it."""
+    """The training loss became NaN or Inf, or exploded (see :class:`FaultTolerance`). One run's
+    failure: a sweep goes on without it."""
 
     status = "diverged"
     ends_sweep = False
@@ -74,6 +76,15 @@ class FaultTolerance(L.Callback):
     model is still never saved; the run then stops up to n-1 steps after the bad one. Under DDP
     the ranks' answers are combined (one small collective per check), so all stop together.
 
+    **Exploded loss.** A loss can blow up without becoming NaN (``optimizer.lr=1e6``: a finite
+    validation loss of 1e17) and the run would end "complete". A step's loss counts as exploded
+    when its magnitude exceeds ``explode_factor`` times that of the first step of this fit (at
+    least 1, so a loss that starts near 0 may still grow to ``explode_factor``); after
+    ``explode_steps`` such steps (not necessarily in a row: an exploded model's loss jumps about)
+    the run stops as diverged. Training that works stays far below: a loss that starts near 1
+    would have to reach a million. Losses of GANs, segmentation and the other tasks start and stay
+    within a few orders of magnitude of their first value.
+
     **Signals.** From the start of training, SIGTERM (a cluster pre-empting or ending a job) and
     SIGINT (Ctrl-C) are noted, the current batch is finished, and ``interrupted.ckpt`` is saved
     next to the other checkpoints (written to a temporary file first, so a second, hard kill
@@ -94,13 +105,31 @@ class FaultTolerance(L.Callback):
         check_every_n_steps: how often (in optimiser steps) the flag of a non-finite loss is
             read from the device; 1 reads every loss.
         filename: the interrupted checkpoint's file name, in the checkpoint directory.
+        explode_factor: how many times the first step's loss magnitude (at least 1) a loss may
+            reach before it counts as exploded; null turns the check off.
+        explode_steps: exploded steps that stop the run.
     """
 
-    def __init__(self, check_every_n_steps: int = 1, filename: str = "interrupted.ckpt") -> None:
+    def __init__(
+        self,
+        check_every_n_steps: int = 1,
+        filename: str = "interrupted.ckpt",
+        explode_factor: float | None = 1e6,
+        explode_steps: int = 3,
+    ) -> None:
         if check_every_n_steps < 1:
             raise MedexpError(f"check_every_n_steps={check_every_n_steps}; expected an integer >= 1")
+        if explode_factor is not None and (isinstance(explode_factor, bool) or not explode_factor > 1):
+            raise MedexpError(f"explode_factor={explode_factor!r}; expected a number > 1 (e.g. 1e6) or null")
+        if isinstance(explode_steps, bool) or not isinstance(explode_steps, int) or explode_steps < 1:
+            raise MedexpError(f"explode_steps={explode_steps!r}; expected an integer >= 1")
         self.check_every_n_steps = check_every_n_steps
         self.filename = filename
+        self.explode_factor = explode_factor
+        self.explode_steps = explode_steps
+        # on the device: the loss magnitude that counts as exploded, and exploded steps so far
+        self._ceiling: torch.Tensor | None = None
+        self._exploded: torch.Tensor | None = None
         self._signal: int | None = None
         self._handlers: dict[int, Any] = {}
         self._flag: dict[str, torch.Tensor] | None = None  # non-finite loss seen on the device
@@ -117,6 +146,7 @@ class FaultTolerance(L.Callback):
         self._callback_metrics = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ceiling = self._exploded = None  # the scale of an exploded loss: from this fit's first step
         # the floor (preflight.min_free_gb) was checked before anything was built; now that the
         # model exists: room for the checkpoints this run keeps (best ones, last, interrupted)?
         from medexp.utils.preflight import check_free_space, checkpoint_bytes
@@ -133,14 +163,27 @@ class FaultTolerance(L.Callback):
 
     # ----------------------------------------------------------------------- diverged loss
 
+    def _bad(self, loss: torch.Tensor) -> torch.Tensor:
+        """Whether this step's loss makes the run diverged, on the device: not finite, or the
+        ``explode_steps``-th exploded one (no host sync)."""
+        bad = ~torch.isfinite(loss).all()
+        if self.explode_factor is None:
+            return bad
+        size = loss.float().mean().abs()
+        if self._ceiling is None:  # the first step of this fit sets the scale
+            self._ceiling = torch.nan_to_num(size, nan=float("inf")).clamp_min(1.0) * self.explode_factor
+            self._exploded = torch.zeros((), dtype=torch.long, device=loss.device)
+        self._exploded = self._exploded + (torch.isfinite(size) & (size > self._ceiling)).long()
+        return bad | (self._exploded >= self.explode_steps)
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         loss = loss.detach()
         if self.check_every_n_steps == 1:
-            if _any_rank(trainer, not bool(torch.isfinite(loss).all())):
+            if _any_rank(trainer, bool(self._bad(loss))):
                 self._diverged(trainer, float(loss.float().mean()), trainer.global_step)
             return
         # flag the first bad step on the device; read it in _check_flag (no host sync here)
-        bad = ~torch.isfinite(loss).all()
+        bad = self._bad(loss)
         if self._flag is None:
             zero = torch.zeros((), device=loss.device)
             self._flag = {"bad": zero.bool(), "value": zero.float(), "step": zero.long()}
@@ -172,7 +215,15 @@ class FaultTolerance(L.Callback):
         ]
         if str(trainer.precision) not in ("32-true", "32", "64-true", "64"):
             hints.append(f"full precision (trainer.precision=32; now {trainer.precision})")
-        loss = f"the loss was {value}" if not math.isfinite(value) else "another process's loss was not finite"
+        if not math.isfinite(value):
+            loss = f"the loss was {value}"
+        elif self._exploded is not None and int(self._exploded) >= self.explode_steps:
+            loss = (
+                f"the loss exploded to {value:.3g} without becoming NaN ({int(self._exploded)} steps above "
+                f"{float(self._ceiling):.3g}, {self.explode_factor:g} x max(1, the first step's loss))"
+            )
+        else:
+            loss = "another process's loss was not finite or exploded"
         raise TrainingDiverged(
             f"training diverged: {loss} at epoch {trainer.current_epoch}, step {step}; stopped "
             + ("before it was used" if step == trainer.global_step else f"at step {trainer.global_step}")

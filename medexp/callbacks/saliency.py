@@ -51,6 +51,9 @@ class SaliencyWatch(L.Callback):
         remote_images: send the pictures, which show patients' images, to remote loggers too.
     """
 
+    # what callbacks may monitor (see medexp.utils.validation.check_monitors)
+    logged_metrics = ("val/saliency_in_mask", "val/saliency_in_mask_lift")
+
     def __init__(
         self,
         num_images: int = 8,

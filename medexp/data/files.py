@@ -334,6 +334,28 @@ def _has_geometry(path: str) -> bool:
     return path.lower().endswith(GEOMETRY_SUFFIXES) or Path(path).is_dir()
 
 
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    with path.open("rb") as file:  # a DICOM file's preamble: 128 bytes, then "DICM"
+        return file.read(132)[128:] == b"DICM"
+
+
+def _not_a_series(folder: Path) -> str | None:
+    """Why ``folder``, named where an image belongs, cannot be a DICOM series (a folder is read as
+    one), or None when it may be: it holds no files, or none of its first files is DICOM."""
+    files = [path for path in _entries(folder) if path.is_file()]
+    if not files:
+        return "a folder with no files, not an image (a folder is read as one DICOM series)"
+    if not any(_is_dicom(path) for path in files[:16]):
+        shown = ", ".join(path.name for path in files[:3]) + (", ..." if len(files) > 3 else "")
+        return (
+            f"a folder, not an image: a folder is read as one DICOM series, but it holds no DICOM files ({shown}); "
+            "list the image files themselves"
+        )
+    return None
+
+
 class UnreadableFile(MedexpError):
     """A file that cannot be read as an image: ``name`` (the file and its manifest line) and why."""
 
@@ -371,6 +393,8 @@ class CaseReader(Transform):
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
             self.loader = LoadImage(image_only=True, ensure_channel_first=True)
         self.raster_reader = PILReader(converter=_single_frame)
+        # set by inspect(): the largest value of the case's mask as stored, and its file
+        self.inspected_mask_max: tuple[float, str] | None = None
 
     def read(self, path: str, where: str = "") -> MetaTensor:
         """One file as a ``(C, *spatial)`` MetaTensor.
@@ -378,6 +402,8 @@ class CaseReader(Transform):
         Raises:
             UnreadableFile: naming the file, its manifest line and the reader's complaint.
         """
+        if Path(path).is_dir() and (reason := _not_a_series(Path(path))):
+            raise UnreadableFile(_at(path, where), reason)  # before MONAI's DICOM reader warns about every file
         reader = self.raster_reader if path.lower().endswith(RASTER_SUFFIXES) else None
         try:
             return self.loader(path, reader=reader)
@@ -436,12 +462,15 @@ class CaseReader(Transform):
 
         Besides :meth:`problems`: unreadable files, NaN/Inf values and constant images, and for
         segmentation an image and mask that both carry geometry (NIfTI, DICOM, ...) but whose
-        affines differ.
+        affines differ. The mask's largest value as stored, with its file, is left in
+        :attr:`inspected_mask_max` (None without a mask), to tell whether ``mask_threshold``
+        empties every mask (:func:`medexp.data.validation.mask_threshold_problem`).
 
         Returns:
             ``(kind, file, detail)`` per problem, and the image as read (None when unreadable).
         """
         where = data.get("where", "")
+        self.inspected_mask_max = None
         try:
             sample = self.load(data)
         except UnreadableFile as exc:
@@ -454,6 +483,8 @@ class CaseReader(Transform):
         ]
         found += self.problems(data, sample)
         mask = sample.get("label")
+        if mask is not None and mask.numel():
+            self.inspected_mask_max = (float(mask.as_tensor().max()), _at(data["label"], where))
         if mask is not None and _has_geometry(str(data["image"])) and _has_geometry(str(data["label"])):
             detail = validation.geometry_problem(image.affine, mask.affine, str(data["image"]))
             if detail:
@@ -730,6 +761,8 @@ class FileDataModule(ArrayDataModule):
         start = time.perf_counter()
         findings: list[validation.Finding] = []
         hashes: dict[tuple[str, int], bytes] = {}
+        shapes: dict[tuple[str, int], tuple[int, ...]] = {}  # (C, *spatial) as stored
+        mask_maxima: list[tuple[float, str]] = []
         scanned = {}
         for split in SPLITS:
             cases = self.cases[split]
@@ -746,10 +779,18 @@ class FileDataModule(ArrayDataModule):
                 if index in absent:
                     continue
                 problems, image = self.reader.inspect(cases[index].item())
+                if self.reader.inspected_mask_max is not None:
+                    mask_maxima.append(self.reader.inspected_mask_max)
                 findings += [validation.Finding(kind, split, index, name, detail) for kind, name, detail in problems]
                 if image is not None and not problems:
                     hashes[(split, index)] = validation.pixel_hash(image.as_tensor().numpy())
+                    shapes[(split, index)] = tuple(image.shape)
+        # a setting, not a bad case: whatever data.on_bad says, skipping cases would not help
+        problem = validation.mask_threshold_problem(self.reader.mask_threshold, mask_maxima)
+        if problem:
+            raise MedexpError(f"data check of {self.source}: {problem}")
         findings += validation.duplicate_findings(hashes, self._name)
+        findings += self._shape_findings(shapes)
         drop = validation.resolve(
             findings, scanned, time.perf_counter() - start, source=str(self.source), scan=self.scan, on_bad=self.on_bad
         )
@@ -765,6 +806,33 @@ class FileDataModule(ArrayDataModule):
                     f"{self.source}: all {total} cases of the {split} split are bad (data.on_bad=skip left them out); "
                     "nothing is left to use"
                 )
+
+    def _shape_findings(self, stored: dict[tuple[str, int], tuple[int, ...]]) -> list[validation.Finding]:
+        """Scanned images that could not share a batch or the net with the others after their
+        split's transforms (see :func:`medexp.data.validation.shape_findings`), e.g. a grey PNG
+        among RGB ones, or sizes that no resizing transform makes agree. Images of one stored
+        shape leave the transforms with one shape: one of each stored shape goes through them,
+        and where every image is stored alike (the usual case), none."""
+        args = (self._name, self.in_channels, self.spatial_dims, self.batch_size)
+        if not validation.shape_findings(stored, *args):
+            return []
+        shapes, failed, chains = {}, [], {}
+        for (split, index), shape in stored.items():
+            key = (split, shape)
+            if key not in chains:
+                chain = self.transform(split, head=[self.reader])
+                try:
+                    sample = chain(self.cases[split][index].item())
+                    # patch samplers (e.g. RandCropByPosNegLabeld) turn one case into a list of samples
+                    chains[key] = tuple((sample[0] if isinstance(sample, list) else sample)["image"].shape)
+                except Exception as exc:  # noqa: BLE001 - any transform's complaint about this shape
+                    reason = (str(exc).strip().splitlines() or [""])[-1][:200]
+                    chains[key] = f"data.transforms fail on an image of shape {shape} ({type(exc).__name__}: {reason})"
+            if isinstance(chains[key], str):
+                failed.append(validation.Finding("shape_disagreement", split, index, self._name(split, index), chains[key]))
+            else:
+                shapes[(split, index)] = chains[key]
+        return failed + validation.shape_findings(shapes, *args)
 
     def _dataset(self, split: str) -> Dataset:
         items = [case.item() for case in self.cases[split]]

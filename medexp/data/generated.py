@@ -48,8 +48,8 @@ class GeneratedImages:
         labels: the classes to generate: ``train`` (drawn with the training split's class
             frequencies) or ``balanced`` (every class equally often: oversampling rare classes).
         seed: the seed of the classes drawn and of the latent codes.
-        allowed_targets: ``_target_`` prefixes trusted in the GAN checkpoint's stored config
-            (see :func:`medexp.utils.checkpoint.check_targets`).
+        allowed_targets: exact ``_target_`` names trusted in the GAN checkpoint's stored config
+            besides what medexp builds (see :mod:`medexp.checkpoints.allowlist`).
     """
 
     ckpt: str

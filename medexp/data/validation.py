@@ -4,7 +4,9 @@ hours into it.
 What is found (kinds, see :data:`KINDS`): unreadable or missing files, NaN/Inf values, constant
 images (every pixel equal, e.g. an all-black export), labels or mask values outside the classes,
 image/mask shape and geometry (affine) mismatches, and images duplicated across splits (a leak);
-images duplicated within a split are a warning only.
+images duplicated within a split are a warning only. A ``data.mask_threshold`` at or above every
+mask value read (file data: masks saved as 0/1 with ``mask_threshold=127``) stops the run
+whatever ``on_bad`` says: it would empty every mask (:func:`mask_threshold_problem`).
 
 The functions here are pure: they look at arrays and return problems or :class:`Finding` lists.
 The data modules read the cases (in-memory arrays: vectorised, :mod:`medexp.data.base`; files:
@@ -21,6 +23,7 @@ import csv
 import hashlib
 import logging
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,7 @@ KINDS = {
     "constant": "constant images (every pixel equal)",
     "label_range": "labels outside the classes",
     "shape_mismatch": "image/mask shape mismatches",
+    "shape_disagreement": "images of another shape than the rest (one net and each batch take one shape)",
     "geometry_mismatch": "image/mask geometry mismatches",
     "duplicate_across_splits": "images duplicated across splits (a leak)",
     "duplicate_within_split": "images duplicated within a split",
@@ -166,6 +170,27 @@ def mask_values_problem(values: np.ndarray, num_classes: int) -> str | None:
     return message
 
 
+def mask_threshold_problem(threshold: float | None, maxima: list[tuple[float, str]]) -> str | None:
+    """What is wrong with ``data.mask_threshold``, if anything: it empties every mask read (the
+    threshold is at or above every mask value found, though some masks hold foreground values).
+
+    Args:
+        threshold: ``data.mask_threshold`` (values above it become foreground); None: none.
+        maxima: ``(largest value as stored, file)`` of each mask read.
+    """
+    if threshold is None or not maxima:
+        return None
+    top, name = max(maxima, key=lambda item: item[0])
+    if not 0 < top <= threshold:  # some mask keeps foreground, or every mask is empty as stored
+        return None
+    hint = "0 for masks saved as 0/1" if top == 1 else f"a value below {top:g}"
+    return (
+        f"data.mask_threshold={threshold:g} empties every mask: the largest mask value in the {len(maxima)} mask(s) "
+        f"read is {top:g} ({name}) and only values above the threshold become foreground; set data.mask_threshold "
+        f"to {hint}, or null for masks that hold class indices already"
+    )
+
+
 def label_problems(labels: np.ndarray, task: str, num_classes: int) -> list[tuple[int, str]]:
     """Samples whose label is not one of the task's classes (every row; labels are small).
 
@@ -250,6 +275,68 @@ def duplicate_findings(hashes: dict[tuple[str, int], bytes], name: Callable[[str
                 detail = f"the same image as {kept} in the {kept_split} split"
                 findings.append(Finding("duplicate_across_splits", split, index, name(split, index), detail))
     return sorted(findings, key=lambda f: (KEEP_FIRST[::-1].index(f.split) if f.split in KEEP_FIRST else -1, f.index))
+
+
+def shape_findings(
+    shapes: dict[tuple[str, int], tuple[int, ...]],
+    name: Callable[[str, int], str],
+    in_channels: int,
+    spatial_dims: int,
+    batch_size: int,
+) -> list[Finding]:
+    """Images whose shape differs from the others' (``shape_disagreement`` findings): batches
+    could not stack them, or the net could not take them.
+
+    Channels and spatial axes must agree across all splits (one net takes every image); the
+    shape that counts is the most common of those fitting ``in_channels`` and ``spatial_dims``
+    (else the most common). With ``batch_size > 1`` the spatial size must agree within each split
+    too (splits may differ: e.g. random crops for training, whole images for validation).
+
+    Args:
+        shapes: ``(C, *spatial)`` of each checked case as its split's transforms leave it, keyed
+            by ``(split, index)`` in the order the cases were read.
+        name: how to call the case ``(split, index)`` in a message.
+    """
+
+    cases = list(shapes)
+    position = {case: k for k, case in enumerate(cases)}
+
+    def most_common(group: list[tuple[str, int]], key: Callable[[tuple[str, int]], Any]) -> tuple[str, int]:
+        counts = Counter(key(case) for case in group)  # ties: the first case read
+        return max(group, key=lambda case: (counts[key(case)], -position[case]))
+
+    def form(case: tuple[str, int]) -> tuple[int, int]:
+        return shapes[case][0], len(shapes[case]) - 1
+
+    if not cases:
+        return []
+    fitting = [case for case in cases if form(case) == (in_channels, spatial_dims)]
+    example = most_common(fitting or cases, form)
+    findings = []
+    for case in cases:
+        if form(case) == form(example):
+            continue
+        (channels, dims), (ref_channels, ref_dims) = form(case), form(example)
+        expected = " as data.in_channels and data.spatial_dims expect" if form(example) == (in_channels, spatial_dims) else ""
+        hint = (
+            f"a {dims}D image among {ref_dims}D ones" if dims != ref_dims
+            else f"{channels} channel(s), not {ref_channels}: store all images with one number of channels and set data.in_channels to it"
+        )
+        detail = f"shape {shapes[case]} (channels, *spatial), but {name(*example)} has {shapes[example]}{expected}: {hint}"
+        findings.append(Finding("shape_disagreement", *case, name(*case), detail))
+    if batch_size > 1:
+        for split in dict.fromkeys(split for split, _ in cases):
+            members = [case for case in cases if case[0] == split and form(case) == form(example)]
+            reference = most_common(members, lambda case: shapes[case]) if members else None
+            for case in members:
+                if shapes[case] != shapes[reference]:
+                    detail = (
+                        f"shape {shapes[case]}, but {name(*reference)} in the same split has {shapes[reference]}: a batch "
+                        f"(data.batch_size={batch_size}) takes one size; resize them in data.transforms (e.g. "
+                        f"monai.transforms.Resized with spatial_size {list(shapes[reference][1:])}), or set data.batch_size=1"
+                    )
+                    findings.append(Finding("shape_disagreement", *case, name(*case), detail))
+    return findings
 
 
 def summary(findings: Iterable[Finding]) -> str:

@@ -120,6 +120,8 @@ class DifferentialPrivacy(L.Callback):
             never for a model you release.
     """
 
+    logged_metrics = ("train/epsilon",)  # monitorable (see medexp.utils.validation.check_monitors)
+
     def __init__(
         self,
         max_grad_norm: float = 1.0,

@@ -13,7 +13,10 @@ probabilities the test metrics see, so they equal ``metrics.json``'s:
 
 - accuracy (multi-class: micro; multi-label: mean over labels at 0.5) and AUROC (macro over
   classes one-vs-rest, or over labels), each with a percentile bootstrap 95% confidence interval
-  (``n_boot`` resamples of the cases with replacement, drawn from ``seed``);
+  (``n_boot`` resamples of the cases with replacement, drawn from ``seed``); a class without
+  positives or without negatives in the split has no AUROC (undefined: NaN, null in
+  ``report.json``) and is left out of the macro AUROC, which with no class left is undefined, its
+  interval too;
 - per class (label): precision, recall, F1 (argmax; multi-label: threshold 0.5), support (cases
   of the class; multi-label: positives), AUROC and average precision; the confusion matrix
   (multi-label: one 2x2 matrix per label); ROC and precision-recall curves one-vs-rest
@@ -166,13 +169,11 @@ def _macro_auroc(probs: np.ndarray, truth: np.ndarray, weights: np.ndarray) -> n
     """Macro AUROC over the columns (one-vs-rest classes or labels) of ``truth`` (0/1, ``(n, C)``)
     under each row of case ``weights``.
 
-    A class without positives or without negatives in the whole split scores 0, as torchmetrics
-    scores it (so the point estimate is torchmetrics'); a class that only a resample lacks is left
-    out of that resample's mean.
+    A class without positives or without negatives (in the whole split, or only in a resample)
+    is left out of the mean, as the test metric leaves it out
+    (:class:`~medexp.metrics.classification.MulticlassDefinedAUROC`); NaN where no class is left.
     """
     per_class = np.stack([weighted_auroc(probs[:, c], truth[:, c], weights) for c in range(probs.shape[1])], axis=1)
-    degenerate = ~(truth.any(axis=0) & (~truth).any(axis=0))
-    per_class[:, degenerate] = 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample without any class to score: NaN
         return np.nanmean(per_class, axis=1)
@@ -239,8 +240,9 @@ def classification_numbers(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The numbers of a classification report, and the curves for its figures."""
     with warnings.catch_warnings():
-        # a class without positives (negatives) in the split: torchmetrics scores it 0, as the test metrics do
-        warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
+        # a class without positives (negatives) in the split: torchmetrics warns and scores it 0;
+        # its AUROC (AP) is made undefined below, as in the test metrics
+        warnings.filterwarnings("ignore", message="No (positive|negative) samples (found )?in target")
         return _classification_numbers(probs, logits, targets, task, class_names, temperature, n_boot, seed)
 
 
@@ -266,11 +268,16 @@ def _classification_numbers(
 
     # accuracy: of every label decision (multi-label, macro over labels) or of every case
     accuracy = metric("accuracy", average="macro" if task == "multilabel" else "micro")
-    auroc = metric("auroc")
     precision, recall, f1 = (metric(name, average="none") for name in ("precision", "recall", "f1_score"))
-    per_auroc = metric("auroc", average="none")
-    per_ap = metric("average_precision", average="none")
     support = t.sum(dim=0) if task == "multilabel" else torch.bincount(t, minlength=n_classes)
+    # AUROC is undefined for a class without positives or without negatives, AP without positives:
+    # NaN (null in report.json, "undefined" in the documents), and the macro AUROC is the mean over
+    # the classes where it is defined, as the test metric (medexp.metrics.classification)
+    nan = torch.tensor(float("nan"))
+    per_auroc = torch.where((support > 0) & (support < len(t)), metric("auroc", average="none").float(), nan)
+    per_ap = torch.where(support > 0, metric("average_precision", average="none").float(), nan)
+    defined = ~per_auroc.isnan()
+    auroc = per_auroc[defined].mean() if defined.any() else nan
     confusion = metric("confusion_matrix")
     roc = metric("roc")
     pr = metric("precision_recall_curve")
@@ -469,17 +476,25 @@ def _agreement(numbers: dict[str, Any], metrics: dict[str, Any] | None, split: s
         value = numbers["metrics"][name]
         value = value["value"] if isinstance(value, dict) else value
         recorded = float(metrics[key])
-        agreement[name] = {"metric": key, "report": value, "metrics": recorded, "abs_diff": abs(value - recorded)}
-        if not abs(value - recorded) <= 1e-4 * max(1.0, abs(recorded)):
+        diff = _difference(value, recorded)
+        agreement[name] = {"metric": key, "report": value, "metrics": recorded, "abs_diff": diff}
+        if not diff <= 1e-4 * max(1.0, abs(recorded)):
             log.warning("report: %s is %.6g but the %s metrics recorded %.6g", name, value, split, recorded)
     for row in numbers.get("per_site", []):
         key = f"{split}/site_{row['site']}/auroc"
         if metrics.get(key) is not None:
             recorded = float(metrics[key])
             agreement[f"site_{row['site']}/auroc"] = {
-                "metric": key, "report": row["auroc"], "metrics": recorded, "abs_diff": abs(row["auroc"] - recorded),
+                "metric": key, "report": row["auroc"], "metrics": recorded, "abs_diff": _difference(row["auroc"], recorded),
             }
     return agreement
+
+
+def _difference(report: float, recorded: float) -> float:
+    """How far the report's value is from the recorded metric's: 0 where both are undefined (NaN)."""
+    if math.isnan(report) and math.isnan(recorded):
+        return 0.0
+    return abs(report - recorded)
 
 
 def _test_time_adaptation(trainer: Any, model: Any, split: str) -> contextlib.AbstractContextManager:

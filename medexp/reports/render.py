@@ -83,16 +83,16 @@ def roc_figure(path: Path, report: dict[str, Any], curves: dict[str, Any]) -> Pa
     for c in _shown_classes(report):
         fpr, tpr = curves["roc"][c]
         row = report["per_class"][c]
-        axis.plot(fpr, tpr, lw=1.2, label=f"{row['class']} (AUC {row['auroc']:.3f})")
+        axis.plot(fpr, tpr, lw=1.2, label=f"{row['class']} (AUC {_f(row['auroc'], 3)})")
     axis.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     axis.set_xlabel("false positive rate (1 - specificity)")
     axis.set_ylabel("true positive rate (sensitivity)")
     auroc = report["metrics"]["auroc"]
     if report["task"] == "binary":
-        title = f"ROC of the positive class; AUROC {auroc['value']:.3f}"
+        title = f"ROC of the positive class; AUROC {_f(auroc['value'], 3)}"
     else:
         kind = "one-vs-rest" if report["task"] == "multiclass" else "per label"
-        title = f"ROC, {kind}; macro AUROC {auroc['value']:.3f}"
+        title = f"ROC, {kind}; macro AUROC {_f(auroc['value'], 3)}"
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=7, loc="lower right")
     axis.set_xlim(0, 1)
@@ -106,7 +106,7 @@ def pr_figure(path: Path, report: dict[str, Any], curves: dict[str, Any]) -> Pat
     for c in _shown_classes(report):
         recall, precision = curves["pr"][c]
         row = report["per_class"][c]
-        (line,) = axis.plot(recall, precision, lw=1.2, label=f"{row['class']} (AP {row['average_precision']:.3f})")
+        (line,) = axis.plot(recall, precision, lw=1.2, label=f"{row['class']} (AP {_f(row['average_precision'], 3)})")
         axis.axhline(curves["prevalence"][c], color=line.get_color(), lw=0.6, ls=":")
     axis.set_xlabel("recall (sensitivity)")
     axis.set_ylabel("precision (PPV)")
@@ -199,11 +199,25 @@ def segmentation_figures(out: Path, report: dict[str, Any], cases: list[tuple]) 
 
 
 def _f(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    """A number as the documents show it: ``-`` for none, ``undefined`` for NaN (e.g. the AUROC
+    of a class absent from the split), never a made-up 0."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "undefined"
+    if isinstance(value, float) and not math.isfinite(value):
         return "-"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _interval(value: dict[str, Any]) -> str:
+    """``low - high``, or ``undefined`` when either end is (an undefined metric has no interval)."""
+    low, high = value["ci_low"], value["ci_high"]
+    if any(end is None or math.isnan(end) for end in (low, high)):
+        return "undefined"
+    return f"{_f(low)} - {_f(high)}"
 
 
 def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
@@ -242,10 +256,7 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
         return blocks
     metrics = report["metrics"]
     boot = report["bootstrap"]
-    rows = [
-        [name, _f(metrics[name]["value"]), f"{_f(metrics[name]['ci_low'])} - {_f(metrics[name]['ci_high'])}", recorded(name)]
-        for name in ("accuracy", "auroc")
-    ]
+    rows = [[name, _f(metrics[name]["value"]), _interval(metrics[name]), recorded(name)] for name in ("accuracy", "auroc")]
     rows += [[name, _f(metrics[name]), "", recorded(name)] for name in metrics if name not in ("accuracy", "auroc")]
     blocks += [
         ("h2", "Summary"),

@@ -76,6 +76,12 @@ class BaseTask(L.LightningModule):
         """The metrics of one stage, keyed by name (cloned with ``train/``, ``val/``, ``test/``)."""
         raise NotImplementedError
 
+    def logged_metrics(self) -> list[str]:
+        """What callbacks may monitor (checked before training, see
+        :func:`medexp.utils.validation.check_monitors`): each epoch's ``train/`` and ``val/``
+        loss and metrics, and ``<monitor>_best``."""
+        return sorted({"train/loss", "val/loss", *self.train_metrics.keys(), *self.val_metrics.keys(), f"{self.monitor}_best"})
+
     def compute_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training objective for a batch of network outputs."""
         raise NotImplementedError
@@ -194,8 +200,14 @@ class BaseTask(L.LightningModule):
         values = self._log_epoch("val")
         # only epochs of fit count: not the sanity check before it, nor validate() after it
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            self.monitor_best.update(values[self.monitor])
-            self.log(f"{self.monitor}_best", self.monitor_best.compute(), prog_bar=True)
+            # an undefined score (NaN: e.g. AUROC of a split of one class) is never the best one;
+            # while no epoch has had a defined score the best is undefined too, not -inf
+            if not torch.isnan(values[self.monitor]):
+                self.monitor_best.update(values[self.monitor])
+            # its max_value/min_value state (the same on every DDP rank: validation metrics are synced)
+            (best,) = self.monitor_best.metric_state.values()
+            best = best if torch.isfinite(best) else torch.full_like(best, float("nan"))
+            self.log(f"{self.monitor}_best", best, prog_bar=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -15,13 +16,11 @@ from torchmetrics.classification import (
     BinaryRecall,
     BinarySpecificity,
     MulticlassAccuracy,
-    MulticlassAUROC,
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
     MulticlassSpecificity,
     MultilabelAccuracy,
-    MultilabelAUROC,
     MultilabelF1Score,
     MultilabelPrecision,
     MultilabelRecall,
@@ -29,8 +28,11 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import LambdaInputTransformer
 
+from medexp.metrics.classification import MulticlassDefinedAUROC, MultilabelDefinedAUROC
 from medexp.tasks.base import BaseTask
 from medexp.utils.errors import MedexpError
+
+log = logging.getLogger("medexp")
 
 TASKS = ("binary", "multiclass", "multilabel")
 LOSSES = ("ce", "focal")
@@ -162,6 +164,8 @@ class ClassificationTask(BaseTask):
         self.register_buffer("class_weight", None, persistent=False)
         # temperature scaling (Guo et al., 2017): fitted after training when calibrate=true
         self.register_buffer("temperature", torch.ones(()))
+        # (where, undefined classes) already warned about: once per split, not every epoch
+        self._undefined_warned: set[tuple[str, tuple[int, ...]]] = set()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # checkpoints from before temperature scaling existed have no temperature: 1
@@ -174,7 +178,7 @@ class ClassificationTask(BaseTask):
             return MetricCollection(
                 {
                     "accuracy": MultilabelAccuracy(n),
-                    "auroc": MultilabelAUROC(n),
+                    "auroc": MultilabelDefinedAUROC(n),
                     "f1": MultilabelF1Score(n),
                     "precision": MultilabelPrecision(n),
                     "recall": MultilabelRecall(n),
@@ -184,7 +188,7 @@ class ClassificationTask(BaseTask):
         metrics = {
             "accuracy": MulticlassAccuracy(n, average="micro"),
             "balanced_accuracy": MulticlassRecall(n, average="macro"),
-            "auroc": MulticlassAUROC(n),
+            "auroc": MulticlassDefinedAUROC(n),
             "f1": MulticlassF1Score(n, average="macro"),
             "precision": MulticlassPrecision(n, average="macro"),
             "recall": MulticlassRecall(n, average="macro"),
@@ -259,9 +263,37 @@ class ClassificationTask(BaseTask):
                 n = count.compute()
             if n > 0:
                 values.update({f"test/site_{name}/n": n, **collection.compute()})
+                self._warn_undefined(collection, f"the test split of site {name}", f"test/site_{name}/auroc")
             collection.reset()
             count.reset()
         self.log_dict(values)
+
+    def _log_epoch(self, stage: str) -> dict[str, torch.Tensor]:
+        """The base's epoch log, plus a warning for classes whose AUROC is undefined in this
+        split and, in the test stage, each class's AUROC (NaN where undefined)."""
+        metrics = getattr(self, f"{stage}_metrics")
+        values = super()._log_epoch(stage)
+        auroc = self._warn_undefined(metrics, f"the {stage} split", f"{stage}/auroc")
+        if stage == "test" and auroc is not None and auroc.per_class is not None:
+            per_class = {f"test/class_{c}/auroc": value for c, value in enumerate(auroc.per_class)}
+            self.log_dict(per_class)
+            values.update(per_class)
+        return values
+
+    def _warn_undefined(self, metrics: MetricCollection, where: str, name: str) -> Any:
+        """Warn (once per ``where`` and set of classes) about the classes whose AUROC the last
+        compute() of ``metrics`` left out; returns its AUROC metric (None if it has none)."""
+        auroc = next((m for m in metrics.values() if isinstance(m, (MulticlassDefinedAUROC, MultilabelDefinedAUROC))), None)
+        if auroc is None or not auroc.undefined or self.trainer.sanity_checking:
+            return auroc
+        key = (where, tuple(sorted(auroc.undefined)))
+        if key not in self._undefined_warned:
+            self._undefined_warned.add(key)
+            classes = ", ".join(f"class {c} ({why})" for c, why in sorted(auroc.undefined.items()))
+            defined = [str(c) for c in range(auroc.num_columns) if c not in auroc.undefined]
+            rest = f"{name} is the mean over the others ({', '.join(defined)})" if defined else f"{name} is undefined (NaN)"
+            log.warning("%s: AUROC is undefined for %s; %s", where, classes, rest)
+        return auroc
 
     def compute_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         smoothing = self.hparams.label_smoothing

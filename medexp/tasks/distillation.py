@@ -81,16 +81,12 @@ def teacher_problems(checkpoint: dict[str, Any], data: Mapping[str, Any], path: 
 
     Compared: that the teacher is a classifier, and the data properties :data:`MATCHED`.
     """
-    from hydra.utils import get_class
-
-    from medexp.utils.checkpoint import CONFIG_KEY
+    from medexp.utils.checkpoint import CONFIG_KEY, model_class
 
     stored = checkpoint[CONFIG_KEY]
     target = str(stored.get("model", {}).get("_target_", ""))
-    try:
-        is_classifier = issubclass(get_class(target), ClassificationTask)
-    except Exception:  # not importable: rebuilding it would fail the same way
-        is_classifier = False
+    found = model_class(stored)  # None when not importable: rebuilding it would fail the same way
+    is_classifier = found is not None and issubclass(found, ClassificationTask)
     if not is_classifier:
         return [
             f"model.teacher_ckpt={str(path)!r}: a {target.rsplit('.', 1)[-1] or 'non-medexp'} checkpoint; the teacher "
@@ -294,6 +290,9 @@ class DistillationTask(ClassificationTask):
         if self.task == "multilabel":
             return ((student > 0) == (teacher > 0)).float().mean()
         return (student.argmax(dim=1) == teacher.argmax(dim=1)).float().mean()
+
+    def logged_metrics(self) -> list[str]:
+        return sorted({*super().logged_metrics(), *self.distill_metrics.keys()})
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()

@@ -144,6 +144,11 @@ class SegmentationTask(BaseTask):
         # no compute groups: update_metrics may feed metrics different inputs
         return MetricCollection(metrics, compute_groups=False)
 
+    def logged_metrics(self) -> list[str]:
+        # dice_per_class is logged as one value per foreground class: dice_1, dice_2, ...
+        per_class = [f"{stage}/dice_{c}" for stage in ("train", "val") for c in range(1, self.num_classes)]
+        return sorted({*super().logged_metrics(), *(per_class if self.num_classes > 2 else [])})
+
     def update_metrics(self, metrics: MetricCollection, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         """With a ``roi`` mask ``(B, 1, *spatial)`` in the batch (e.g. DRIVE's field of view), count
         only the pixels inside it: outside, prediction and truth both become background, which

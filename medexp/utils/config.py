@@ -95,7 +95,12 @@ def repeat(value: Any, times: int) -> list[Any]:
 
 
 def register_resolvers() -> None:
-    """Register medexp's OmegaConf resolvers (idempotent)."""
+    """Register medexp's OmegaConf resolvers (idempotent). Every command calls this before Hydra
+    composes its config, so it also has Hydra report a config file's YAML syntax error in one line
+    (:func:`medexp.utils.errors.report_config_files_briefly`)."""
+    from medexp.utils.errors import report_config_files_briefly
+
+    report_config_files_briefly()
     resolvers = {
         "medmnist": medmnist_property,
         "epoch_fraction": epoch_fraction,

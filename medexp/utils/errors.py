@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger("medexp")
 
@@ -67,6 +68,57 @@ def user_errors() -> Iterator[None]:
         if not error.ends_sweep and _in_multirun():
             raise  # Hydra records the job as failed; the sweep goes on
         raise SystemExit(error.exit_code) from None
+
+
+def config_file_error(exc: BaseException) -> str | None:
+    """A YAML syntax error in a config file (``exc`` or what caused it), in one line: the file,
+    the line and column, and what the parser expected; None for any other exception."""
+    import yaml
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and not isinstance(current, yaml.MarkedYAMLError):
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    if not isinstance(current, yaml.MarkedYAMLError) or (current.problem_mark or current.context_mark) is None:
+        return None
+    mark, context = current.problem_mark or current.context_mark, ""
+    if current.context and current.context_mark is not None and current.context_mark is not mark:
+        context = f" ({current.context} that starts at line {current.context_mark.line + 1}, column {current.context_mark.column + 1})"
+    elif current.context:
+        context = f" ({current.context})"
+    problem = current.problem or current.context or "invalid YAML"
+    return f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {problem}{context}"
+
+
+def report_config_files_briefly() -> None:
+    """Make Hydra report a YAML syntax error in a config file (e.g. in a user's ``--config-dir``)
+    as ``medexp: error: <file>, line <n>, ...`` and exit code 1. Such an error happens while
+    Hydra composes the config, before any medexp code runs, and Hydra prints the parser's whole
+    traceback (about 95 lines). Wraps ``hydra._internal.utils.run_and_report``, through which
+    ``@hydra.main`` composes and runs every command; its other reports are unchanged, and
+    ``HYDRA_FULL_ERROR=1`` (``--verbose``) still shows the traceback. Idempotent."""
+    from hydra._internal import utils as hydra_utils
+
+    original = getattr(hydra_utils, "run_and_report", None)
+    if original is None or getattr(original, "reports_config_files", False):
+        return  # a Hydra without it: its own report stands
+
+    def run_and_report(func: Any) -> Any:  # Hydra's signature
+        def reported() -> Any:
+            try:
+                return func()
+            except Exception as exc:
+                message = config_file_error(exc)
+                if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"medexp: error: {message}", file=sys.stderr)
+                raise SystemExit(1) from None
+
+        return original(reported)
+
+    run_and_report.reports_config_files = True
+    hydra_utils.run_and_report = run_and_report
 
 
 def _in_multirun() -> bool:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from medexp.utils.errors import MedexpError
@@ -29,7 +30,9 @@ _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 class Rule:
     """What ``key`` must be: ``kind`` (``int``, ``number``, ``bool``, or a tuple of choices),
     bounds (``low``/``high``, ``low_open``/``high_open`` for strict ones), and ``optional``
-    (None allowed). A key absent from the config is not checked."""
+    (None allowed). With ``sequence``, a non-empty list of such values (``length`` of them when
+    given; ``increasing``: none smaller than the one before), e.g. Adam's ``betas`` or a
+    scheduler's ``milestones``. A key absent from the config is not checked."""
 
     key: str
     kind: str | tuple[Any, ...]
@@ -38,10 +41,23 @@ class Rule:
     low_open: bool = False
     high_open: bool = False
     optional: bool = False
+    sequence: bool = False
+    length: int | None = None
+    increasing: bool = False
 
     def check(self, value: Any) -> str | None:
         if value is None:
             return None if self.optional else f"{self.key}=null; expected {self.describe()}"
+        if self.sequence:
+            item = replace(self, sequence=False, optional=False)
+            items = list(value) if isinstance(value, (list, tuple)) else []
+            fits = (
+                len(items) >= 1
+                and (self.length is None or len(items) == self.length)
+                and all(item.check(v) is None for v in items)
+                and not (self.increasing and any(a > b for a, b in itertools.pairwise(items)))
+            )
+            return None if fits else f"{self.key}={value!r}; expected {self.describe()}"
         if isinstance(self.kind, tuple):
             return None if value in self.kind else f"{self.key}={value!r}; expected one of {list(self.kind)}"
         if self.kind == "bool":
@@ -57,6 +73,9 @@ class Rule:
 
     def describe(self) -> str:
         kind = {"int": "an integer", "number": "a number"}.get(str(self.kind), str(self.kind))
+        if self.sequence:
+            count, order = f"{self.length} " if self.length else "", "non-decreasing " if self.increasing else ""
+            kind = f"a list of {count}{order}" + {"int": "integers", "number": "numbers"}.get(str(self.kind), str(self.kind))
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
             bounds = f" in {left}{self.low:g}, {self.high:g}{right}"
@@ -81,6 +100,11 @@ RULES: tuple[Rule, ...] = (
     Rule("optimizer.lr", "number", 0, low_open=True),
     Rule("optimizer.weight_decay", "number", 0),
     Rule("optimizer.momentum", "number", 0, 1, high_open=True),
+    # Adam's family (torch checks them only when the optimiser is built, after the data)
+    Rule("optimizer.betas", "number", 0, 1, high_open=True, sequence=True, length=2),
+    Rule("optimizer.eps", "number", 0, low_open=True),
+    Rule("optimizer.nesterov", "bool"),
+    Rule("optimizer.amsgrad", "bool"),
     Rule("data.task", TASKS),
     Rule("data.num_classes", "int", 1),
     Rule("data.in_channels", "int", 1),
@@ -139,6 +163,30 @@ RULES: tuple[Rule, ...] = (
     Rule("federated.seed", "int", 0, 2**32 - 1),
 )
 
+# gamma > 1 raises the rate at each step: unusual, but a schedule (a warm-up), not a mistake
+_GAMMA = Rule("scheduler.gamma", "number", 0, low_open=True)
+# The keys of each LR scheduler (conf/scheduler/*.yaml), by its _target_: torch checks a few only
+# when the first epoch ends, and others never (milestones='abc' leaves the learning rate constant).
+SCHEDULER_RULES: dict[str, tuple[Rule, ...]] = {
+    "torch.optim.lr_scheduler.CosineAnnealingLR": (Rule("scheduler.T_max", "int", 1), Rule("scheduler.eta_min", "number", 0)),
+    "torch.optim.lr_scheduler.CosineAnnealingWarmRestarts": (
+        Rule("scheduler.T_0", "int", 1), Rule("scheduler.T_mult", "int", 1), Rule("scheduler.eta_min", "number", 0),
+    ),
+    "torch.optim.lr_scheduler.MultiStepLR": (Rule("scheduler.milestones", "int", 1, sequence=True, increasing=True), _GAMMA),
+    "torch.optim.lr_scheduler.StepLR": (Rule("scheduler.step_size", "int", 1), _GAMMA),
+    "torch.optim.lr_scheduler.ExponentialLR": (_GAMMA,),
+    "torch.optim.lr_scheduler.ReduceLROnPlateau": (
+        Rule("scheduler.mode", ("min", "max")),
+        Rule("scheduler.factor", "number", 0, 1, low_open=True, high_open=True),
+        Rule("scheduler.patience", "int", 0),
+        Rule("scheduler.threshold", "number", 0),
+        Rule("scheduler.threshold_mode", ("rel", "abs")),
+        Rule("scheduler.cooldown", "int", 0),
+        Rule("scheduler.min_lr", "number", 0),
+        Rule("scheduler.eps", "number", 0),
+    ),
+}
+
 
 def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """``(dotted key, value)`` of every entry of a nested dict/list config."""
@@ -159,10 +207,12 @@ def _get(config: dict[str, Any], key: str) -> tuple[bool, Any]:
 
 
 def check_values(config: dict[str, Any]) -> list[str]:
-    """Problems with the types and ranges of the keys in :data:`RULES`, and of any
-    ``dropout``-named value (a probability in [0, 1))."""
+    """Problems with the types and ranges of the keys in :data:`RULES` and, for the scheduler
+    in use, :data:`SCHEDULER_RULES`, and of any ``dropout``-named value (a probability in [0, 1))."""
     problems = []
-    for rule in RULES:
+    scheduler = config.get("scheduler")
+    target = str(scheduler.get("_target_")) if isinstance(scheduler, dict) else ""
+    for rule in (*RULES, *SCHEDULER_RULES.get(target, ())):
         present, value = _get(config, rule.key)
         if present and (problem := rule.check(value)) is not None:
             problems.append(problem)
@@ -305,6 +355,93 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
     return problems
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+
+
+def check_accelerator(config: dict[str, Any]) -> list[str]:
+    """``trainer.accelerator`` naming a device this machine lacks: Lightning would say so only
+    after the data are built."""
+    accelerator = (config.get("trainer") or {}).get("accelerator")
+    if not isinstance(accelerator, str):
+        return []  # absent, or an Accelerator object: Lightning's to check
+    if accelerator not in ACCELERATORS:
+        return [f"trainer.accelerator={accelerator!r}; expected one of {list(ACCELERATORS)}"]
+    import torch
+
+    missing = {
+        "gpu": not torch.cuda.is_available() and not torch.backends.mps.is_available(),
+        "cuda": not torch.cuda.is_available(),
+        "mps": not torch.backends.mps.is_available(),
+    }
+    if not missing.get(accelerator, False):
+        return []
+    device = "MPS device" if accelerator == "mps" else "CUDA GPU"
+    return [
+        (
+            f"trainer.accelerator={accelerator!r}, but this machine has no {device} (torch sees none); "
+            "use trainer=cpu, or trainer.accelerator=auto to take whatever is there"
+        )
+    ]
+
+
+def check_devices(config: dict[str, Any]) -> list[str]:
+    """``trainer.devices`` > 1 on CPU with no strategy chosen: Lightning would quietly start that
+    many DDP training processes on this machine. An explicit strategy (``trainer=ddp_sim``) says
+    it is meant."""
+    trainer = config.get("trainer") or {}
+    accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices <= 1 or trainer.get("strategy") not in (None, "auto"):
+        return []  # one device, "auto", a list (Lightning's to check), or a strategy chosen on purpose
+    if accelerator == "auto":
+        import torch
+
+        if torch.cuda.is_available() or torch.backends.mps.is_available():
+            return []
+    elif accelerator != "cpu":
+        return []
+    where = "trainer.accelerator=cpu" if accelerator == "cpu" else "trainer.accelerator=auto and no GPU here"
+    return [
+        f"trainer.devices={devices} on CPU ({where}) would start {devices} training processes on this machine; "
+        f"to simulate DDP on CPU say so with trainer=ddp_sim trainer.devices={devices}, otherwise use trainer.devices=1"
+    ]
+
+
+def check_monitors(config: dict[str, Any], logged: Sequence[str], task: str) -> None:
+    """Every ``monitor`` of a callback (checkpointing, early stopping) against the metrics the
+    run logs, before training: Lightning finds a typo only when the first epoch ends. (The
+    plateau scheduler follows ``model.monitor``, which the task itself checks.)
+
+    Args:
+        config: the resolved config.
+        logged: what the task logs (:meth:`medexp.tasks.base.BaseTask.logged_metrics`); callbacks
+            add what their class declares in ``logged_metrics`` (e.g. ``train/epsilon`` of
+            differential privacy).
+        task: the task's name, for the message.
+
+    Raises:
+        MedexpError: naming each monitor the run never logs, with the metrics it logs.
+    """
+    added: set[str] = set()
+    for _, node in _walk(config):
+        if isinstance(node, dict) and "_target_" in node:
+            declared = getattr(_locate(str(node["_target_"])), "logged_metrics", ())
+            added |= set(declared) if isinstance(declared, (tuple, list)) else set()
+    names = set(logged) | added
+    problems = []
+    for key, node in _walk(config.get("callbacks") or {}, "callbacks"):
+        monitor = node.get("monitor") if isinstance(node, dict) and "_target_" in node else None
+        if monitor is not None and monitor not in names:
+            close = difflib.get_close_matches(str(monitor), sorted(names), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            extra = f"; callbacks may log {sorted(added - set(logged))}" if added - set(logged) else ""
+            problems.append(f"{key}.monitor={monitor!r}: not logged by this run; {hint}{task} logs {sorted(logged)}{extra}")
+    if problems:
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        raise MedexpError(f"{len(problems)} problem(s) in the config:\n{lines}")
+
+
 def validate_config(config: dict[str, Any], extra: Sequence[str] = ()) -> None:
     """Run every check on a resolved config.
 
@@ -316,7 +453,7 @@ def validate_config(config: dict[str, Any], extra: Sequence[str] = ()) -> None:
     Raises:
         MedexpError: listing every problem found, one per line.
     """
-    problems = [*check_values(config), *check_arguments(config), *check_combinations(config), *extra]
+    problems = [*check_values(config), *check_arguments(config), *check_combinations(config), *check_accelerator(config), *check_devices(config), *extra]
     if problems:
         lines = "\n".join(f"  - {problem}" for problem in problems)
         raise MedexpError(f"{len(problems)} problem(s) in the config:\n{lines}")
