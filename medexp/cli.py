@@ -12,16 +12,24 @@ COMMANDS = {
     "predict": ("medexp.predict", "apply a checkpoint to new images (ckpt_path=... input=... output=...)"),
     "explain": ("medexp.explain", "saliency maps (Grad-CAM, occlusion) of a classifier, scored against lesion masks"),
     "export": ("medexp.export", "export a checkpoint to ONNX or TorchScript, verified against the model"),
-    "compress": ("medexp.compress", "int8 quantization (method=dynamic|static) or pruning sweep of a classifier; size, latency, metrics"),
-    "federate": ("medexp.federate", "federated learning (FedAvg/FedProx) over simulated sites; per-site and global metrics"),
+    "compress": (
+        "medexp.compress",
+        "int8 quantization (method=dynamic|static) or pruning sweep of a classifier; size, latency, metrics",
+    ),
+    "federate": (
+        "medexp.federate",
+        "federated learning (FedAvg/FedProx) over simulated sites; per-site and global metrics",
+    ),
     "sample": ("medexp.sample", "generate images with a GAN checkpoint (ckpt_path=... n=64 output=...)"),
     "reproduce": ("medexp.reproduce", "train a past run again from its recorded config and seed; compare metrics"),
     "summarize": ("medexp.summarize", "tabulate and plot the runs of a sweep (DIR [--metric NAME]); CV folds pooled"),
 }
 
-USAGE = "usage: medexp <command> [hydra overrides...]\n\ncommands:\n" + "\n".join(
-    f"  {name:<11}{help_}" for name, (_, help_) in COMMANDS.items()
-) + "\n\n--verbose: full tracebacks on errors (as HYDRA_FULL_ERROR=1).\n`medexp <command> --help` lists the config groups and options (summarize: its arguments)."
+USAGE = (
+    "usage: medexp <command> [hydra overrides...]\n\ncommands:\n"
+    + "\n".join(f"  {name:<11}{help_}" for name, (_, help_) in COMMANDS.items())
+    + "\n\n--verbose: full tracebacks on errors (as HYDRA_FULL_ERROR=1).\n`medexp <command> --help` lists the config groups and options (summarize: its arguments)."
+)
 
 
 def main() -> None:
@@ -30,7 +38,9 @@ def main() -> None:
         return
     command = sys.argv[1]
     if command not in COMMANDS:
-        print(f"medexp: error: unknown command {command!r}; expected one of {list(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        print(
+            f"medexp: error: unknown command {command!r}; expected one of {list(COMMANDS)}\n\n{USAGE}", file=sys.stderr
+        )
         raise SystemExit(2)
     # Run the command's module as `python -m medexp.<command>` would: Lightning re-launches DDP
     # worker processes from __main__.__spec__, so they start the same command.
@@ -75,7 +85,9 @@ def config_help(command: str, overrides: list[str]) -> str | None:
     def walk(folder, prefix: str) -> None:
         for child in sorted(folder.iterdir(), key=lambda entry: entry.name):
             if child.is_dir() and not child.name.startswith("__") and f"{prefix}{child.name}" != "hydra":
-                options = sorted(entry.name[: -len(".yaml")] for entry in child.iterdir() if entry.name.endswith(".yaml"))
+                options = sorted(
+                    entry.name[: -len(".yaml")] for entry in child.iterdir() if entry.name.endswith(".yaml")
+                )
                 if options:
                     groups[f"{prefix}{child.name}"] = options
                 walk(child, f"{prefix}{child.name}/")

@@ -48,7 +48,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.resolvers import register_resolvers
+from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import MedexpError, user_errors
 
 log = logging.getLogger("medexp")
@@ -88,24 +89,26 @@ def compress(cfg: DictConfig) -> Path:
     check_config(cfg)
     method, amounts = check_options(cfg)
 
-    from medexp.export import describe, sha256
-    from medexp.utils.checkpoint import CONFIG_KEY, rebuild_for_inference
+    from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
+    from medexp.inference.artifacts import describe, sha256
     from medexp.utils.run_info import write_json
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
-    ckpt_path, checkpoint, datamodule, model = rebuild_for_inference(cfg, refuse_non_classifier)
-    run_cfg = checkpoint[CONFIG_KEY]
-    extra = tuple(getattr(model.net, "extra_inputs", ()))
-    if extra:
+    checkpoint = Checkpoint(cfg.ckpt_path, cfg.allowed_targets)
+    checkpoint.checked_config()  # what the config names, refused before the task is looked at
+    refuse_non_classifier(checkpoint)
+    datamodule, model = checkpoint.build(cfg.data, model_overrides=INFERENCE)
+    ckpt_path, run_cfg = checkpoint.path, checkpoint.config
+    if model.extra_inputs:
         raise MedexpError(
-            f"medexp compress: {type(model.net).__name__} is a sequence model that takes {list(extra)} besides the "
-            "images; compress handles single-image classifiers"
+            f"medexp compress: {type(model.net).__name__} is a sequence model that takes {list(model.extra_inputs)} "
+            "besides the images; compress handles single-image classifiers"
         )
     model = model.cpu().eval()
     datamodule.batch_size = int(cfg.batch_size)
     datamodule.setup("test")
-    test_batches = list(_batches(datamodule.test_dataloader(), model, cfg.batches))
+    test_batches = _batches(datamodule.test_dataloader(), model, cfg.batches)
     if not test_batches:
         raise MedexpError("the checkpoint's data have an empty test split: nothing to measure the models on")
     example = test_batches[0][0]
@@ -114,68 +117,115 @@ def compress(cfg: DictConfig) -> Path:
 
     float_net = model.net
     record: dict[str, Any] = {"method": method}
-    notes: list[str] = []
     with _engine(str(cfg.backend)), _quiet_quantization():
-        if method == "dynamic":
-            variants = [("int8 dynamic", quantize_dynamic(float_net), "model.pt", {})]
-            notes += dynamic_notes(float_net)
-        elif method == "static":
-            calibration = list(_batches(datamodule.val_dataloader(), model, cfg.calibration_batches))
-            if not calibration:
-                raise MedexpError("method=static calibrates on the validation split, and it is empty")
-            variants = [("int8 static", quantize_static(float_net, calibration, str(cfg.backend)), "model.pt", {})]
-            record["calibration"] = {
-                "split": "val", "batches": len(calibration), "samples": sum(len(x) for x, _ in calibration),
-            }
-        else:
-            variants = [
-                (f"pruned {amount:g}", prune_weights(float_net, amount), f"model_pruned_{amount:g}.pt", {"amount": amount})
-                for amount in amounts
-            ]
-            notes.append(
-                "unstructured sparsity: the zeros are stored and multiplied like any weight, so file size and latency do "
-                "not change; gzip_bytes shows the storage the zeros could save. No fine-tuning followed the pruning"
-            )
-        if method != "prune":
-            record["quantization"] = {"api": QUANTIZATION_API[method], "engine": str(cfg.backend), "dtype": "qint8"}
-            notes.append(
-                f"{QUANTIZATION_API[method]}: deprecated since torch 2.10 in favour of torchao's pt2e flow, still "
-                f"shipped with torch {torch.__version__.split('+')[0]}; the int8 models run on the CPU with the "
-                f"quantized engine {cfg.backend!r} (torch.backends.quantized.engine)"
-            )
-
-        rows = []
-        reference: torch.Tensor | None = None
-        with tempfile.TemporaryDirectory() as scratch:
-            for name, net, file, fields in [("float32", float_net, None, {}), *variants]:
-                path = output / file if file else Path(scratch) / "float32.pt"
-                run = save_torchscript(model, net, example, path)
-                row, probs = measure(model, net, run, path, test_batches, cfg.latency, reference)
-                reference = probs if reference is None else reference
-                rows.append({"model": name, "file": file, **fields, **row})
-                log.info(
-                    "%s: accuracy %.4f, AUROC %.4f, agreement with float32 %.4f, %.3f ms/image, %d bytes of weights",
-                    name, row["accuracy"], row["auroc"], row["agreement"], row["latency_ms"], row["state_dict_bytes"],
-                )
+        variants, notes = compressed_variants(cfg, method, amounts, model, datamodule, record)
+        rows = measure_variants(model, float_net, variants, example, test_batches, output, cfg.latency)
     model.net = float_net
 
-    record.update({
-        "source": {"checkpoint": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path)},
-        "evaluation": {"split": "test", "batches": len(test_batches), "samples": sum(len(x) for x, _ in test_batches)},
-        "latency": {
-            "unit": "ms per image: median over repeats of one batch, divided by its size", "device": "cpu",
-            **{key: int(cfg.latency[key]) for key in ("batch_size", "repeats", "warmup", "threads")},
-        },
-        "rows": rows,
-        "notes": notes,
-        "model": {**describe(model, datamodule, run_cfg, example, "torchscript", 0, False), "file": [r["file"] for r in rows[1:]]},
-    })
+    record.update(
+        {
+            "source": {"checkpoint": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path)},
+            "evaluation": {
+                "split": "test",
+                "batches": len(test_batches),
+                "samples": sum(len(x) for x, _ in test_batches),
+            },
+            "latency": {
+                "unit": "ms per image: median over repeats of one batch, divided by its size",
+                "device": "cpu",
+                **{key: int(cfg.latency[key]) for key in ("batch_size", "repeats", "warmup", "threads")},
+            },
+            "rows": rows,
+            "notes": notes,
+            "model": {
+                **describe(model, datamodule, run_cfg, example, "torchscript", 0, False),
+                "file": [r["file"] for r in rows[1:]],
+            },
+        }
+    )
     for note in notes:
         log.info("note: %s", note)
     write_json(output / "compression.json", record)
     (output / "compression.md").write_text(markdown(record))
     log.info("compressed models and compression.json, compression.md: %s", output)
     return output / "compression.json"
+
+
+def compressed_variants(
+    cfg: DictConfig, method: str, amounts: list[float], model: Any, datamodule: Any, record: dict[str, Any]
+) -> tuple[list[tuple[str, nn.Module, str, dict[str, Any]]], list[str]]:
+    """The compressed nets of ``model.net`` as ``(name, net, file, fields)``, and notes on them;
+    what the method used (calibration, quantization API) is added to ``record``.
+
+    Raises:
+        MedexpError: when method=static finds no validation batches to calibrate on.
+    """
+    float_net = model.net
+    notes: list[str] = []
+    if method == "dynamic":
+        variants = [("int8 dynamic", quantize_dynamic(float_net), "model.pt", {})]
+        notes += dynamic_notes(float_net)
+    elif method == "static":
+        calibration = _batches(datamodule.val_dataloader(), model, cfg.calibration_batches)
+        if not calibration:
+            raise MedexpError("method=static calibrates on the validation split, and it is empty")
+        variants = [("int8 static", quantize_static(float_net, calibration, str(cfg.backend)), "model.pt", {})]
+        record["calibration"] = {
+            "split": "val",
+            "batches": len(calibration),
+            "samples": sum(len(x) for x, _ in calibration),
+        }
+    else:
+        variants = [
+            (f"pruned {amount:g}", prune_weights(float_net, amount), f"model_pruned_{amount:g}.pt", {"amount": amount})
+            for amount in amounts
+        ]
+        notes.append(
+            "unstructured sparsity: the zeros are stored and multiplied like any weight, so file size and latency do "
+            "not change; gzip_bytes shows the storage the zeros could save. No fine-tuning followed the pruning"
+        )
+    if method != "prune":
+        record["quantization"] = {"api": QUANTIZATION_API[method], "engine": str(cfg.backend), "dtype": "qint8"}
+        notes.append(
+            f"{QUANTIZATION_API[method]}: deprecated since torch 2.10 in favour of torchao's pt2e flow, still "
+            f"shipped with torch {torch.__version__.split('+')[0]}; the int8 models run on the CPU with the "
+            f"quantized engine {cfg.backend!r} (torch.backends.quantized.engine)"
+        )
+    return variants, notes
+
+
+def measure_variants(
+    model: Any,
+    float_net: nn.Module,
+    variants: list[tuple[str, nn.Module, str, dict[str, Any]]],
+    example: torch.Tensor,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    output: Path,
+    latency: Any,
+) -> list[dict[str, Any]]:
+    """The rows of the float32 net (saved to a scratch file) and of each variant (saved into
+    ``output``), each measured as a saved TorchScript file (see :func:`measure`)."""
+    from medexp.inference.artifacts import save_torchscript
+
+    rows = []
+    reference: torch.Tensor | None = None
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, net, file, fields in [("float32", float_net, None, {}), *variants]:
+            path = output / file if file else Path(scratch) / "float32.pt"
+            run = save_torchscript(model, net, example, path)
+            row, probs = measure(model, net, run, path, batches, latency, reference)
+            reference = probs if reference is None else reference
+            rows.append({"model": name, "file": file, **fields, **row})
+            log.info(
+                "%s: accuracy %.4f, AUROC %.4f, agreement with float32 %.4f, %.3f ms/image, %d bytes of weights",
+                name,
+                row["accuracy"],
+                row["auroc"],
+                row["agreement"],
+                row["latency_ms"],
+                row["state_dict_bytes"],
+            )
+    return rows
 
 
 def check_options(cfg: DictConfig) -> tuple[str, list[float]]:
@@ -201,8 +251,6 @@ def check_options(cfg: DictConfig) -> tuple[str, list[float]]:
         raise MedexpError(f"backend={cfg.backend!r}; this torch build has the quantized engines {engines}")
     from omegaconf import OmegaConf
 
-    from medexp.export import _is_int
-
     for key in ("batch_size", "calibration_batches", "latency.batch_size", "latency.repeats", "latency.threads"):
         value = OmegaConf.select(cfg, key)
         if not _is_int(value) or value < 1:
@@ -214,32 +262,32 @@ def check_options(cfg: DictConfig) -> tuple[str, list[float]]:
     return method, amounts
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _plain(value: Any) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
-def refuse_non_classifier(run_cfg: dict[str, Any]) -> None:
-    """Refuse, before building anything, a checkpoint whose model is not a classifier."""
-    from medexp.tasks.classification import ClassificationTask
-    from medexp.utils.checkpoint import model_class
-
-    target = str(run_cfg.get("model", {}).get("_target_", ""))
-    cls = model_class(run_cfg)
-    if cls is not None and not issubclass(cls, ClassificationTask):
+def refuse_non_classifier(checkpoint: Any) -> None:
+    """Refuse, before building anything, a checkpoint whose model is not a classifier (its task's
+    ``report_kind``: compress measures accuracy and AUROC)."""
+    target, cls = checkpoint.model_target, checkpoint.task_class
+    if cls is not None and getattr(cls, "report_kind", None) != "classification":
         raise MedexpError(
             f"medexp compress measures classifiers (accuracy, AUROC); this checkpoint's model is a "
             f"{target.rsplit('.', 1)[-1]}"
         )
 
 
-def _batches(loader: Any, task: Any, limit: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(loader: Any, task: Any, limit: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(images, labels)`` of the first ``limit`` batches of ``loader`` (None: all), on the CPU."""
-    for index, batch in enumerate(loader):
-        if limit is not None and index >= limit:
-            return
-        yield batch[task.input_key].float().cpu(), batch[task.target_key].cpu()
+    from medexp.inference.loop import batches
+
+    return [(batch[task.input_key].float().cpu(), batch[task.target_key].cpu()) for batch in batches(loader, limit)]
 
 
 @contextmanager
@@ -334,16 +382,6 @@ def weight_counts(net: nn.Module) -> dict[str, Any]:
     return {"weights": total, "nonzero_weights": nonzero, "weight_sparsity": 1 - nonzero / total}
 
 
-def save_torchscript(task: Any, net: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torch.Tensor], Any]:
-    """Save ``net`` with ``task``'s postprocessing as TorchScript at ``path`` (as ``medexp
-    export`` does); return the file loaded back: ``(B, C, *spatial)`` -> probabilities."""
-    from medexp.export import Exported, _export_torchscript, load_runner
-
-    task.net = net  # Exported runs task.postprocess(task.infer(x)), i.e. with this net
-    _export_torchscript(Exported(task).eval(), example, path)
-    return load_runner("torchscript", path)
-
-
 def state_dict_bytes(net: nn.Module) -> bytes:
     """``net``'s weights as ``torch.save`` writes them."""
     buffer = io.BytesIO()
@@ -418,14 +456,29 @@ def measure(
 
 def markdown(record: dict[str, Any]) -> str:
     """``compression.md``: the rows of ``compression.json`` as a table, and its notes."""
-    from medexp.summarize import _markdown_table
+    from medexp.reports.tables import markdown_table
 
-    columns = ["model", "file", "accuracy", "auroc", "agreement", "latency ms/image", "weights KiB", "gzip KiB", "sparsity"]
+    columns = [
+        "model",
+        "file",
+        "accuracy",
+        "auroc",
+        "agreement",
+        "latency ms/image",
+        "weights KiB",
+        "gzip KiB",
+        "sparsity",
+    ]
     rows = [
         {
-            "model": row["model"], "file": row["file"] or "", "accuracy": row["accuracy"], "auroc": row["auroc"],
-            "agreement": row["agreement"], "latency ms/image": row["latency_ms"],
-            "weights KiB": row["state_dict_bytes"] / 1024, "gzip KiB": row["gzip_bytes"] / 1024,
+            "model": row["model"],
+            "file": row["file"] or "",
+            "accuracy": row["accuracy"],
+            "auroc": row["auroc"],
+            "agreement": row["agreement"],
+            "latency ms/image": row["latency_ms"],
+            "weights KiB": row["state_dict_bytes"] / 1024,
+            "gzip KiB": row["gzip_bytes"] / 1024,
             "sparsity": row["weight_sparsity"],
         }
         for row in record["rows"]
@@ -438,7 +491,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"({evaluation['samples']} images); agreement: the fraction of decisions equal to the float32 model's; "
         f"latency: {latency['unit']}, batch {latency['batch_size']}, {latency['threads']} CPU thread(s).",
         "",
-        _markdown_table(columns, rows),
+        markdown_table(columns, rows),
         "",
         *(f"- {note}" for note in record["notes"]),
     ]

@@ -16,7 +16,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.resolvers import register_resolvers
+from medexp.utils.config import CONFIG_PATH
 from medexp.utils.distributed import ddp_workers_join_this_job
 from medexp.utils.errors import MedexpError, user_errors
 
@@ -41,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as L
     from hydra.utils import instantiate
 
-    from medexp.utils.checkpoint import load_checkpoint, rebuild
+    from medexp.checkpoints.checkpoint import Checkpoint
     from medexp.utils.config import instantiate_dict
     from medexp.utils.loggers import start_loggers
     from medexp.utils.run_info import to_floats, write_json
@@ -49,8 +50,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     tidy_library_output()
     ckpt_path = Path(cfg.ckpt_path).expanduser()
-    checkpoint = load_checkpoint(ckpt_path)
-    datamodule, model = rebuild(checkpoint, cfg.data, data_output_dir=cfg.paths.output_dir, allowed_targets=cfg.allowed_targets)
+    checkpoint = Checkpoint(ckpt_path, cfg.allowed_targets)
+    datamodule, model = checkpoint.build(cfg.data, data_output_dir=cfg.paths.output_dir)
     # a logger that cannot start (wandb offline from the network, say) is dropped, not fatal
     loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=cfg.paths.output_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False)
@@ -66,9 +67,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         split = "test" if "test" in cfg.splits else cfg.splits[0]
         write_report(
-            trainer, model, datamodule, Path(cfg.paths.output_dir) / "report", split=split, metrics=results[split],
+            trainer,
+            model,
+            datamodule,
+            Path(cfg.paths.output_dir) / "report",
+            split=split,
+            metrics=results[split],
             remote_images=bool(cfg.get("logger", {}).get("log_images", False)),
-            calibration=checkpoint.get(CALIBRATION_KEY), checkpoint=str(ckpt_path),
+            calibration=checkpoint.contents.get(CALIBRATION_KEY),
+            checkpoint=str(ckpt_path),
         )
 
     recorded_file = ckpt_path.resolve().parent.parent / "metrics.json"

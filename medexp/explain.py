@@ -28,7 +28,7 @@ into ``output``:
 - ``summary.json``: the means of those scores (also logged).
 
 Inputs are image files (``input=``: a file, folder, glob or CSV, see
-:func:`medexp.predict.find_inputs`, prepared by the data module's ``predict_transform``), with
+:func:`medexp.inference.inputs.find_inputs`, prepared by the data module's ``predict_transform``), with
 lesion masks from ``mask=`` (a column of the input CSV or a folder of masks named like the
 images; scored in the image file's own geometry, the map mapped back through the data's
 spatial transforms), or a split of the checkpoint's own data (``split=test``), whose lesion
@@ -54,9 +54,15 @@ import torch
 from omegaconf import DictConfig
 
 from medexp.explainability.maps import (
-    METHODS, SaliencyMaps, check_explainable, explain_batch, mask_scores, overlay_picture,
+    METHODS,
+    SaliencyMaps,
+    check_explainable,
+    explain_batch,
+    mask_scores,
+    overlay_picture,
 )
-from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.resolvers import register_resolvers
+from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import MedexpError, user_errors
 
 log = logging.getLogger("medexp")
@@ -90,15 +96,10 @@ def _label_text(label: torch.Tensor) -> str:
 def split_batches(datamodule: Any, split: str, batch_size: int, limit: int | None) -> Iterator[Batch]:
     """Batches of a split of the checkpoint's data, as its test loader prepares them; masks
     where the data serve ``mask`` of the images' size."""
-    from torch.utils.data import DataLoader, Subset
+    from medexp.inference.loop import split_loader
 
-    datamodule.setup("test")
-    datasets = getattr(datamodule, "datasets", {})
-    if split not in datasets:
-        raise MedexpError(f"split={split}: the checkpoint's data ({type(datamodule).__name__}) has no {split} split")
-    dataset = datasets[split]
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, shuffle=False)
+    loader = split_loader(datamodule, split, batch_size, limit)
+    count = len(loader.dataset)
     digits = len(str(max(count - 1, 1)))
     start = 0
     warned = False
@@ -110,8 +111,12 @@ def split_batches(datamodule: Any, split: str, batch_size: int, limit: int | Non
             if tuple(batch["mask"].shape[2:]) == tuple(images.shape[2:]):
                 masks = list(batch["mask"])
             elif not warned:
-                log.warning("the %s masks (%s) do not match the images (%s); no mask scores", split,
-                            tuple(batch["mask"].shape[2:]), tuple(images.shape[2:]))
+                log.warning(
+                    "the %s masks (%s) do not match the images (%s); no mask scores",
+                    split,
+                    tuple(batch["mask"].shape[2:]),
+                    tuple(images.shape[2:]),
+                )
                 warned = True
         labels = [_label_text(label) for label in batch["label"]] if "label" in batch else None
         yield Batch(
@@ -125,56 +130,16 @@ def split_batches(datamodule: Any, split: str, batch_size: int, limit: int | Non
         start += n
 
 
-def mask_files(inputs: list[Path], spec: str, input_spec: str) -> list[Path | None]:
-    """The mask file of each input named by ``mask=spec``: a column of the input CSV (empty cells:
-    none; relative paths resolve against the CSV's folder), or a folder holding files named like
-    the images (the same file name, or the same stem with any image extension).
-
-    Raises:
-        MedexpError: when ``spec`` is neither, or listed masks do not exist.
-    """
-    from medexp.data.files import _resolve, _stem
-    from medexp.predict import _is_image
-
-    source = Path(input_spec).expanduser()
-    if source.is_file() and source.suffix.lower() == ".csv":
-        with source.open(newline="", encoding="utf-8-sig") as file:
-            reader = csv.DictReader(file)
-            columns = [name.strip() for name in reader.fieldnames or []]
-            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-        if spec in columns:
-            base = source.absolute().parent
-            found = [_resolve(base, row[spec]) if row[spec] else None for row in rows]
-            missing = [str(path) for path in found if path is not None and not path.is_file()]
-            if missing:
-                raise MedexpError(f"mask={spec!r}: {len(missing)} listed mask(s) do not exist, e.g. {missing[:3]}")
-            return found
-    folder = Path(spec).expanduser()
-    if not folder.is_dir():
-        raise MedexpError(
-            f"mask={spec!r}: neither a folder of masks nor a column of the input CSV"
-            + ("" if source.suffix.lower() == ".csv" else " (input is not a CSV file)")
-        )
-    by_stem: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and _is_image(path):
-            by_stem.setdefault(_stem(path), []).append(path)
-    found: list[Path | None] = []
-    for image in inputs:
-        candidates = by_stem.get(_stem(image), [])
-        exact = [path for path in candidates if path.name == image.name]
-        found.append((exact or candidates or [None])[0])
-    return found
-
-
 def file_batches(
     datamodule: Any, inputs: list[Path], masks: list[Path | None], batch_size: int, limit: int | None
 ) -> Iterator[Batch]:
     """Batches of image files prepared by ``predict_transform``; masks read as the images are
     (channel first, any channel above 0 is lesion) and scored in the file's geometry: the map
     goes back through the spatial transforms (``monai.transforms.Invertd``)."""
-    from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
+    from monai.data import MetaTensor, decollate_batch
     from monai.transforms import Invertd, LoadImage
+
+    from medexp.inference.loop import file_loader
 
     if limit is not None:
         inputs, masks = inputs[:limit], masks[:limit]
@@ -185,7 +150,7 @@ def file_batches(
         read = LoadImage(image_only=True, ensure_channel_first=True)
     root = Path(os.path.commonpath([path.absolute().parent for path in inputs]))
     names = [str((path.absolute().parent / path.name).relative_to(root)) for path in inputs]
-    loader = DataLoader(Dataset([{"image": str(path)} for path in inputs], transform), batch_size=batch_size)
+    loader = file_loader([{"image": str(path)} for path in inputs], transform, batch_size)
     start = 0
     try:
         for batch in loader:
@@ -223,8 +188,14 @@ def file_batches(
 # --- the command ------------------------------------------------------------------------------
 
 SCORES = (
-    "pointing_mass", "mask_fraction", "pointing_lift", "pointing_hit",
-    "deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random",
+    "pointing_mass",
+    "mask_fraction",
+    "pointing_lift",
+    "pointing_hit",
+    "deletion_auc",
+    "insertion_auc",
+    "deletion_auc_random",
+    "insertion_auc_random",
 )
 POINTING = ("pointing_mass", "mask_fraction", "pointing_lift", "pointing_hit")
 
@@ -271,11 +242,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Means of the scores of ``rows`` (NaNs left out); the pointing scores over the images whose
     pointing mass is defined (a lesion in the mask and a map with mass), so ``mask_fraction``
     is the uniform map's pointing mass on the same images."""
+
     def mean(name: str, subset: Sequence[dict[str, Any]]) -> float | None:
         values = [row[name] for row in subset if isinstance(row.get(name), float) and not math.isnan(row[name])]
         return float(np.mean(values)) if values else None
 
-    scored = [row for row in rows if isinstance(row.get("pointing_mass"), float) and not math.isnan(row["pointing_mass"])]
+    scored = [
+        row for row in rows if isinstance(row.get("pointing_mass"), float) and not math.isnan(row["pointing_mass"])
+    ]
     means = {name: mean(name, scored if name in POINTING else rows) for name in SCORES}
     means["probability"] = mean("probability", rows)
     mass, fraction = means["pointing_mass"], means["mask_fraction"]
@@ -299,19 +273,15 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     _check_options(cfg)
 
-    from medexp.predict import find_inputs
-    from medexp.utils.checkpoint import load_checkpoint, rebuild
-    from medexp.utils.images import save_png
+    from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
+    from medexp.inference.inputs import find_inputs, mask_files
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
-    checkpoint = load_checkpoint(cfg.ckpt_path)
+    checkpoint = Checkpoint(cfg.ckpt_path, cfg.allowed_targets)
     inputs = find_inputs(str(cfg.input)) if cfg.input is not None else []
     masks = mask_files(inputs, str(cfg.mask), str(cfg.input)) if cfg.mask is not None else [None] * len(inputs)
-    datamodule, model = rebuild(
-        checkpoint, cfg.data, data_output_dir=None, model_overrides={"class_weights": None},
-        allowed_targets=cfg.allowed_targets,
-    )
+    datamodule, model = checkpoint.build(cfg.data, model_overrides=INFERENCE)
     check_explainable(model)
     num_classes = int(model.num_classes)
     if cfg.class_index is not None and not 0 <= cfg.class_index < num_classes:
@@ -323,63 +293,25 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     device = _device(str(cfg.device))
     model = model.to(device).eval()
     output = Path(cfg.output).expanduser()
-    generator = torch.Generator().manual_seed(int(cfg.seed))
     batches = (
         split_batches(datamodule, cfg.split, cfg.batch_size, cfg.limit)
         if cfg.split is not None
         else file_batches(datamodule, inputs, masks, cfg.batch_size, cfg.limit)
     )
-    occlusion = cfg.get("occlusion") or {}
-    rows: list[dict[str, Any]] = []
-    has_labels = False
-    with SaliencyMaps(
-        model, cfg.method, cfg.layer, patch=occlusion.get("patch"), occlusion_mode=occlusion.get("mode", "gaussian"),
-        overlap=occlusion.get("overlap", 0.6), occlusion_batch=occlusion.get("batch_size", 32),
-    ) as maps:
-        for batch in batches:
-            images = batch.images.to(device)
-            if not rows:
-                maps.prepare(images)
-                default = cfg.layer is None and cfg.method != "occlusion"
-                note = " (the net's last feature map; layer=<module name of model.net> picks another)" if default else ""
-                log.info("explaining with %s%s", maps.describe(), note)
-            out = explain_batch(maps, images, cfg.class_index, cfg.steps, cfg.baseline, cfg.random_reference, generator)
-            probabilities = out["probabilities"].cpu()
-            for k, name in enumerate(batch.names):
-                predicted, explained = int(out["predicted"][k]), int(out["explained"][k])
-                row: dict[str, Any] = {"image": name}
-                if batch.labels is not None:
-                    row["label"] = batch.labels[k]
-                    has_labels = True
-                row.update(
-                    predicted_class=predicted,
-                    probability=float(probabilities[k, predicted]),
-                    explained_class=explained,
-                    explained_probability=float(probabilities[k, explained]),
-                )
-                saliency = out["saliency"][k].cpu()
-                mask = batch.masks[k] if batch.masks else None
-                if mask is not None:
-                    mapped = batch.to_mask_space(k, saliency)
-                    if tuple(mapped.shape[1:]) != tuple(mask.shape[1:]):
-                        raise MedexpError(
-                            f"the mask of {name} has shape {tuple(mask.shape[1:])}; its image {tuple(mapped.shape[1:])}"
-                        )
-                    row.update(mask_scores(mapped, mask))
-                for score in ("deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random"):
-                    if score in out:
-                        row[score] = float(out[score][k])
-                if cfg.overlays:
-                    outline = batch.outlines[k] if batch.outlines else None
-                    picture = overlay_picture(batch.images[k], saliency, outline)
-                    path = save_png(picture, output / "overlays" / f"{_overlay_name(name)}.png")
-                    row["overlay"] = str(path.relative_to(output))
-                rows.append(row)
+    rows, layer = _explain_batches(cfg, model, batches, device, output)
+    has_labels = any("label" in row for row in rows)
     if not rows:
         raise MedexpError("nothing to explain: no images")
-    header = ["image", *(["label"] if has_labels else []), "predicted_class", "probability", "explained_class",
-              "explained_probability", *(s for s in SCORES if any(s in row for row in rows)),
-              *(["overlay"] if cfg.overlays else [])]
+    header = [
+        "image",
+        *(["label"] if has_labels else []),
+        "predicted_class",
+        "probability",
+        "explained_class",
+        "explained_probability",
+        *(s for s in SCORES if any(s in row for row in rows)),
+        *(["overlay"] if cfg.overlays else []),
+    ]
     output.mkdir(parents=True, exist_ok=True)
     table = output / "saliency.csv"
     with table.open("w", newline="") as file:
@@ -389,7 +321,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "checkpoint": str(cfg.ckpt_path),
         "method": cfg.method,
-        "layer": maps.layer if cfg.method != "occlusion" else None,
+        "layer": layer if cfg.method != "occlusion" else None,
         "class_index": cfg.class_index,
         "source": f"split={cfg.split}" if cfg.split is not None else f"input={cfg.input}",
         "steps": cfg.steps,
@@ -403,8 +335,76 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _explain_batches(
+    cfg: DictConfig, model: Any, batches: Iterator[Batch], device: torch.device, output: Path
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The rows of ``saliency.csv`` (one per image of ``batches``), the overlays written into
+    ``output``; and the layer the maps were taken at."""
+    occlusion = cfg.get("occlusion") or {}
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    rows: list[dict[str, Any]] = []
+    with SaliencyMaps(
+        model,
+        cfg.method,
+        cfg.layer,
+        patch=occlusion.get("patch"),
+        occlusion_mode=occlusion.get("mode", "gaussian"),
+        overlap=occlusion.get("overlap", 0.6),
+        occlusion_batch=occlusion.get("batch_size", 32),
+    ) as maps:
+        for batch in batches:
+            images = batch.images.to(device)
+            if not rows:
+                maps.prepare(images)
+                default = cfg.layer is None and cfg.method != "occlusion"
+                note = (
+                    " (the net's last feature map; layer=<module name of model.net> picks another)" if default else ""
+                )
+                log.info("explaining with %s%s", maps.describe(), note)
+            out = explain_batch(maps, images, cfg.class_index, cfg.steps, cfg.baseline, cfg.random_reference, generator)
+            rows += [_row(cfg, batch, k, out, output) for k in range(len(batch.names))]
+    return rows, maps.layer
+
+
+def _row(cfg: DictConfig, batch: Batch, k: int, out: dict[str, Any], output: Path) -> dict[str, Any]:
+    """The row of image ``k`` of ``batch`` given the maps and scores ``out`` of the batch; its
+    overlay written (``cfg.overlays``)."""
+    from medexp.utils.images import save_png
+
+    name = batch.names[k]
+    probabilities = out["probabilities"].cpu()
+    predicted, explained = int(out["predicted"][k]), int(out["explained"][k])
+    row: dict[str, Any] = {"image": name}
+    if batch.labels is not None:
+        row["label"] = batch.labels[k]
+    row.update(
+        predicted_class=predicted,
+        probability=float(probabilities[k, predicted]),
+        explained_class=explained,
+        explained_probability=float(probabilities[k, explained]),
+    )
+    saliency = out["saliency"][k].cpu()
+    mask = batch.masks[k] if batch.masks else None
+    if mask is not None:
+        mapped = batch.to_mask_space(k, saliency)
+        if tuple(mapped.shape[1:]) != tuple(mask.shape[1:]):
+            raise MedexpError(
+                f"the mask of {name} has shape {tuple(mask.shape[1:])}; its image {tuple(mapped.shape[1:])}"
+            )
+        row.update(mask_scores(mapped, mask))
+    for score in ("deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random"):
+        if score in out:
+            row[score] = float(out[score][k])
+    if cfg.overlays:
+        outline = batch.outlines[k] if batch.outlines else None
+        picture = overlay_picture(batch.images[k], saliency, outline)
+        path = save_png(picture, output / "overlays" / f"{_overlay_name(name)}.png")
+        row["overlay"] = str(path.relative_to(output))
+    return row
+
+
 def _overlay_name(name: str) -> str:
-    from medexp.data.files import _stem
+    from medexp.data.paths import file_stem as _stem
 
     path = Path(name)
     return str(path.parent / _stem(path)) if path.suffix else name
@@ -416,19 +416,28 @@ def _log_summary(summary: dict[str, Any]) -> None:
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    log.info("%d image(s) explained, mean probability of the predicted class %s", summary["images"], fmt(means["probability"]))
+    log.info(
+        "%d image(s) explained, mean probability of the predicted class %s",
+        summary["images"],
+        fmt(means["probability"]),
+    )
     if summary["images_scored_with_mask"]:
         log.info(
             "pointing mass %s inside the lesion masks vs %s for a uniform map (%.2fx) over %d image(s) with a lesion; "
             "pointing game %s",
-            fmt(means["pointing_mass"]), fmt(means["mask_fraction"]), summary["pointing_mass_over_uniform"] or float("nan"),
-            summary["images_scored_with_mask"], fmt(means["pointing_hit"]),
+            fmt(means["pointing_mass"]),
+            fmt(means["mask_fraction"]),
+            summary["pointing_mass_over_uniform"] or float("nan"),
+            summary["images_scored_with_mask"],
+            fmt(means["pointing_hit"]),
         )
     if means["deletion_auc"] is not None:
         log.info(
             "deletion AUC %s (random order %s, lower is better); insertion AUC %s (random order %s, higher is better)",
-            fmt(means["deletion_auc"]), fmt(means["deletion_auc_random"]),
-            fmt(means["insertion_auc"]), fmt(means["insertion_auc_random"]),
+            fmt(means["deletion_auc"]),
+            fmt(means["deletion_auc_random"]),
+            fmt(means["insertion_auc"]),
+            fmt(means["insertion_auc_random"]),
         )
 
 

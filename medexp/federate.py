@@ -23,7 +23,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.resolvers import register_resolvers
+from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import user_errors
 
 log = logging.getLogger("medexp")
@@ -48,9 +49,9 @@ def federate(cfg: DictConfig) -> dict[str, Any]:
     import lightning.pytorch as L
     from hydra.utils import instantiate
 
+    from medexp.checkpoints.checkpoint import StoreConfig
     from medexp.federated.simulation import quiet_trainers, simulate
     from medexp.federated.sites import label_counts, plan_sites
-    from medexp.utils.checkpoint import StoreConfig
     from medexp.utils.config import build
     from medexp.utils.preflight import check_run_dirs
     from medexp.utils.run_info import run_info, write_json
@@ -71,8 +72,12 @@ def federate(cfg: DictConfig) -> dict[str, Any]:
     plan = plan_sites(datamodule, settings.sites, settings.split, settings.alpha, settings.seed)
     labels = label_counts(datamodule, plan)
     log.info(
-        "%d sites (%s split), training samples (per class): %s", len(plan.names), settings.split,
-        "; ".join(f"{name} {count} {labels[name].get('train', '')}" for name, count in zip(plan.names, plan.counts("train"))),
+        "%d sites (%s split), training samples (per class): %s",
+        len(plan.names),
+        settings.split,
+        "; ".join(
+            f"{name} {count} {labels[name].get('train', '')}" for name, count in zip(plan.names, plan.counts("train"))
+        ),
     )
 
     info = run_info(seed)
@@ -85,15 +90,30 @@ def federate(cfg: DictConfig) -> dict[str, Any]:
     def local_trainer(callbacks: list[L.Callback]) -> L.Trainer:
         # a site's update: training only, no checkpoints, logs or validation
         return instantiate(
-            cfg.trainer, **quiet, callbacks=callbacks, enable_checkpointing=False,
-            max_epochs=settings.local_epochs, limit_val_batches=0, num_sanity_val_steps=0,
+            cfg.trainer,
+            **quiet,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            max_epochs=settings.local_epochs,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
         )
 
     # StoreConfig: the global checkpoint carries the run config, as medexp train's do
-    eval_trainer: L.Trainer = instantiate(cfg.trainer, **quiet, callbacks=[StoreConfig(resolved)], enable_checkpointing=False)
+    eval_trainer: L.Trainer = instantiate(
+        cfg.trainer, **quiet, callbacks=[StoreConfig(resolved)], enable_checkpointing=False
+    )
     results = simulate(
-        model, datamodule, plan, rounds=settings.rounds, algorithm=settings.algorithm, mu=settings.mu,
-        seed=seed, local_trainer=local_trainer, eval_trainer=eval_trainer, history=out / "federated.csv",
+        model,
+        datamodule,
+        plan,
+        rounds=settings.rounds,
+        algorithm=settings.algorithm,
+        mu=settings.mu,
+        seed=seed,
+        local_trainer=local_trainer,
+        eval_trainer=eval_trainer,
+        history=out / "federated.csv",
     )
     checkpoint = out / "checkpoints" / "global.ckpt"
     with quiet_trainers():  # Lightning notes that the full state (not weights only) is saved

@@ -59,15 +59,15 @@ def recorded_config(source: Path, allowed_targets: Sequence[str] = ()) -> tuple[
         _refuse_resolvers(config, where)
         seed = read_json(run_dir / "run_info.json").get("seed")
     elif source.is_file():
-        from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
+        from medexp.checkpoints.checkpoint import Checkpoint
 
-        config = load_checkpoint(source)[CONFIG_KEY]
+        config = Checkpoint(source).config
         refuse_interpolations(config, where)
         config = _unpin_paths(config, str(config["paths"]["output_dir"]))
         seed = config.get("seed")
     else:
         raise MedexpError(f"{source}: neither a run directory (with .hydra/) nor a checkpoint file")
-    from medexp.utils.checkpoint import check_targets
+    from medexp.checkpoints.allowlist import check_targets
 
     for key in ("hydra", "defaults"):  # Hydra's own settings and composition stay medexp's
         if key in config:
@@ -87,8 +87,18 @@ def recorded_config(source: Path, allowed_targets: Sequence[str] = ()) -> tuple[
 # Hydra's run settings; `oc.env` would copy secrets (an encryption key) into the run, and
 # `oc.decode`/`oc.create` build nodes, a `_target_` among them, after the checks
 RECORDED_RESOLVERS = (
-    "hydra", "now", "oc.select", "medmnist", "epoch_fraction", "monitor_mode", "gpus_per_node", "span", "plus_if", "floordiv",
-    "slice_axis", "repeat",
+    "hydra",
+    "now",
+    "oc.select",
+    "medmnist",
+    "epoch_fraction",
+    "monitor_mode",
+    "gpus_per_node",
+    "span",
+    "plus_if",
+    "floordiv",
+    "slice_axis",
+    "repeat",
 )
 
 
@@ -110,8 +120,10 @@ def _refuse_resolvers(config: Any, where: str) -> None:
     for key, value in strings(config, ""):
         for name in re.findall(r"\$\{\s*([\w.]+)\s*:", value):
             if name not in RECORDED_RESOLVERS:
-                raise MedexpError(f"refusing to build {where}: {key}={value!r} calls the resolver {name!r}; recorded "
-                                  f"configs may use only {list(RECORDED_RESOLVERS)}")
+                raise MedexpError(
+                    f"refusing to build {where}: {key}={value!r} calls the resolver {name!r}; recorded "
+                    f"configs may use only {list(RECORDED_RESOLVERS)}"
+                )
         if "${" in value and re.search(r"[{\[]", value.replace("${", "")):
             raise MedexpError(f"refusing to build {where}: {key}={value!r} passes a mapping or list to a resolver")
 
@@ -129,9 +141,8 @@ def _unpin_paths(value: Any, old_output_dir: str) -> Any:
 
 def environment_warnings(recorded: dict[str, Any]) -> list[str]:
     """How this machine's code and packages differ from those recorded in ``run_info.json``."""
-    from medexp.utils.run_info import git_state, package_versions
-
     import medexp
+    from medexp.utils.run_info import git_state, package_versions
 
     warnings = []
     then = (recorded.get("git") or {}).get("medexp")
@@ -185,7 +196,9 @@ def reproduce(
 
     with tempfile.TemporaryDirectory() as config_dir:
         # the recorded config becomes the primary config; medexp's hydra/ settings still apply
-        OmegaConf.save(OmegaConf.create({"defaults": [{"hydra": "default"}, "_self_"], **config}), Path(config_dir) / "run.yaml")
+        OmegaConf.save(
+            OmegaConf.create({"defaults": [{"hydra": "default"}, "_self_"], **config}), Path(config_dir) / "run.yaml"
+        )
         command = [
             sys.executable, "-m", "medexp.train", "--config-dir", config_dir, "--config-name", "run",
             f"hydra.run.dir={output}", *overrides,
@@ -202,7 +215,11 @@ def reproduce(
     reproduced = read_json(output / "metrics.json")
     then, now = info.get("data_fingerprint"), new_info.get("data_fingerprint")
     if then and now and then != now:
-        log.warning("reproduce: the data differ from the recorded run's (fingerprint %s..., recorded %s...)", now[:12], then[:12])
+        log.warning(
+            "reproduce: the data differ from the recorded run's (fingerprint %s..., recorded %s...)",
+            now[:12],
+            then[:12],
+        )
     rows = compare(recorded, reproduced) if recorded else []
     differences = {name: _difference(a, b) for name, a, b in rows}
     result = {
@@ -239,10 +256,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", type=Path, help="a run directory, or a checkpoint (.ckpt)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the new run, e.g. trainer.accelerator=cpu")
     parser.add_argument("--output", type=Path, help="the new run directory (default: logs/reproduce/runs/<time>)")
-    parser.add_argument("--tolerance", type=float, default=0.0, help="largest metric difference that counts as reproduced")
-    parser.add_argument("--allow-target", action="append", default=[], metavar="NAME",
-                        help="trust the `_target_` NAME (an exact dotted name) in the recorded config besides what medexp builds")
-    parser.add_argument("--strict", action="store_true", help="exit with status 3 unless every metric is within --tolerance")
+    parser.add_argument(
+        "--tolerance", type=float, default=0.0, help="largest metric difference that counts as reproduced"
+    )
+    parser.add_argument(
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="trust the `_target_` NAME (an exact dotted name) in the recorded config besides what medexp builds",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 3 unless every metric is within --tolerance"
+    )
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     with user_errors():

@@ -17,7 +17,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.resolvers import register_resolvers
+from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import MedexpError, user_errors
 
 log = logging.getLogger("medexp")
@@ -44,15 +45,15 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from medexp.tasks.adversarial import GENERATE_ONLY, load_generator
-    from medexp.utils.checkpoint import load_checkpoint, rebuild
+    from medexp.checkpoints.checkpoint import Checkpoint
+    from medexp.tasks.adversarial import GENERATE_ONLY
     from medexp.utils.images import grid, save_png
     from medexp.utils.run_info import write_json
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
-    checkpoint = load_checkpoint(cfg.ckpt_path)
-    gan = load_generator(checkpoint, f"ckpt_path={cfg.ckpt_path!r}", cfg.allowed_targets)
+    checkpoint = Checkpoint(cfg.ckpt_path, cfg.allowed_targets)
+    gan = checkpoint.build_generator()
     labels = None
     if cfg.label is not None:
         if not gan.conditional:
@@ -78,8 +79,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         from medexp.metrics.domain import DomainFeatures, quality_metrics
 
         features = DomainFeatures.from_checkpoint(cfg.features_ckpt, gan.low, gan.high)
-        datamodule, _ = rebuild(checkpoint, cfg.data, data_output_dir=None, model_overrides=GENERATE_ONLY,
-                                allowed_targets=cfg.allowed_targets)
+        datamodule, _ = checkpoint.build(cfg.data, model_overrides=GENERATE_ONLY)
         datamodule.setup("test")
         loader = torch.utils.data.DataLoader(datamodule.datasets[cfg.reference_split], batch_size=256)
         real_count = len(datamodule.datasets[cfg.reference_split])
@@ -108,8 +108,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         }
         written["quality"] = output / "quality.json"
         write_json(written["quality"], quality)
-        log.info("domain FID %.3f, KID %.4f ± %.4f against the %s split", quality["domain_fid"], kid_mean, kid_std,
-                 cfg.reference_split)
+        log.info(
+            "domain FID %.3f, KID %.4f ± %.4f against the %s split",
+            quality["domain_fid"],
+            kid_mean,
+            kid_std,
+            cfg.reference_split,
+        )
         written.update(quality)
     return written
 

@@ -33,9 +33,10 @@ from typing import Any
 
 import yaml
 
-from medexp.train import lookup_metric
+from medexp.reports.tables import markdown_table
 from medexp.utils.config import metric_mode
 from medexp.utils.errors import MedexpError, user_errors
+from medexp.utils.run_info import lookup_metric
 
 COMPLETE = "complete"
 FAILED = "failed/unfinished"
@@ -219,7 +220,7 @@ def summarize(root: Path, metric: str | None = None, output: Path | None = None)
     table = [row.values for row in rows]
     files = {
         "summary.csv": _write_csv(output / "summary.csv", columns, table),
-        "summary.md": _write_markdown(output / "summary.md", [*header, "", _markdown_table(columns, table)]),
+        "summary.md": _write_markdown(output / "summary.md", [*header, "", markdown_table(columns, table)]),
         "summary.png": plot(rows, swept, objective, mode, output / "summary.png"),
     }
     if FOLD_KEY in swept:
@@ -233,7 +234,7 @@ def summarize(root: Path, metric: str | None = None, output: Path | None = None)
             "(ddof=1) and a percentile-bootstrap 95% confidence interval of the mean (10,000 resamples; too "
             f"narrow with few folds). Settings ordered by mean `{objective}`, best first.",
             "",
-            _markdown_table([*keys, "metric", "n", "mean ± std", "95% CI"], shown) if shown else "(no complete run)",
+            markdown_table([*keys, "metric", "n", "mean ± std", "95% CI"], shown) if shown else "(no complete run)",
         ]
         files["cv_summary.csv"] = _write_csv(output / "cv_summary.csv", [*keys, *POOLED], pooled)
         files["cv_summary.md"] = _write_markdown(output / "cv_summary.md", text)
@@ -318,19 +319,6 @@ def _write_markdown(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def _markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    def cell(value: Any) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def axis(values: Sequence[str | None]) -> tuple[str, list[float], list[str]]:
     """How to plot a parameter's values (as written in the overrides; None: not set).
 
@@ -382,7 +370,7 @@ def plot(rows: list[Row], swept: list[str], objective: str, mode: str, path: Pat
         ax.set_xlabel(parameter)
         ax.set_ylabel(objective)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(parameters):]:
+    for ax in list(axes.flat)[len(parameters) :]:
         ax.set_visible(False)
     fig.suptitle(f"{objective} ({'lower' if mode == 'min' else 'higher'} is better), {len(scored)} of {len(rows)} runs")
     fig.tight_layout()

@@ -24,9 +24,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hydra_plugins.medexp import register_plugins
-from medexp.utils.config import CONFIG_PATH, register_resolvers
+from medexp.resolvers import register_resolvers
+from medexp.utils.config import CONFIG_PATH
 from medexp.utils.distributed import ddp_workers_join_this_job
 from medexp.utils.errors import user_errors
+from medexp.utils.run_info import lookup_metric
 from medexp.utils.rundir import CsvHistory, read_json, resume_arguments
 
 log = logging.getLogger("medexp")
@@ -42,18 +44,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pruner stopped the run), ``seed``, ``fit``, ``monitor``, ``best_score``,
         ``best_checkpoint``, ``calibration`` (with ``model.calibrate=true``), ``val`` and ``test``.
     """
-    from medexp.utils.config import check_config
-
     from medexp.privacy import check_config as check_privacy
+    from medexp.utils.config import check_config
     from medexp.utils.validation import check_monitors, validate_config
 
     # every config problem at once, before anything is built (the seed may still be null)
     config = check_config(cfg)
     validate_config(config, extra=check_privacy(config))
     if config.get("ckpt_path"):  # a missing, foreign or unsafe file: one line now, not after building
-        from medexp.utils.checkpoint import check_checkpoint_for
+        from medexp.checkpoints.checkpoint import Checkpoint
 
-        check_checkpoint_for(config)
+        Checkpoint(config["ckpt_path"]).check_builds_like(config)
 
     import lightning.pytorch as L
     from hydra.utils import instantiate
@@ -61,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from medexp.callbacks.faults import RunStopped
     from medexp.callbacks.moved_checkpoints import RestoreMovedCheckpoints
     from medexp.callbacks.seed import SeedEachEpoch
-    from medexp.utils.checkpoint import StoreConfig
+    from medexp.checkpoints.checkpoint import StoreConfig
     from medexp.utils.config import build, instantiate_dict
     from medexp.utils.loggers import start_loggers
     from medexp.utils.preflight import check_run_dirs
@@ -93,8 +94,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     privacy = [build(cfg.privacy)] if cfg.get("privacy") else []
     for dp in privacy:
         dp.prepare(model)
-    callbacks = [*privacy, *instantiate_dict(cfg.get("callbacks")), StoreConfig(resolved), SeedEachEpoch(seed),
-                 RestoreMovedCheckpoints()]  # a resumed run whose directory moved keeps its best checkpoint
+    callbacks = [
+        *privacy,
+        *instantiate_dict(cfg.get("callbacks")),
+        StoreConfig(resolved),
+        SeedEachEpoch(seed),
+        RestoreMovedCheckpoints(),
+    ]  # a resumed run whose directory moved keeps its best checkpoint
     loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=out)  # drops those that fail
     if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.callbacks.LearningRateMonitor)]
@@ -190,16 +196,24 @@ def _check_recorded(resolved: dict[str, Any]) -> None:
         check_targets(resolved, json.loads(trusted), where="the recorded config (resolved)")
 
 
-def _write_report(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any, metrics: dict[str, Any], ckpt: str | None) -> None:
+def _write_report(
+    cfg: DictConfig, trainer: Any, model: Any, datamodule: Any, metrics: dict[str, Any], ckpt: str | None
+) -> None:
     """``<run>/report/``: the evaluation report of the tested checkpoint on the test split (see
     :mod:`medexp.reports.evaluation`). A failure is logged, never fatal: the run's metrics stand."""
     from medexp.reports import write_report
 
     try:
         write_report(
-            trainer, model, datamodule, Path(cfg.paths.output_dir) / "report", split="test",
-            metrics=metrics["test"], remote_images=bool(cfg.get("logger", {}).get("log_images", False)),
-            calibration=metrics.get("calibration"), checkpoint=str(ckpt) if ckpt else None,
+            trainer,
+            model,
+            datamodule,
+            Path(cfg.paths.output_dir) / "report",
+            split="test",
+            metrics=metrics["test"],
+            remote_images=bool(cfg.get("logger", {}).get("log_images", False)),
+            calibration=metrics.get("calibration"),
+            checkpoint=str(ckpt) if ckpt else None,
         )
     except Exception:  # the report is an addition to the run, not part of its result
         log.warning("the evaluation report could not be written", exc_info=True)
@@ -254,14 +268,6 @@ def _finish_wandb() -> None:
     # a wandb run left open, e.g. after an exception, would swallow the next job of a multirun
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()
-
-
-def lookup_metric(metrics: dict[str, Any], name: str | None) -> float | None:
-    """The value of ``name`` (e.g. ``val/auroc_best``) in any section of ``metrics``."""
-    for section in ("fit", "val", "test"):
-        if name in metrics.get(section, {}):
-            return metrics[section][name]
-    return None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

@@ -37,22 +37,37 @@ def train(args: argparse.Namespace, name: str, overrides: list[str]) -> dict[str
     run_dir = Path(args.log_dir) / name
     wall = 0.0
     if not (run_dir / "metrics.json").exists():
-        wall = run(medexp("train", *args.data, *overrides, f"hydra.run.dir={run_dir.resolve()}", f"seed={args.seed}",
-                          "report=false", *QUIET), threads=args.threads)
+        wall = run(
+            medexp(
+                "train",
+                *args.data,
+                *overrides,
+                f"hydra.run.dir={run_dir.resolve()}",
+                f"seed={args.seed}",
+                "report=false",
+                *QUIET,
+            ),
+            threads=args.threads,
+        )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ckpt = Path(metrics["best_checkpoint"])
     return {
-        "stage": "train", "run": name, "checkpoint": str(ckpt), "wall_s": wall, "parameters": parameters(ckpt),
-        "test_accuracy": metrics["test"]["test/accuracy"], "test_auroc": metrics["test"]["test/auroc"],
+        "stage": "train",
+        "run": name,
+        "checkpoint": str(ckpt),
+        "wall_s": wall,
+        "parameters": parameters(ckpt),
+        "test_accuracy": metrics["test"]["test/accuracy"],
+        "test_auroc": metrics["test"]["test/auroc"],
     }
 
 
 def parameters(ckpt: Path) -> int:
     """The trainable parameters of the net in a medexp checkpoint."""
-    from medexp.utils.checkpoint import load_checkpoint, rebuild_model
+    from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
 
     # a student rebuilt for counting: its teacher is loaded only when training starts
-    return sum(p.numel() for p in rebuild_model(load_checkpoint(ckpt), {"class_weights": None}).net.parameters())
+    return sum(p.numel() for p in Checkpoint(ckpt).build_model(INFERENCE).net.parameters())
 
 
 def compress(args: argparse.Namespace, source: dict[str, Any], method: str) -> list[dict[str, Any]]:
@@ -60,15 +75,38 @@ def compress(args: argparse.Namespace, source: dict[str, Any], method: str) -> l
     out = Path(args.log_dir) / f"compress_{source['run']}_{method}"
     if not (out / "compression.json").exists():
         amounts = [f"amount=[{','.join(str(a) for a in args.amounts)}]"] if method == "prune" else []
-        run(medexp("compress", f"ckpt_path={source['checkpoint']}", f"method={method}", *amounts, f"output={out.resolve()}",
-                   f"hydra.run.dir={(out / 'run').resolve()}", f"latency.repeats={args.repeats}",
-                   f"latency.threads={args.threads}"), threads=args.threads)
+        run(
+            medexp(
+                "compress",
+                f"ckpt_path={source['checkpoint']}",
+                f"method={method}",
+                *amounts,
+                f"output={out.resolve()}",
+                f"hydra.run.dir={(out / 'run').resolve()}",
+                f"latency.repeats={args.repeats}",
+                f"latency.threads={args.threads}",
+            ),
+            threads=args.threads,
+        )
     report = json.loads((out / "compression.json").read_text())
     return [
         {
-            "stage": "compress", "source": source["run"], "method": method, "model": row["model"],
-            **{key: row[key] for key in ("accuracy", "auroc", "agreement", "latency_ms", "state_dict_bytes",
-                                         "gzip_bytes", "weight_sparsity")},
+            "stage": "compress",
+            "source": source["run"],
+            "method": method,
+            "model": row["model"],
+            **{
+                key: row[key]
+                for key in (
+                    "accuracy",
+                    "auroc",
+                    "agreement",
+                    "latency_ms",
+                    "state_dict_bytes",
+                    "gzip_bytes",
+                    "weight_sparsity",
+                )
+            },
             "notes": report["notes"],
         }
         for row in report["rows"]
@@ -79,8 +117,11 @@ def tables(trained: list[dict[str, Any]], compressed: list[dict[str, Any]]) -> s
     lines = [
         "| model | parameters | test AUROC | test ACC | train wall time |",
         "|---|---|---|---|---|",
-        *(f"| {r['run']} | {r['parameters']:,} | {r['test_auroc']:.3f} | {r['test_accuracy']:.3f} | "
-          f"{r['wall_s'] / 60:.1f} min |" for r in trained),
+        *(
+            f"| {r['run']} | {r['parameters']:,} | {r['test_auroc']:.3f} | {r['test_accuracy']:.3f} | "
+            f"{r['wall_s'] / 60:.1f} min |"
+            for r in trained
+        ),
         "",
         "| source | method | model | test AUROC | test ACC | agreement with float32 | CPU ms/image | weights KiB | gzip KiB | sparsity |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -120,18 +161,33 @@ def main() -> None:
 
     teacher = train(args, "teacher_resnet18", ["model=resnet18", f"trainer.max_epochs={args.teacher_epochs}"])
     alone = train(args, "student_alone", ["model=cnn", *STUDENT_NET, f"trainer.max_epochs={args.student_epochs}"])
-    distilled = train(args, "student_distilled", [
-        "model=distill", f"model.teacher_ckpt={teacher['checkpoint']}", f"model.alpha={args.alpha}",
-        f"model.kd_temperature={args.temperature}", f"model.feature_weight={args.feature_weight}",
-        f"trainer.max_epochs={args.student_epochs}",
-    ])
+    distilled = train(
+        args,
+        "student_distilled",
+        [
+            "model=distill",
+            f"model.teacher_ckpt={teacher['checkpoint']}",
+            f"model.alpha={args.alpha}",
+            f"model.kd_temperature={args.temperature}",
+            f"model.feature_weight={args.feature_weight}",
+            f"trainer.max_epochs={args.student_epochs}",
+        ],
+    )
     trained = [teacher, alone, distilled]
     compressed = [
-        *compress(args, teacher, "static"), *compress(args, teacher, "dynamic"),
-        *compress(args, distilled, "static"), *compress(args, distilled, "prune"),
+        *compress(args, teacher, "static"),
+        *compress(args, teacher, "dynamic"),
+        *compress(args, distilled, "static"),
+        *compress(args, distilled, "prune"),
     ]
-    record = {"machine": machine(), "data": args.name, "args": {k: v for k, v in vars(args).items() if k != "data"},
-              "trained": trained, "compressed": compressed, "wall_s": time.perf_counter() - start}
+    record = {
+        "machine": machine(),
+        "data": args.name,
+        "args": {k: v for k, v in vars(args).items() if k != "data"},
+        "trained": trained,
+        "compressed": compressed,
+        "wall_s": time.perf_counter() - start,
+    }
     path = Path(args.jsonl)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as file:

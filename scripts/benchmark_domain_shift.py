@@ -26,8 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-QUIET = ["callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null", "trainer.enable_progress_bar=false",
-         "logger=csv", "report=false"]
+QUIET = [
+    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+    "report=false",
+]
 SHIFTS = {
     "contrast 0.5, brightness +0.25": "{contrast: 0.5, brightness: 0.25}",
     "contrast 1.6, brightness -0.3": "{contrast: 1.6, brightness: -0.3}",
@@ -42,8 +47,15 @@ def train(shift: str, seed: int, args: argparse.Namespace) -> Path:
     run_dir = Path(args.log_dir) / f"{slug}_seed{seed}"
     if not (run_dir / "metrics.json").exists():
         command = [
-            sys.executable, "-m", "medexp.train", f"data.sites={{a: {{}}, b: {SHIFTS[shift]}}}", "data.train_sites=[a]",
-            f"trainer.max_epochs={args.epochs}", f"seed={seed}", f"hydra.run.dir={run_dir}", *QUIET,
+            sys.executable,
+            "-m",
+            "medexp.train",
+            f"data.sites={{a: {{}}, b: {SHIFTS[shift]}}}",
+            "data.train_sites=[a]",
+            f"trainer.max_epochs={args.epochs}",
+            f"seed={seed}",
+            f"hydra.run.dir={run_dir}",
+            *QUIET,
         ]
         print("+", " ".join(command), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
@@ -56,13 +68,18 @@ def evaluate(run_dir: Path, per_site: bool | None) -> dict[str, float]:
     import lightning.pytorch as L
 
     from medexp.callbacks.adaptation import BatchNormAdaptation
-    from medexp.utils.checkpoint import load_checkpoint, rebuild
+    from medexp.checkpoints.checkpoint import Checkpoint
 
-    checkpoint = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
-    datamodule, model = rebuild(checkpoint, {}, data_output_dir=None)
+    datamodule, model = Checkpoint(run_dir / "checkpoints" / "best.ckpt").build()
     callbacks = [BatchNormAdaptation(enabled=True, per_site=per_site)] if per_site is not None else []
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=callbacks, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return trainer.test(model, datamodule=datamodule, verbose=False)[0]
 
 
@@ -86,7 +103,9 @@ def main() -> None:
                 if method == "none":  # the same checkpoint and data as the training run's own test
                     for key in ("test/site_a/auroc", "test/site_b/auroc"):
                         if abs(metrics[key] - recorded[key]) > 1e-5:
-                            raise SystemExit(f"{run_dir}: {key} {metrics[key]} differs from metrics.json's {recorded[key]}")
+                            raise SystemExit(
+                                f"{run_dir}: {key} {metrics[key]} differs from metrics.json's {recorded[key]}"
+                            )
                 row = {"shift": shift, "seed": seed, "method": method, "wall_s": round(time.perf_counter() - start, 1)}
                 for site in SITES:
                     for name in ("auroc", "accuracy", "balanced_accuracy"):
@@ -105,10 +124,14 @@ def main() -> None:
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
                 return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
-            print(f"| {shift} | {method} | {cell('a_auroc')} | {cell('b_auroc')} | {cell('a_balanced_accuracy')} "
-                  f"| {cell('b_balanced_accuracy')} |")
-    print(f"\n{len(args.seeds)} seeds; trained on site a only ({args.epochs} epochs, default data sizes); test split: "
-          "half site a, half site b")
+            print(
+                f"| {shift} | {method} | {cell('a_auroc')} | {cell('b_auroc')} | {cell('a_balanced_accuracy')} "
+                f"| {cell('b_balanced_accuracy')} |"
+            )
+    print(
+        f"\n{len(args.seeds)} seeds; trained on site a only ({args.epochs} epochs, default data sizes); test split: "
+        "half site a, half site b"
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,14 @@ def main() -> None:
     args = parser.parse_args()
 
     command = [
-        sys.executable, "-m", "medexp.train", "experiment=drive_unet", f"data.root={args.data_root}",
-        f"hydra.run.dir={args.run_dir}", "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
+        sys.executable,
+        "-m",
+        "medexp.train",
+        "experiment=drive_unet",
+        f"data.root={args.data_root}",
+        f"hydra.run.dir={args.run_dir}",
+        "callbacks.rich_progress_bar=null",
+        "trainer.enable_progress_bar=false",
         *args.overrides,
     ]
     print("+", " ".join(command), flush=True)

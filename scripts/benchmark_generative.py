@@ -59,30 +59,63 @@ def denoise(args: argparse.Namespace) -> list[dict]:
     for name in ("breastmnist", "pneumoniamnist"):
         for model, extra in (("denoising_unet", ["model.noise_std=0.2"]), ("autoencoder", [])):
             run_dir = Path(args.log_dir) / f"denoise_{name}_{model}"
-            metrics, wall = train(run_dir, [
-                "data=medmnist", f"data.name={name}", f"data.root={args.data_root}", f"model={model}", *extra,
-                f"trainer.max_epochs={args.ae_epochs}", "optimizer.lr=2e-3", "data.batch_size=32", "seed=0",
-            ])
+            metrics, wall = train(
+                run_dir,
+                [
+                    "data=medmnist",
+                    f"data.name={name}",
+                    f"data.root={args.data_root}",
+                    f"model={model}",
+                    *extra,
+                    f"trainer.max_epochs={args.ae_epochs}",
+                    "optimizer.lr=2e-3",
+                    "data.batch_size=32",
+                    "seed=0",
+                ],
+            )
             test = metrics["test"]
-            rows.append(record(args, {
-                "stage": "denoise", "data": name, "model": model, "epochs": args.ae_epochs, "wall_s": wall,
-                "psnr": test["test/psnr"], "ssim": test["test/ssim"], "psnr_input": test.get("test/psnr_input"),
-            }))
+            rows.append(
+                record(
+                    args,
+                    {
+                        "stage": "denoise",
+                        "data": name,
+                        "model": model,
+                        "epochs": args.ae_epochs,
+                        "wall_s": wall,
+                        "psnr": test["test/psnr"],
+                        "ssim": test["test/ssim"],
+                        "psnr_input": test.get("test/psnr_input"),
+                    },
+                )
+            )
     return rows
 
 
 def anomaly(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for name, normal, experiment in (("pneumoniamnist", 0, ["experiment=anomaly_pneumonia"]),
-                                     ("breastmnist", 1, ["experiment=anomaly_pneumonia", "data.name=breastmnist",
-                                                         "model.normal_classes=[1]"])):
+    for name, normal, experiment in (
+        ("pneumoniamnist", 0, ["experiment=anomaly_pneumonia"]),
+        ("breastmnist", 1, ["experiment=anomaly_pneumonia", "data.name=breastmnist", "model.normal_classes=[1]"]),
+    ):
         run_dir = Path(args.log_dir) / f"anomaly_{name}"
-        metrics, wall = train(run_dir, [*experiment, f"data.root={args.data_root}", f"trainer.max_epochs={args.ae_epochs}",
-                                        "seed=0"])
-        rows.append(record(args, {
-            "stage": "anomaly", "data": name, "normal_class": normal, "epochs": args.ae_epochs, "wall_s": wall,
-            "test_auroc": metrics["test"]["test/anomaly_auroc"], "val_auroc": metrics["best_score"],
-        }))
+        metrics, wall = train(
+            run_dir, [*experiment, f"data.root={args.data_root}", f"trainer.max_epochs={args.ae_epochs}", "seed=0"]
+        )
+        rows.append(
+            record(
+                args,
+                {
+                    "stage": "anomaly",
+                    "data": name,
+                    "normal_class": normal,
+                    "epochs": args.ae_epochs,
+                    "wall_s": wall,
+                    "test_auroc": metrics["test"]["test/anomaly_auroc"],
+                    "val_auroc": metrics["best_score"],
+                },
+            )
+        )
     return rows
 
 
@@ -92,19 +125,41 @@ def gan_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def gan(args: argparse.Namespace) -> list[dict]:
     gan_dir, features_dir = gan_paths(args)
-    _, gan_wall = train(gan_dir, ["experiment=breast_gan", f"data.root={args.data_root}",
-                                  f"trainer.max_epochs={args.gan_epochs}", "seed=0"])
-    _, _ = train(features_dir, ["experiment=breastmnist_resnet18", "model=cnn", f"data.root={args.data_root}",
-                                "trainer.max_epochs=100", "seed=0"])
+    _, gan_wall = train(
+        gan_dir,
+        ["experiment=breast_gan", f"data.root={args.data_root}", f"trainer.max_epochs={args.gan_epochs}", "seed=0"],
+    )
+    _, _ = train(
+        features_dir,
+        [
+            "experiment=breastmnist_resnet18",
+            "model=cnn",
+            f"data.root={args.data_root}",
+            "trainer.max_epochs=100",
+            "seed=0",
+        ],
+    )
     features = features_dir / "checkpoints" / "best.ckpt"
     rows = []
     for what, extra in (("GAN samples (last.ckpt)", []),):
         out = Path(args.log_dir) / "breast_gan_samples"
-        medexp("sample", [f"ckpt_path={gan_dir / 'checkpoints' / 'last.ckpt'}", "n=512", f"output={out}",
-                          f"features_ckpt={features}", "reference_split=test", "kid_subset_size=100",
-                          f"hydra.run.dir={out / 'log'}", *extra])
+        medexp(
+            "sample",
+            [
+                f"ckpt_path={gan_dir / 'checkpoints' / 'last.ckpt'}",
+                "n=512",
+                f"output={out}",
+                f"features_ckpt={features}",
+                "reference_split=test",
+                "kid_subset_size=100",
+                f"hydra.run.dir={out / 'log'}",
+                *extra,
+            ],
+        )
         quality = json.loads((out / "quality.json").read_text())
-        rows.append(record(args, {"stage": "gan", "what": what, "gan_epochs": args.gan_epochs, "wall_s": gan_wall, **quality}))
+        rows.append(
+            record(args, {"stage": "gan", "what": what, "gan_epochs": args.gan_epochs, "wall_s": gan_wall, **quality})
+        )
     rows.append(record(args, {"stage": "gan", "what": "real validation images (floor)", **real_floor(args, features)}))
     return rows
 
@@ -113,14 +168,21 @@ def real_floor(args: argparse.Namespace, features: Path) -> dict:
     """Domain FID/KID of the real validation images against the test split: what a perfect
     generator would score with as many images."""
     import torch
+    from monai.transforms import NormalizeIntensityd
 
     from medexp.data.medmnist import MedMNISTDataModule
     from medexp.metrics.domain import DomainFeatures, quality_metrics
-    from monai.transforms import NormalizeIntensityd
 
-    data = MedMNISTDataModule(name="breastmnist", root=args.data_root, task="binary", num_classes=2, in_channels=1,
-                              spatial_dims=2, transforms=[NormalizeIntensityd(keys=["image"], subtrahend=0.5, divisor=0.5)],
-                              scan="off")
+    data = MedMNISTDataModule(
+        name="breastmnist",
+        root=args.data_root,
+        task="binary",
+        num_classes=2,
+        in_channels=1,
+        spatial_dims=2,
+        transforms=[NormalizeIntensityd(keys=["image"], subtrahend=0.5, divisor=0.5)],
+        scan="off",
+    )
     data.setup()
     metrics = quality_metrics(DomainFeatures.from_checkpoint(features), kid_subset_size=50)
     for split, real in (("test", True), ("val", False)):
@@ -128,8 +190,13 @@ def real_floor(args: argparse.Namespace, features: Path) -> dict:
         for metric in metrics.values():
             metric.update(images, real=real)
     kid, kid_std = metrics["domain_kid"].compute_with_std()
-    return {"domain_fid": float(metrics["domain_fid"].compute()), "domain_kid": float(kid), "domain_kid_std": float(kid_std),
-            "samples": len(data.datasets["val"]), "reference": "test split"}
+    return {
+        "domain_fid": float(metrics["domain_fid"].compute()),
+        "domain_kid": float(kid),
+        "domain_kid_std": float(kid_std),
+        "samples": len(data.datasets["val"]),
+        "reference": "test split",
+    }
 
 
 def augment(args: argparse.Namespace) -> list[dict]:
@@ -140,16 +207,34 @@ def augment(args: argparse.Namespace) -> list[dict]:
         for ratio in args.ratios:
             for seed in args.seeds:
                 run_dir = Path(args.log_dir) / f"augment_{model}_ratio{ratio}_seed{seed}"
-                metrics, wall = train(run_dir, [
-                    "experiment=breast_gan_augmented", f"model={model}", f"data.root={args.data_root}",
-                    f"gan_ckpt={ckpt}", f"data.generated.ratio={ratio}", f"seed={seed}",
-                    f"trainer.max_epochs={args.clf_epochs}",
-                ])
-                rows.append(record(args, {
-                    "stage": "augment", "model": model, "ratio": ratio, "seed": seed, "epochs": args.clf_epochs,
-                    "wall_s": wall, "test_auroc": metrics["test"]["test/auroc"], "test_accuracy": metrics["test"]["test/accuracy"],
-                    "val_auroc": metrics["best_score"],
-                }))
+                metrics, wall = train(
+                    run_dir,
+                    [
+                        "experiment=breast_gan_augmented",
+                        f"model={model}",
+                        f"data.root={args.data_root}",
+                        f"gan_ckpt={ckpt}",
+                        f"data.generated.ratio={ratio}",
+                        f"seed={seed}",
+                        f"trainer.max_epochs={args.clf_epochs}",
+                    ],
+                )
+                rows.append(
+                    record(
+                        args,
+                        {
+                            "stage": "augment",
+                            "model": model,
+                            "ratio": ratio,
+                            "seed": seed,
+                            "epochs": args.clf_epochs,
+                            "wall_s": wall,
+                            "test_auroc": metrics["test"]["test/auroc"],
+                            "test_accuracy": metrics["test"]["test/accuracy"],
+                            "val_auroc": metrics["best_score"],
+                        },
+                    )
+                )
     return rows
 
 
@@ -158,14 +243,20 @@ def summary(rows: list[dict]) -> str:
     for row in rows:
         if row["stage"] == "denoise":
             noisy = f"{row['psnr_input']:.2f}" if row["psnr_input"] is not None else "(no noise)"
-            lines.append(f"| denoise | {row['data']} | {row['model']} | PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f} "
-                         f"| input PSNR {noisy} | {row['wall_s'] / 60:.1f} min |")
+            lines.append(
+                f"| denoise | {row['data']} | {row['model']} | PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f} "
+                f"| input PSNR {noisy} | {row['wall_s'] / 60:.1f} min |"
+            )
         elif row["stage"] == "anomaly":
-            lines.append(f"| anomaly | {row['data']} (normal = {row['normal_class']}) | autoencoder "
-                         f"| test AUROC {row['test_auroc']:.3f} | val AUROC {row['val_auroc']:.3f} | {row['wall_s'] / 60:.1f} min |")
+            lines.append(
+                f"| anomaly | {row['data']} (normal = {row['normal_class']}) | autoencoder "
+                f"| test AUROC {row['test_auroc']:.3f} | val AUROC {row['val_auroc']:.3f} | {row['wall_s'] / 60:.1f} min |"
+            )
         elif row["stage"] == "gan":
-            lines.append(f"| gan | breastmnist | {row['what']} | domain FID {row['domain_fid']:.2f} "
-                         f"| KID {row['domain_kid']:.4f} ± {row['domain_kid_std']:.4f} | {row.get('wall_s', 0) / 60:.1f} min |")
+            lines.append(
+                f"| gan | breastmnist | {row['what']} | domain FID {row['domain_fid']:.2f} "
+                f"| KID {row['domain_kid']:.4f} ± {row['domain_kid_std']:.4f} | {row.get('wall_s', 0) / 60:.1f} min |"
+            )
     groups: dict[tuple, list[dict]] = {}
     for row in (r for r in rows if r["stage"] == "augment"):
         groups.setdefault((row["model"], row["ratio"]), []).append(row)
@@ -173,9 +264,11 @@ def summary(rows: list[dict]) -> str:
         aucs = [r["test_auroc"] for r in group]
         accs = [r["test_accuracy"] for r in group]
         spread = lambda values: statistics.stdev(values) if len(values) > 1 else 0.0  # noqa: E731
-        lines.append(f"| augment | breastmnist | {model}, ratio {ratio} ({len(group)} seeds) "
-                     f"| test AUROC {statistics.mean(aucs):.3f} ± {spread(aucs):.3f} "
-                     f"| ACC {statistics.mean(accs):.3f} ± {spread(accs):.3f} | {statistics.mean(r['wall_s'] for r in group) / 60:.1f} min |")
+        lines.append(
+            f"| augment | breastmnist | {model}, ratio {ratio} ({len(group)} seeds) "
+            f"| test AUROC {statistics.mean(aucs):.3f} ± {spread(aucs):.3f} "
+            f"| ACC {statistics.mean(accs):.3f} ± {spread(accs):.3f} | {statistics.mean(r['wall_s'] for r in group) / 60:.1f} min |"
+        )
     return "\n".join(lines)
 
 

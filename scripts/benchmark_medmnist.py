@@ -26,8 +26,18 @@ from pathlib import Path
 
 # test AUC / ACC at 28x28 from MedMNIST v2 (Yang et al., Scientific Data 2023), Table 3
 PUBLISHED = {
-    "breastmnist": {"ResNet-18 (28)": (0.901, 0.863), "ResNet-50 (28)": (0.857, 0.812), "AutoKeras": (0.871, 0.831), "Google AutoML Vision": (0.919, 0.861)},
-    "retinamnist": {"ResNet-18 (28)": (0.717, 0.524), "ResNet-50 (28)": (0.726, 0.528), "AutoKeras": (0.719, 0.503), "Google AutoML Vision": (0.750, 0.531)},
+    "breastmnist": {
+        "ResNet-18 (28)": (0.901, 0.863),
+        "ResNet-50 (28)": (0.857, 0.812),
+        "AutoKeras": (0.871, 0.831),
+        "Google AutoML Vision": (0.919, 0.861),
+    },
+    "retinamnist": {
+        "ResNet-18 (28)": (0.717, 0.524),
+        "ResNet-50 (28)": (0.726, 0.528),
+        "AutoKeras": (0.719, 0.503),
+        "Google AutoML Vision": (0.750, 0.531),
+    },
 }
 RECIPES = {
     "protocol": [],
@@ -39,11 +49,18 @@ RECIPES = {
 def run(dataset: str, recipe: str, args: argparse.Namespace) -> dict:
     run_dir = Path(args.log_dir) / f"{dataset}_{recipe}_seed{args.seed}"
     command = [
-        sys.executable, "-m", "medexp.train",
-        f"experiment={dataset}_resnet18", f"data.root={args.data_root}", f"seed={args.seed}",
-        f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={run_dir}",
-        "callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false",
-        *RECIPES[recipe], *args.overrides,
+        sys.executable,
+        "-m",
+        "medexp.train",
+        f"experiment={dataset}_resnet18",
+        f"data.root={args.data_root}",
+        f"seed={args.seed}",
+        f"trainer.max_epochs={args.epochs}",
+        f"hydra.run.dir={run_dir}",
+        "callbacks.rich_progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        *RECIPES[recipe],
+        *args.overrides,
     ]
     print("+", " ".join(command), flush=True)
     start = time.perf_counter()
@@ -53,9 +70,16 @@ def run(dataset: str, recipe: str, args: argparse.Namespace) -> dict:
     host = json.loads((run_dir / "run_info.json").read_text())["host"]
     device = host["gpus"][0] if host["gpus"] else f"CPU, {host['cpu_threads']} threads"
     return {
-        "dataset": dataset, "recipe": recipe, "seed": args.seed, "epochs": args.epochs,
-        "test_auc": metrics["test"]["test/auroc"], "test_acc": metrics["test"]["test/accuracy"],
-        "val_auc": metrics["best_score"], "wall_s": wall, "device": device, "overrides": " ".join(args.overrides),
+        "dataset": dataset,
+        "recipe": recipe,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "test_auc": metrics["test"]["test/auroc"],
+        "test_acc": metrics["test"]["test/accuracy"],
+        "val_auc": metrics["best_score"],
+        "wall_s": wall,
+        "device": device,
+        "overrides": " ".join(args.overrides),
     }
 
 

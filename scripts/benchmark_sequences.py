@@ -25,21 +25,55 @@ from pathlib import Path
 
 QUIET = ["callbacks.rich_progress_bar=null", "trainer.enable_progress_bar=false", "logger=csv"]
 VOLUMES = ["data=synthetic_3d", "data.num_samples={train: 512, val: 64, test: 128}", "trainer.max_epochs=10"]
-SMALL_LSTM = ["model=cnn_lstm", "model.net.encoder.channels=[8,16]", "model.net.feature_size=16", "model.net.hidden_size=16"]
+SMALL_LSTM = [
+    "model=cnn_lstm",
+    "model.net.encoder.channels=[8,16]",
+    "model.net.feature_size=16",
+    "model.net.hidden_size=16",
+]
 RUNS = {
     "volumes": {
-        "ResNet-18 3D (widen_factor 0.25)": [*VOLUMES, "model=resnet18_3d", "model.net.widen_factor=0.25", "optimizer.lr=1e-4"],
-        "CNN+LSTM over slices (2.5D, attention)": [*VOLUMES, *SMALL_LSTM, "model.net.pooling=attention", "optimizer.lr=3e-3"],
+        "ResNet-18 3D (widen_factor 0.25)": [
+            *VOLUMES,
+            "model=resnet18_3d",
+            "model.net.widen_factor=0.25",
+            "optimizer.lr=1e-4",
+        ],
+        "CNN+LSTM over slices (2.5D, attention)": [
+            *VOLUMES,
+            *SMALL_LSTM,
+            "model.net.pooling=attention",
+            "optimizer.lr=3e-3",
+        ],
     },
     "longitudinal": {
-        "CNN+LSTM, last step": ["data=synthetic_longitudinal", "model=cnn_lstm", "trainer.max_epochs=10", "optimizer.lr=1e-3"],
-        "CNN+GRU, last step": ["data=synthetic_longitudinal", "model=cnn_lstm", "model.net.rnn=gru", "trainer.max_epochs=10",
-                               "optimizer.lr=1e-3"],
-        "CNN+LSTM, attention": ["data=synthetic_longitudinal", "model=cnn_lstm", "model.net.pooling=attention",
-                                "trainer.max_epochs=10", "optimizer.lr=1e-3"],
-        "CNN+LSTM, last step, time gaps as features": ["data=synthetic_longitudinal", "model=cnn_lstm",
-                                                       "model.net.time_features=true", "trainer.max_epochs=10",
-                                                       "optimizer.lr=1e-3"],
+        "CNN+LSTM, last step": [
+            "data=synthetic_longitudinal",
+            "model=cnn_lstm",
+            "trainer.max_epochs=10",
+            "optimizer.lr=1e-3",
+        ],
+        "CNN+GRU, last step": [
+            "data=synthetic_longitudinal",
+            "model=cnn_lstm",
+            "model.net.rnn=gru",
+            "trainer.max_epochs=10",
+            "optimizer.lr=1e-3",
+        ],
+        "CNN+LSTM, attention": [
+            "data=synthetic_longitudinal",
+            "model=cnn_lstm",
+            "model.net.pooling=attention",
+            "trainer.max_epochs=10",
+            "optimizer.lr=1e-3",
+        ],
+        "CNN+LSTM, last step, time gaps as features": [
+            "data=synthetic_longitudinal",
+            "model=cnn_lstm",
+            "model.net.time_features=true",
+            "trainer.max_epochs=10",
+            "optimizer.lr=1e-3",
+        ],
     },
 }
 
@@ -49,7 +83,15 @@ def run(stage: str, name: str, seed: int, args: argparse.Namespace) -> dict:
     run_dir = Path(args.log_dir) / f"{stage}_{slug}_seed{seed}"
     wall = 0.0
     if not (run_dir / "metrics.json").exists():
-        command = [sys.executable, "-m", "medexp.train", *RUNS[stage][name], f"seed={seed}", f"hydra.run.dir={run_dir}", *QUIET]
+        command = [
+            sys.executable,
+            "-m",
+            "medexp.train",
+            *RUNS[stage][name],
+            f"seed={seed}",
+            f"hydra.run.dir={run_dir}",
+            *QUIET,
+        ]
         print("+", " ".join(command), flush=True)
         start = time.perf_counter()
         subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
@@ -57,9 +99,14 @@ def run(stage: str, name: str, seed: int, args: argparse.Namespace) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     host = json.loads((run_dir / "run_info.json").read_text())["host"]
     row = {
-        "stage": stage, "method": name, "seed": seed, "wall_s": wall,
-        "test_auroc": metrics["test"]["test/auroc"], "test_accuracy": metrics["test"]["test/accuracy"],
-        "val_auroc": metrics["best_score"], "device": host["gpus"][0] if host["gpus"] else f"CPU, {host['cpu_threads']} threads",
+        "stage": stage,
+        "method": name,
+        "seed": seed,
+        "wall_s": wall,
+        "test_auroc": metrics["test"]["test/auroc"],
+        "test_accuracy": metrics["test"]["test/accuracy"],
+        "val_auroc": metrics["best_score"],
+        "device": host["gpus"][0] if host["gpus"] else f"CPU, {host['cpu_threads']} threads",
     }
     with open(args.jsonl, "a") as file:
         file.write(json.dumps(row) + "\n")
@@ -79,10 +126,12 @@ def main() -> None:
         for name in RUNS[stage]:
             group = [row for row in rows if row["stage"] == stage and row["method"] == name]
             aucs, accs = [r["test_auroc"] for r in group], [r["test_accuracy"] for r in group]
-            spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)  # noqa: E731
-            print(f"| {stage} | {name} ({len(group)} seeds) | {statistics.mean(aucs):.3f} ± {spread(aucs):.3f} "
-                  f"| {statistics.mean(accs):.3f} ± {spread(accs):.3f} "
-                  f"| {statistics.mean(r['wall_s'] for r in group) / 60:.1f} min | {group[0]['device']} |")
+            spread = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+            print(
+                f"| {stage} | {name} ({len(group)} seeds) | {statistics.mean(aucs):.3f} ± {spread(aucs):.3f} "
+                f"| {statistics.mean(accs):.3f} ± {spread(accs):.3f} "
+                f"| {statistics.mean(r['wall_s'] for r in group) / 60:.1f} min | {group[0]['device']} |"
+            )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from medexp.utils.config import register_resolvers
+from medexp.resolvers import register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -46,7 +46,9 @@ def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
     medexp = Path(sys.executable).with_name("medexp")
     proc = subprocess.run([str(medexp), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"medexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"medexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

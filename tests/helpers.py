@@ -31,7 +31,9 @@ def write_medmnist_npz(
             labels = rng.integers(0, num_classes, size=n)
             signal = labels
         shape = (n, size, size) if channels == 1 else (n, size, size, channels)
-        images = rng.integers(0, 120, size=shape) + (signal * (100 // max(1, num_classes - 1))).reshape(-1, *[1] * (len(shape) - 1))
+        images = rng.integers(0, 120, size=shape) + (signal * (100 // max(1, num_classes - 1))).reshape(
+            -1, *[1] * (len(shape) - 1)
+        )
         arrays[f"{split}_images"] = images.astype(np.uint8)
         arrays[f"{split}_labels"] = labels[:, None] if (label_shape_n1 and not multilabel) else labels
     path.parent.mkdir(parents=True, exist_ok=True)

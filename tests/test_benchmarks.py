@@ -16,8 +16,13 @@ BENCH = REPO / "scripts" / "bench"
 
 def run_tiny(script: str, tmp_path) -> dict:
     out = tmp_path / "result.jsonl"
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--tiny", "--threads", "1", "--save", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--tiny", "--threads", "1", "--save", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["tiny"] is True and record["machine"]["torch"]

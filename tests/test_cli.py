@@ -48,7 +48,9 @@ def test_run_directory_holds_what_reproduces_it(default_run):
     if info["git"]["medexp"] is not None:
         assert len(info["git"]["medexp"]["commit"]) == 40 and isinstance(info["git"]["medexp"]["dirty"], bool)
     assert info["command"][:3] == ["python", "-m", "medexp.train"]
-    assert (default_run / "checkpoints" / "best.ckpt").is_file() and (default_run / "checkpoints" / "last.ckpt").is_file()
+    assert (default_run / "checkpoints" / "best.ckpt").is_file() and (
+        default_run / "checkpoints" / "last.ckpt"
+    ).is_file()
     header = (default_run / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "val/auroc" in header and "train/loss" in header
     ckpt = torch.load(default_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
@@ -57,8 +59,12 @@ def test_run_directory_holds_what_reproduces_it(default_run):
 
 def test_eval_reproduces_the_train_time_test_metrics(default_run, tmp_path):
     run_cli(
-        "eval", f"ckpt_path={default_run / 'checkpoints' / 'best.ckpt'}", "splits=[val,test]",
-        "hydra.run.dir=eval", "trainer.enable_progress_bar=false", cwd=tmp_path,
+        "eval",
+        f"ckpt_path={default_run / 'checkpoints' / 'best.ckpt'}",
+        "splits=[val,test]",
+        "hydra.run.dir=eval",
+        "trainer.enable_progress_bar=false",
+        cwd=tmp_path,
     )
     recorded = json.loads((default_run / "metrics.json").read_text())
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -72,7 +78,11 @@ def test_python_m_entry_points(tmp_path):
     for module, args in (("medexp.train", ["debug=fdr", *QUIET[:2]]), ("medexp.eval", ["--help"])):
         proc = subprocess.run(
             [sys.executable, "-m", module, *args, "trainer.enable_progress_bar=false", "hydra.run.dir=run"],
-            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+            cwd=tmp_path,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -90,8 +100,14 @@ def test_multirun_makes_one_run_directory_per_job(tmp_path):
 def test_named_experiment_on_a_medmnist_file(tmp_path):
     write_medmnist_npz(tmp_path / "data" / "breastmnist.npz", {"train": 64, "val": 32, "test": 32}, num_classes=2)
     run_cli(
-        "train", "experiment=breastmnist_resnet18", "data.root=data", "trainer.max_epochs=2",
-        "data.batch_size=32", *QUIET, "hydra.run.dir=run", cwd=tmp_path,
+        "train",
+        "experiment=breastmnist_resnet18",
+        "data.root=data",
+        "trainer.max_epochs=2",
+        "data.batch_size=32",
+        *QUIET,
+        "hydra.run.dir=run",
+        cwd=tmp_path,
     )
     config = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())
     assert config["model"]["net"]["_target_"] == "monai.networks.nets.resnet18"
@@ -134,14 +150,22 @@ def test_help_lists_the_groups_and_options_hydra_lists(tmp_path):
     # `medexp <command> --help` reads the packaged YAML names instead of asking Hydra, which
     # rebuilds its config repository once per group; both must list the same groups and options
     ours = run_cli("train", "--help", "model=unet", cwd=tmp_path).stdout
-    hydra = subprocess.run([sys.executable, "-m", "medexp.train", "--help", "model=unet"], cwd=tmp_path, env=ENV,
-                           capture_output=True, text=True, timeout=120).stdout
+    hydra = subprocess.run(
+        [sys.executable, "-m", "medexp.train", "--help", "model=unet"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
 
     def groups(text: str) -> str:
         return text.split("== Configuration groups ==")[1].split("== Config ==")[0].strip()
 
     def config(text: str) -> dict:
-        return yaml.safe_load(text.split("Override anything in the config (foo.bar=value)")[1].split("Powered by Hydra")[0])
+        return yaml.safe_load(
+            text.split("Override anything in the config (foo.bar=value)")[1].split("Powered by Hydra")[0]
+        )
 
     assert groups(ours) == groups(hydra) and "privacy: dp, none" in groups(ours)
     assert config(ours) == config(hydra) and config(ours)["model"]["net"]["_target_"] == "monai.networks.nets.UNet"

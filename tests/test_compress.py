@@ -10,15 +10,22 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_auroc
 
+from medexp.checkpoints.checkpoint import Checkpoint
 from medexp.compress import compress
 from medexp.train import train
-from medexp.utils.checkpoint import load_checkpoint, rebuild
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config, run_cli
 from tests.helpers import write_medmnist_npz
 
-TWO_EPOCHS = [*QUIET, "report=false", "data=medmnist", "data.batch_size=16", "trainer.max_epochs=2",
-              "trainer.log_every_n_steps=1", "optimizer.lr=3e-3"]
+TWO_EPOCHS = [
+    *QUIET,
+    "report=false",
+    "data=medmnist",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=1",
+    "optimizer.lr=3e-3",
+]
 # few timed passes: the tests check that latency is measured, not how fast a busy machine is
 QUICK = ["latency.repeats=3", "latency.warmup=1", "batch_size=16", "calibration_batches=2"]
 
@@ -32,19 +39,27 @@ def student(tmp_path_factory) -> Path:
     data = f"data.root={root / 'data'}"
     train(compose_config([*TWO_EPOCHS, data], output_dir=root / "teacher"))
     teacher = root / "teacher" / "checkpoints" / "best.ckpt"
-    train(compose_config([*TWO_EPOCHS, data, "model=distill", f"model.teacher_ckpt={teacher}"], output_dir=root / "student"))
+    train(
+        compose_config(
+            [*TWO_EPOCHS, data, "model=distill", f"model.teacher_ckpt={teacher}"], output_dir=root / "student"
+        )
+    )
     shutil.rmtree(root / "teacher")
     return root / "student" / "checkpoints" / "best.ckpt"
 
 
 def run_compress(ckpt: Path, out: Path, *overrides: str) -> dict:
-    compress(compose_config([f"ckpt_path={ckpt}", f"output={out}", *QUICK, *overrides], "compress", output_dir=out.parent / "run"))
+    compress(
+        compose_config(
+            [f"ckpt_path={ckpt}", f"output={out}", *QUICK, *overrides], "compress", output_dir=out.parent / "run"
+        )
+    )
     return json.loads((out / "compression.json").read_text())
 
 
 def recomputed(ckpt: Path, model_file: Path) -> tuple[float, float]:
     """Accuracy and AUROC of a saved model on the checkpoint's test split, computed here."""
-    datamodule, _ = rebuild(load_checkpoint(ckpt), {}, data_output_dir=None)
+    datamodule, _ = Checkpoint(ckpt).build()
     datamodule.setup("test")
     module = torch.jit.load(str(model_file))
     probs, labels = [], []
@@ -87,8 +102,15 @@ def test_static_int8_shrinks_the_weights_and_keeps_the_predictions(student, tmp_
 
 def test_dynamic_int8_on_the_command_line_says_a_conv_net_gains_little(student, tmp_path):
     out = tmp_path / "dynamic"
-    run_cli("compress", f"ckpt_path={student}", "method=dynamic", f"output={out}", *QUICK, f"hydra.run.dir={tmp_path / 'run'}",
-            cwd=tmp_path)
+    run_cli(
+        "compress",
+        f"ckpt_path={student}",
+        "method=dynamic",
+        f"output={out}",
+        *QUICK,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     report = json.loads((out / "compression.json").read_text())
     check_rows(report, student, out)
     assert "quantized::linear_dynamic" in str(torch.jit.load(str(out / "model.pt")).inlined_graph)
@@ -129,6 +151,8 @@ def test_bad_options_name_the_key(student, tmp_path, overrides, message):
 
 def test_a_checkpoint_of_another_task_is_refused(tmp_path):
     ckpt = tmp_path / "unet.ckpt"
-    torch.save({"medexp_config": {"model": {"_target_": "medexp.tasks.segmentation.SegmentationTask"}}, "state_dict": {}}, ckpt)
+    torch.save(
+        {"medexp_config": {"model": {"_target_": "medexp.tasks.segmentation.SegmentationTask"}}, "state_dict": {}}, ckpt
+    )
     with pytest.raises(MedexpError, match="measures classifiers.*SegmentationTask"):
         run_compress(ckpt, tmp_path / "out")

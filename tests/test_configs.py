@@ -23,22 +23,29 @@ DATA_FOR_TASK = {
     "reconstruction": [["data.task=binary"]],
     "adversarial": [["data.task=binary"], ["data.task=multiclass", "data.num_classes=3", "model.conditional=true"]],
     # the teacher is read only when training starts (tests/test_distillation.py trains with one)
-    "distillation": [["data.task=binary", "model.teacher_ckpt=teacher.ckpt"],
-                     ["data.task=multilabel", "model.teacher_ckpt=teacher.ckpt"]],
+    "distillation": [
+        ["data.task=binary", "model.teacher_ckpt=teacher.ckpt"],
+        ["data.task=multilabel", "model.teacher_ckpt=teacher.ckpt"],
+    ],
     "registration": [["data=synthetic_reg"], ["data=synthetic_reg", "data.spatial_dims=3"]],
     "detection": [["data=synthetic_det"], ["data=synthetic_det", "data.spatial_dims=3"]],
 }
 SMALL = ["data.image_size=32", "data.num_samples={train: 4, val: 2, test: 2}"]
 # models that need other data than their task's usual (sequences, volumes)
 DATA_FOR_MODEL = {
-    "cnn_lstm": [["data=synthetic_longitudinal", "data.image_size=32", "data.num_patients={train: 4, val: 2, test: 2}"],
-                 ["data.spatial_dims=3", *SMALL]],
+    "cnn_lstm": [
+        ["data=synthetic_longitudinal", "data.image_size=32", "data.num_patients={train: 4, val: 2, test: 2}"],
+        ["data.spatial_dims=3", *SMALL],
+    ],
     # GlobalNet is built for one input size on every axis (see conf/model/globalnet.yaml)
     "globalnet": [["data=synthetic_reg", *SMALL], ["data=synthetic_reg", "data.spatial_dims=3", *SMALL]],
 }
 # options that need a value no default can give
-REQUIRED = {("experiment", "breast_gan_augmented"): ["gan_ckpt=gan.ckpt"], ("model", "distill"): ["model.teacher_ckpt=teacher.ckpt"],
-            ("data", "files_det"): ["data.manifest=boxes.csv"]}
+REQUIRED = {
+    ("experiment", "breast_gan_augmented"): ["gan_ckpt=gan.ckpt"],
+    ("model", "distill"): ["model.teacher_ckpt=teacher.ckpt"],
+    ("data", "files_det"): ["data.manifest=boxes.csv"],
+}
 
 
 def _volumes(model: str) -> list[str]:
@@ -72,8 +79,9 @@ SEGMENTATION = ["data=synthetic_seg", "model=unet", "model.roi_size=[16,16]"]
 def test_augmentation_options_run_on_a_sample(compose_cfg, augmentations):
     # options for volumes (basic_3d) run on 3D image + mask pairs
     volumes = ["data.spatial_dims=3", "data.image_size=16"] if augmentations.endswith("_3d") else []
-    cfg = compose_cfg(f"data/augmentations={augmentations}", *SEGMENTATION, *volumes,
-                      "data.num_samples={train: 4, val: 2, test: 2}")
+    cfg = compose_cfg(
+        f"data/augmentations={augmentations}", *SEGMENTATION, *volumes, "data.num_samples={train: 4, val: 2, test: 2}"
+    )
     datamodule = instantiate(cfg.data, _convert_="all")
     assert (len(datamodule.augmentations) > 0) == (augmentations != "none")
     datamodule.setup()

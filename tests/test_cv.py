@@ -137,8 +137,15 @@ def test_a_fold_of_segmentation_and_multilabel_data(tmp_path):
 def cv_sweep(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cv")
     run_cli(
-        "train", "-m", "data.fold=range(3)", "data.num_folds=3", "model.class_weights=auto", *SMALL, *QUIET,
-        "hydra.sweep.dir=sweep", cwd=cwd,
+        "train",
+        "-m",
+        "data.fold=range(3)",
+        "data.num_folds=3",
+        "model.class_weights=auto",
+        *SMALL,
+        *QUIET,
+        "hydra.sweep.dir=sweep",
+        cwd=cwd,
     )
     proc = run_cli("summarize", "sweep", cwd=cwd)
     return cwd / "sweep", proc.stdout
@@ -151,7 +158,11 @@ def test_every_fold_job_records_the_same_assignment(cv_sweep):
     rows = read_csv(sweep / "0" / "folds.csv")
     assert list(rows[0]) == ["index", "label", "fold"]
     train_labels = SyntheticDataModule(
-        task="binary", num_classes=2, in_channels=1, spatial_dims=2, image_size=16,
+        task="binary",
+        num_classes=2,
+        in_channels=1,
+        spatial_dims=2,
+        image_size=16,
         num_samples={"train": 60, "val": 20, "test": 20},
     ).load_split("train")[1]
     assert [int(row["label"]) for row in rows] == train_labels.tolist()
@@ -226,8 +237,14 @@ def patient_manifest(folder: Path) -> Path:
             path = folder / "images" / f"p{p}_{k}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(path)
-            rows.append({"image": f"images/{path.name}", "label": label, "split": "train" if p < 12 else "test",
-                         "patient_id": f"P{p:02d}"})
+            rows.append(
+                {
+                    "image": f"images/{path.name}",
+                    "label": label,
+                    "split": "train" if p < 12 else "test",
+                    "patient_id": f"P{p:02d}",
+                }
+            )
     manifest = folder / "cases.csv"
     with manifest.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
@@ -255,8 +272,17 @@ def test_file_folds_keep_each_patient_in_one_fold(tmp_path):
 
     # through the CLI: folds.csv and splits.csv of the run agree
     run_cli(
-        "train", "data=files", f"data.manifest={manifest}", "data.fold=1", "data.num_folds=3", "data.batch_size=8",
-        "trainer.max_epochs=1", "logger=csv", *QUIET, "hydra.run.dir=run", cwd=tmp_path,
+        "train",
+        "data=files",
+        f"data.manifest={manifest}",
+        "data.fold=1",
+        "data.num_folds=3",
+        "data.batch_size=8",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        *QUIET,
+        "hydra.run.dir=run",
+        cwd=tmp_path,
     )
     folds = read_csv(tmp_path / "run" / "folds.csv")
     assert list(folds[0]) == ["image", "patient_id", "label", "fold"] and len(folds) == 24

@@ -10,12 +10,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from hydra.utils import instantiate
 
 from medexp.data.base import ArrayDataset
 from medexp.data.medmnist import MedMNISTDataModule
-from medexp.data.synthetic import SyntheticDataModule, make_phantoms
+from medexp.data.phantoms import make_phantoms
+from medexp.data.synthetic import SyntheticDataModule
 from medexp.utils.errors import MedexpError
 from tests.helpers import write_medmnist_npz
 
@@ -115,7 +115,10 @@ def test_medmnist_64px_file_name(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"name": "brestmnist"}, r"data.name='brestmnist' is not a MedMNIST 2D dataset; expected one of \[.*'breastmnist'"),
+        (
+            {"name": "brestmnist"},
+            r"data.name='brestmnist' is not a MedMNIST 2D dataset; expected one of \[.*'breastmnist'",
+        ),
         ({"name": "organmnist3d"}, "not a MedMNIST 2D dataset"),
         ({"size": 32}, r"data.size=32; breastmnist is offered at sizes \[28, 64, 128, 224\]"),
         ({"num_classes": 3, "task": "multiclass"}, "data.num_classes=3 but breastmnist has 2"),
@@ -151,7 +154,10 @@ def test_medmnist_wrong_arrays_are_named(tmp_path):
 def test_medmnist_labels_out_of_range_are_reported(tmp_path):
     write_medmnist_npz(tmp_path / "breastmnist.npz", SMALL, num_classes=4)
     # the data check names each sample; without it (data.scan=off) the split's range is reported
-    with pytest.raises(MedexpError, match=r"labels outside the classes \(\d+\): train sample \d+: label [23] is not a class index 0\.\.1"):
+    with pytest.raises(
+        MedexpError,
+        match=r"labels outside the classes \(\d+\): train sample \d+: label [23] is not a class index 0\.\.1",
+    ):
         medmnist(tmp_path).setup()
     with pytest.raises(MedexpError, match=r"train split: labels must be class indices in \[0, 1\]"):
         medmnist(tmp_path, scan="off").setup()
@@ -212,8 +218,11 @@ def test_real_medmnist_files(shared_medmnist, name, task, num_classes, channels)
 
 def test_prebuilt_samples_and_batches_equal_those_made_per_sample(compose_cfg):
     # a deterministic MONAI chain (MedMNIST's normalisation) is run once at setup; epochs index it
-    cfg = compose_cfg("data.num_samples={train: 40, val: 10, test: 10}", "data.batch_size=16",
-                      "data.transforms=[{_target_: monai.transforms.NormalizeIntensityd, keys: [image], subtrahend: 0.5, divisor: 0.5}]")
+    cfg = compose_cfg(
+        "data.num_samples={train: 40, val: 10, test: 10}",
+        "data.batch_size=16",
+        "data.transforms=[{_target_: monai.transforms.NormalizeIntensityd, keys: [image], subtrahend: 0.5, divisor: 0.5}]",
+    )
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup()
     batches = list(datamodule.test_dataloader())
@@ -232,7 +241,9 @@ def test_prebuilt_samples_and_batches_equal_those_made_per_sample(compose_cfg):
     for batch, reference in zip(batches, expected):
         assert all(torch.equal(batch[key], reference[key]) for key in reference)
     # a torch DataLoader with its own collate function still sees samples
-    assert torch.equal(next(iter(torch.utils.data.DataLoader(prebuilt, batch_size=4)))["image"], expected[0]["image"][:4])
+    assert torch.equal(
+        next(iter(torch.utils.data.DataLoader(prebuilt, batch_size=4)))["image"], expected[0]["image"][:4]
+    )
 
 
 def test_random_augmentations_are_not_prebuilt(compose_cfg):

@@ -284,7 +284,11 @@ def medmnist_duplicate(folder):
         arrays["train_images"][7] = arrays["test_images"][2]
 
     # data=medmnist only warns of these (its official splits have a few); strict on request
-    return Bad([*medmnist_npz(folder, edit), "data.on_bad=fail"], "train sample 7: the same image as test sample 2", "across splits (a leak)")
+    return Bad(
+        [*medmnist_npz(folder, edit), "data.on_bad=fail"],
+        "train sample 7: the same image as test sample 2",
+        "across splits (a leak)",
+    )
 
 
 def medmnist_constant(folder):
@@ -302,12 +306,30 @@ def medmnist_label(folder):
 
 
 BAD_DATA = [
-    truncated_png, garbage_nifti, unparsable_dicom, unreadable_mask, missing_file,
-    nan_in_nifti, inf_in_tiff, nan_in_npz, black_png, constant_dicom,
-    mask_label_out_of_range, mask_saved_as_255, fractional_nifti_mask,
-    mask_shape_png, mask_shape_nifti, rgb_mask, nifti_affine_mismatch, dicom_spacing_mismatch,
-    duplicate_across_files, file_listed_in_two_splits,
-    medmnist_nan, medmnist_duplicate, medmnist_constant, medmnist_label,
+    truncated_png,
+    garbage_nifti,
+    unparsable_dicom,
+    unreadable_mask,
+    missing_file,
+    nan_in_nifti,
+    inf_in_tiff,
+    nan_in_npz,
+    black_png,
+    constant_dicom,
+    mask_label_out_of_range,
+    mask_saved_as_255,
+    fractional_nifti_mask,
+    mask_shape_png,
+    mask_shape_nifti,
+    rgb_mask,
+    nifti_affine_mismatch,
+    dicom_spacing_mismatch,
+    duplicate_across_files,
+    file_listed_in_two_splits,
+    medmnist_nan,
+    medmnist_duplicate,
+    medmnist_constant,
+    medmnist_label,
 ]
 
 
@@ -330,8 +352,9 @@ def test_every_problem_is_listed_with_counts_and_how_to_proceed(tmp_path):
     for k in (1, 2):
         (tmp_path / f"c{k}.png").write_bytes(b"garbage")
     Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).save(tmp_path / "c3.png")
-    dm = FileDataModule(task="binary", num_classes=2, in_channels=1, spatial_dims=2,
-                        manifest=write_csv(tmp_path / "cases.csv", rows))
+    dm = FileDataModule(
+        task="binary", num_classes=2, in_channels=1, spatial_dims=2, manifest=write_csv(tmp_path / "cases.csv", rows)
+    )
     with pytest.raises(MedexpError) as error:
         dm.setup()
     message = str(error.value)
@@ -415,8 +438,16 @@ def test_skip_keeps_the_test_copy_of_a_leaked_array_sample(tmp_path):
         arrays["train_images"][9] = arrays["train_images"][8]  # within a split: kept, a warning
 
     medmnist_npz(tmp_path, edit)
-    dm = MedMNISTDataModule(name="breastmnist", root=tmp_path, task="binary", num_classes=2, in_channels=1,
-                            spatial_dims=2, on_bad="skip", output_dir=tmp_path / "run")
+    dm = MedMNISTDataModule(
+        name="breastmnist",
+        root=tmp_path,
+        task="binary",
+        num_classes=2,
+        in_channels=1,
+        spatial_dims=2,
+        on_bad="skip",
+        output_dir=tmp_path / "run",
+    )
     dm.setup()
     sizes = {split: len(dataset) for split, dataset in dm.datasets.items()}
     assert sizes == {"train": 19, "val": 5, "test": 6}
@@ -480,7 +511,9 @@ def test_medmnist_keeps_its_published_splits_with_a_warning_but_not_nan(tmp_path
     def duplicate(arrays):
         arrays["train_images"][7] = arrays["test_images"][2]
 
-    cfg = compose_config([*QUIET, *medmnist_npz(tmp_path / "dup", duplicate), "trainer.max_epochs=1"], output_dir=tmp_path / "a")
+    cfg = compose_config(
+        [*QUIET, *medmnist_npz(tmp_path / "dup", duplicate), "trainer.max_epochs=1"], output_dir=tmp_path / "a"
+    )
     train(cfg)  # data=medmnist: scan=all, on_bad=warn
     assert "kept: data.on_bad=warn" in caplog.text and "train sample 7: the same image as test sample 2" in caplog.text
     assert list((tmp_path / "a").rglob("*.ckpt"))

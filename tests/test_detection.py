@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from medexp.data.detection import FileDetectionDataModule, SyntheticDetectionDataModule, make_detection_phantoms, mask_boxes
+from medexp.data.detection import FileDetectionDataModule, SyntheticDetectionDataModule
+from medexp.data.phantoms import make_detection_phantoms, mask_boxes
 from medexp.metrics.detection import DetectionMetrics
 from medexp.predict import predict
 from medexp.train import train
@@ -49,8 +50,11 @@ def test_map_and_froc_of_known_detections():
     metric = DetectionMetrics(num_classes=1, spatial_dims=2)
 
     def found(boxes: list[list[float]], scores: list[float]) -> dict[str, torch.Tensor]:
-        return {"boxes": torch.tensor(boxes).reshape(-1, 4), "labels": torch.zeros(len(scores), dtype=torch.long),
-                "labels_scores": torch.tensor(scores)}
+        return {
+            "boxes": torch.tensor(boxes).reshape(-1, 4),
+            "labels": torch.zeros(len(scores), dtype=torch.long),
+            "labels_scores": torch.tensor(scores),
+        }
 
     def truth(boxes: list[list[float]]) -> dict[str, torch.Tensor]:
         return {"boxes": torch.tensor(boxes).reshape(-1, 4), "labels": torch.zeros(len(boxes), dtype=torch.long)}
@@ -78,8 +82,9 @@ def test_box_flip_augmentation_moves_image_and_boxes_together():
     from monai.apps.detection.transforms.dictionary import RandFlipBoxd
 
     flip = RandFlipBoxd(image_keys="image", box_keys="boxes", box_ref_image_keys="image", prob=1.0, spatial_axis=0)
-    datamodule = SyntheticDetectionDataModule(num_classes=1, num_samples={"train": 2, "val": 1, "test": 1},
-                                              augmentations=[flip])
+    datamodule = SyntheticDetectionDataModule(
+        num_classes=1, num_samples={"train": 2, "val": 1, "test": 1}, augmentations=[flip]
+    )
     datamodule.setup()
     train = datamodule.datasets["train"]
     sample, image, boxes = train[0], train.images[0][0] / 255.0, train.boxes[0]
@@ -90,8 +95,17 @@ def test_box_flip_augmentation_moves_image_and_boxes_together():
 
 def test_train_and_predict_through_the_cli(tmp_path):
     """A short CPU run finds the synthetic lesions; predict writes boxes in the files' geometry."""
-    run_cli("train", "data=synthetic_det", "model=retinanet", "hydra.run.dir=run", "trainer.max_epochs=3",
-            "data.num_samples={train: 128, val: 32, test: 32}", "optimizer.lr=3e-3", *QUIET, cwd=tmp_path)
+    run_cli(
+        "train",
+        "data=synthetic_det",
+        "model=retinanet",
+        "hydra.run.dir=run",
+        "trainer.max_epochs=3",
+        "data.num_samples={train: 128, val: 32, test: 32}",
+        "optimizer.lr=3e-3",
+        *QUIET,
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # an untrained RetinaNet scores below the 0.05 threshold everywhere: no boxes, mAP 0
     assert metrics["monitor"] == "val/map_10" and metrics["fit"]["val/map_10_best"] > 0
@@ -101,12 +115,14 @@ def test_train_and_predict_through_the_cli(tmp_path):
     report = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
     assert report["task"] == "detection" and report["agreement"]["map_10"]["abs_diff"] < 1e-6
     assert report["totals"]["lesions"] == sum(case["lesions"] for case in report["per_case"]) > 32
-    assert (tmp_path / "run" / "report" / "froc.png").is_file() and (tmp_path / "run" / "report" / "worst_cases.png").is_file()
+    assert (tmp_path / "run" / "report" / "froc.png").is_file() and (
+        tmp_path / "run" / "report" / "worst_cases.png"
+    ).is_file()
 
     # phantoms as PNGs (width x = columns, height y = rows), and one padded 16 columns wider
     from PIL import Image
 
-    from medexp.utils.checkpoint import load_checkpoint, rebuild_model
+    from medexp.checkpoints.checkpoint import Checkpoint
 
     images, _, _ = make_detection_phantoms(4, 64, 1, np.random.default_rng([7, 2]))
     (tmp_path / "scans").mkdir()
@@ -114,8 +130,13 @@ def test_train_and_predict_through_the_cli(tmp_path):
         Image.fromarray(image[0]).save(tmp_path / "scans" / f"case{index}.png")
     Image.fromarray(np.pad(images[0][0], ((0, 0), (0, 16)))).save(tmp_path / "scans" / "wide.png")
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
-    table = predict(compose_config([f"ckpt_path={ckpt}", f"input={tmp_path / 'scans'}", f"output={tmp_path / 'preds'}"],
-                                   "predict", output_dir=tmp_path / "predict_run"))
+    table = predict(
+        compose_config(
+            [f"ckpt_path={ckpt}", f"input={tmp_path / 'scans'}", f"output={tmp_path / 'preds'}"],
+            "predict",
+            output_dir=tmp_path / "predict_run",
+        )
+    )
     with table.open() as file:
         rows = list(csv.DictReader(file))
     assert list(rows[0]) == ["image", "label", "score", "x_min", "y_min", "x_max", "y_max"]
@@ -123,12 +144,14 @@ def test_train_and_predict_through_the_cli(tmp_path):
     assert record["box_mode"] == "xyxy" and record["classes"] == ["bright"]
     assert len(rows) == sum(len(found["boxes"]) for found in record["images"].values()) > 0
     # the model on the arrays themselves, (row, column) boxes: predict must give the same boxes as (x, y)
-    model = rebuild_model(load_checkpoint(ckpt))
+    model = Checkpoint(ckpt).build_model()
     with torch.no_grad():
         expected = model.infer(torch.from_numpy(images).float() / 255).detections
     for index, found in enumerate(expected):
         written = record["images"][str(tmp_path / "scans" / f"case{index}.png")]
-        assert written["spatial_size"] == [64, 64] and written["scores"] == pytest.approx(found["labels_scores"].tolist(), abs=1e-5)
+        assert written["spatial_size"] == [64, 64] and written["scores"] == pytest.approx(
+            found["labels_scores"].tolist(), abs=1e-5
+        )
         assert np.allclose(written["boxes"], found["boxes"][:, [1, 0, 3, 2]].numpy(), atol=1e-4)
     wide = record["images"][str(tmp_path / "scans" / "wide.png")]
     assert wide["spatial_size"] == [80, 64]
@@ -136,8 +159,18 @@ def test_train_and_predict_through_the_cli(tmp_path):
 
 
 def test_3d_detection_trains_and_evaluates_a_step(tmp_path):
-    cfg = compose_config([*QUIET, *SMALL, "data=synthetic_det", "data.spatial_dims=3", "data.image_size=32", "model=retinanet",
-                          "report=true"], output_dir=tmp_path)
+    cfg = compose_config(
+        [
+            *QUIET,
+            *SMALL,
+            "data=synthetic_det",
+            "data.spatial_dims=3",
+            "data.image_size=32",
+            "model=retinanet",
+            "report=true",
+        ],
+        output_dir=tmp_path,
+    )
     metrics = train(cfg)
     assert np.isfinite(metrics["fit"]["train/loss"])
     assert {"test/map_10", "test/map_50", "test/froc", "test/sens_fp8"} <= set(metrics["test"])
@@ -165,14 +198,18 @@ def phantom_files(folder, n: int = 12) -> list[dict[str, str]]:
     for index, (image, image_boxes) in enumerate(zip(images, boxes)):
         Image.fromarray(image[0]).save(folder / f"p{index}.png")
         file_boxes = image_boxes[:, [1, 0, 3, 2]].astype(int).tolist()
-        rows.append({"image": f"p{index}.png", "boxes": json.dumps(file_boxes), "split": ["train", "val", "test"][index % 3]})
+        rows.append(
+            {"image": f"p{index}.png", "boxes": json.dumps(file_boxes), "split": ["train", "val", "test"][index % 3]}
+        )
     return rows
 
 
 def test_file_manifest_boxes_index_the_image_as_loaded_and_train(tmp_path):
     rows = phantom_files(tmp_path)
     # one case with its boxes and labels in a sidecar file
-    (tmp_path / "p0.json").write_text(json.dumps({"boxes": json.loads(rows[0]["boxes"]), "labels": [0] * len(json.loads(rows[0]["boxes"]))}))
+    (tmp_path / "p0.json").write_text(
+        json.dumps({"boxes": json.loads(rows[0]["boxes"]), "labels": [0] * len(json.loads(rows[0]["boxes"]))})
+    )
     rows[0]["boxes"] = "p0.json"
     manifest = write_manifest(tmp_path, rows)
     datamodule = FileDetectionDataModule(manifest=manifest, num_classes=1, transforms=[], output_dir=tmp_path)
@@ -182,13 +219,27 @@ def test_file_manifest_boxes_index_the_image_as_loaded_and_train(tmp_path):
     assert torch.equal(sample["image"][0], torch.from_numpy(images[0][0]).float().T)
     for box, truth in zip(sample["boxes"].long().tolist(), boxes[0].astype(int)):
         x0, y0, x1, y1 = box
-        assert torch.equal(sample["image"][0, x0:x1, y0:y1], torch.from_numpy(images[0][0, truth[0]:truth[2], truth[1]:truth[3]]).float().T)
+        assert torch.equal(
+            sample["image"][0, x0:x1, y0:y1],
+            torch.from_numpy(images[0][0, truth[0] : truth[2], truth[1] : truth[3]]).float().T,
+        )
     splits = {Path(row["image"]).name: row for row in csv.DictReader((tmp_path / "splits.csv").open())}
     assert len(splits) == 12 and json.loads(splits["p3.png"]["boxes"]) == json.loads(rows[3]["boxes"])
     assert json.loads(splits["p0.png"]["boxes"]) == boxes[0][:, [1, 0, 3, 2]].tolist()  # from the sidecar
 
-    metrics = train(compose_config([*QUIET, "data=files_det", f"data.manifest={manifest}", "model=retinanet",
-                                    "trainer.max_epochs=1", "report=false"], output_dir=tmp_path / "run"))
+    metrics = train(
+        compose_config(
+            [
+                *QUIET,
+                "data=files_det",
+                f"data.manifest={manifest}",
+                "model=retinanet",
+                "trainer.max_epochs=1",
+                "report=false",
+            ],
+            output_dir=tmp_path / "run",
+        )
+    )
     assert np.isfinite(metrics["test"]["test/loss"]) and "test/map_10" in metrics["test"]
 
 
@@ -200,8 +251,10 @@ def test_file_manifest_boxes_index_the_image_as_loaded_and_train(tmp_path):
         (["model.nms_threshold=0"], "model.nms_threshold=0; expected a value in (0, 1]"),
         (["model.net.feature_extractor.out_channels=20"], "out_channels=20; expected a multiple of 8"),
         (["model=unet"], "data.task='detection'"),
-        (["data.augmentations=[{_target_: monai.transforms.Flipd, keys: [image], spatial_axis: 0}]"],
-         "Flipd moves pixels but not the lesion boxes"),
+        (
+            ["data.augmentations=[{_target_: monai.transforms.Flipd, keys: [image], spatial_axis: 0}]"],
+            "Flipd moves pixels but not the lesion boxes",
+        ),
     ],
 )
 def test_bad_detection_configs_fail_early_with_the_key(tmp_path, overrides, message):
@@ -234,8 +287,9 @@ def test_bad_boxes_in_a_manifest_are_named_with_their_line(tmp_path, boxes, mess
 def test_on_bad_skip_leaves_out_an_image_whose_boxes_do_not_fit(tmp_path):
     rows = phantom_files(tmp_path, n=6)
     rows[4]["boxes"] = "[[20, 20, 40, 30]]"  # beyond the 32 x 32 image
-    datamodule = FileDetectionDataModule(manifest=write_manifest(tmp_path, rows), num_classes=1, scan="all",
-                                         on_bad="skip", output_dir=tmp_path)
+    datamodule = FileDetectionDataModule(
+        manifest=write_manifest(tmp_path, rows), num_classes=1, scan="all", on_bad="skip", output_dir=tmp_path
+    )
     datamodule.setup()
     assert sum(len(cases) for cases in datamodule.cases.values()) == 5
     skipped = list(csv.DictReader((tmp_path / "skipped.csv").open()))

@@ -11,18 +11,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medexp.checkpoints.checkpoint import CONFIG_KEY, Checkpoint, load_checkpoint
 from medexp.nets.simple_cnn import SimpleCNN
 from medexp.tasks.distillation import DistillationTask
 from medexp.train import train
-from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint, rebuild_model
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config
 from tests.helpers import write_medmnist_npz
 
 # MedMNIST-format files whose mean intensity gives the label away: a teacher learns them in 2 epochs
 SIZES = {"train": 96, "val": 32, "test": 32}
-TWO_EPOCHS = [*QUIET, "report=false", "data=medmnist", "data.batch_size=16", "trainer.max_epochs=2",
-              "trainer.log_every_n_steps=1", "optimizer.lr=3e-3"]
+TWO_EPOCHS = [
+    *QUIET,
+    "report=false",
+    "data=medmnist",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=1",
+    "optimizer.lr=3e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +44,18 @@ def teacher(tmp_path_factory) -> dict[str, Path]:
 
 
 def distil(teacher: dict[str, Path], out: Path, *overrides: str) -> dict:
-    return train(compose_config(
-        [*TWO_EPOCHS, f"data.root={teacher['data']}", "model=distill", f"model.teacher_ckpt={teacher['ckpt']}", *overrides],
-        output_dir=out,
-    ))
+    return train(
+        compose_config(
+            [
+                *TWO_EPOCHS,
+                f"data.root={teacher['data']}",
+                "model=distill",
+                f"model.teacher_ckpt={teacher['ckpt']}",
+                *overrides,
+            ],
+            output_dir=out,
+        )
+    )
 
 
 def epochs(run: Path) -> list[dict[str, float]]:
@@ -61,13 +76,19 @@ def test_a_student_learns_from_the_teacher_alone(teacher, tmp_path):
     assert last["train/teacher_agreement"] >= 0.9
     assert metrics["test"]["test/auroc"] > 0.9
     # the teacher is neither part of the student's weights nor needed to use them
-    student = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
-    assert {key for key in student["state_dict"] if not key.startswith("net.")} == {"temperature", "monitor_best.max_value"}
+    checkpoint = Checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    student = checkpoint.contents
+    assert {key for key in student["state_dict"] if not key.startswith("net.")} == {
+        "temperature",
+        "monitor_best.max_value",
+    }
     assert student[CONFIG_KEY]["model"]["teacher_ckpt"] == str(teacher["ckpt"])
     student[CONFIG_KEY]["model"]["teacher_ckpt"] = str(tmp_path / "moved_away.ckpt")
-    model = rebuild_model(student)
+    model = checkpoint.build_model()
     assert model.teacher is None
-    teacher_params = sum(t.numel() for k, t in load_checkpoint(teacher["ckpt"])["state_dict"].items() if k.startswith("net."))
+    teacher_params = sum(
+        t.numel() for k, t in load_checkpoint(teacher["ckpt"])["state_dict"].items() if k.startswith("net.")
+    )
     assert sum(p.numel() for p in model.net.parameters()) < teacher_params / 3
 
 
@@ -77,11 +98,12 @@ def test_feature_matching_trains_a_projection_to_the_teacher_features(teacher, t
     assert last["train/feature_loss"] < first["train/feature_loss"]
     expected = 0.5 * last["train/ce_loss"] + 0.5 * last["train/kd_loss"] + last["train/feature_loss"]
     assert last["train/loss"] == pytest.approx(expected, rel=1e-4)
-    student = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    checkpoint = Checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    student = checkpoint.contents
     # student features (32, the last of model=distill's channels) -> teacher features (64, model=cnn's)
     assert student["state_dict"]["projection.weight"].shape == (64, 32)
     student[CONFIG_KEY]["model"]["teacher_ckpt"] = None  # rebuilt without its teacher, as medexp eval would
-    model = rebuild_model(student)
+    model = checkpoint.build_model()
     assert torch.equal(model.projection.weight, student["state_dict"]["projection.weight"])
 
 
@@ -127,8 +149,9 @@ def test_a_teacher_is_checked_against_the_data_module_too(teacher):
 @pytest.mark.parametrize(("task", "num_classes"), [("binary", 2), ("multiclass", 4), ("multilabel", 3)])
 def test_the_loss_mixes_labels_and_the_teacher_kl_at_temperature(task, num_classes):
     torch.manual_seed(0)
-    model = DistillationTask(SimpleCNN(2, 1, num_classes, (4,)), task, num_classes, alpha=0.3, kd_temperature=3.0,
-                             optimizer=None)
+    model = DistillationTask(
+        SimpleCNN(2, 1, num_classes, (4,)), task, num_classes, alpha=0.3, kd_temperature=3.0, optimizer=None
+    )
     student, teacher = torch.randn(6, num_classes), torch.randn(6, num_classes) * 2
     target = torch.randint(0, 2, (6, num_classes)) if task == "multilabel" else torch.randint(0, num_classes, (6,))
     ce, kd = model.distillation_terms(student, teacher, target)
@@ -146,4 +169,6 @@ def test_the_loss_mixes_labels_and_the_teacher_kl_at_temperature(task, num_class
     loss = model.batch_loss(student, {"image": torch.zeros(6, 1, 8, 8), "label": target, "teacher_logits": teacher})
     assert loss == pytest.approx(0.7 * float(ce) + 0.3 * float(kd), rel=1e-5)
     # validation and test batches carry no teacher outputs: the student's own cross-entropy
-    assert model.batch_loss(student, {"image": torch.zeros(6, 1, 8, 8), "label": target}) == pytest.approx(float(ce), rel=1e-5)
+    assert model.batch_loss(student, {"image": torch.zeros(6, 1, 8, 8), "label": target}) == pytest.approx(
+        float(ce), rel=1e-5
+    )

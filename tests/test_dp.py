@@ -8,18 +8,29 @@ import math
 import pytest
 import torch
 
+from medexp.checkpoints.checkpoint import load_checkpoint
 from medexp.eval import evaluate
 from medexp.privacy.dp import DifferentialPrivacy
 from medexp.train import train
-from medexp.utils.checkpoint import load_checkpoint
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config
 
 # a generous budget (epsilon 50 at delta 1e-5) on easy phantoms; RDP: the fastest accountant
 TARGET_EPSILON = 50.0
-DP = [*QUIET, "privacy=dp", "privacy.accountant=rdp", f"privacy.target_epsilon={TARGET_EPSILON}", "privacy.noise_seed=0",
-      "data.image_size=16", "data.lesion_contrast=3", "data.num_samples={train: 256, val: 64, test: 64}",
-      "data.batch_size=16", "optimizer.lr=0.01", "trainer.max_epochs=3", "report=false"]
+DP = [
+    *QUIET,
+    "privacy=dp",
+    "privacy.accountant=rdp",
+    f"privacy.target_epsilon={TARGET_EPSILON}",
+    "privacy.noise_seed=0",
+    "data.image_size=16",
+    "data.lesion_contrast=3",
+    "data.num_samples={train: 256, val: 64, test: 64}",
+    "data.batch_size=16",
+    "optimizer.lr=0.01",
+    "trainer.max_epochs=3",
+    "report=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,28 +60,46 @@ def test_the_dp_checkpoint_holds_groupnorm_and_the_accountant(dp_run, tmp_path):
     noise, sample_rate, steps = history[0]
     assert sample_rate == pytest.approx(16 / 256) and steps == 3 * 16 and noise > 0
     # eval rebuilds the same layers from the stored config and reproduces the recorded metrics
-    results = evaluate(compose_config([f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", *QUIET[2:]], "eval", output_dir=tmp_path))
+    results = evaluate(
+        compose_config([f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", *QUIET[2:]], "eval", output_dir=tmp_path)
+    )
     assert results["test"]["test/auroc"] == pytest.approx(metrics["test"]["test/auroc"], abs=1e-6)
 
 
 def test_what_opacus_cannot_do_is_refused_before_anything_is_built(tmp_path):
-    cfg = compose_config([*DP, "trainer=ddp_sim", "+trainer.accumulate_grad_batches=2", "+trainer.gradient_clip_val=1.0",
-                          "trainer.precision=16-mixed", "privacy.noise_multiplier=1.0", "privacy.delta=2"], output_dir=tmp_path)
+    cfg = compose_config(
+        [
+            *DP,
+            "trainer=ddp_sim",
+            "+trainer.accumulate_grad_batches=2",
+            "+trainer.gradient_clip_val=1.0",
+            "trainer.precision=16-mixed",
+            "privacy.noise_multiplier=1.0",
+            "privacy.delta=2",
+        ],
+        output_dir=tmp_path,
+    )
     with pytest.raises(MedexpError) as error:
         train(cfg)
     message = str(error.value)
     assert "6 problem(s)" in message
-    for expected in ("privacy.delta=2; expected a number in (0, 1)",
-                     "privacy.target_epsilon=50.0 and privacy.noise_multiplier=1.0: set exactly one",
-                     "trainer.devices=2", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=1.0",
-                     "trainer.precision=16-mixed"):
+    for expected in (
+        "privacy.delta=2; expected a number in (0, 1)",
+        "privacy.target_epsilon=50.0 and privacy.noise_multiplier=1.0: set exactly one",
+        "trainer.devices=2",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.gradient_clip_val=1.0",
+        "trainer.precision=16-mixed",
+    ):
         assert expected in message
 
 
 @pytest.mark.parametrize(
     ("model", "expected"),
-    [("model=gan", "AdversarialTask optimises its own way"),
-     ("model=denoising_unet", r"trains parameters outside its net \(residual_scale\)")],
+    [
+        ("model=gan", "AdversarialTask optimises its own way"),
+        ("model=denoising_unet", r"trains parameters outside its net \(residual_scale\)"),
+    ],
 )
 def test_models_opacus_cannot_train_are_named(tmp_path, model, expected):
     with pytest.raises(MedexpError, match=expected):

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from medexp.data import validation
-from medexp.data.files import FileDataModule, _not_a_series
+from medexp.data.files import FileDataModule
+from medexp.data.reading import not_a_series as _not_a_series
 from medexp.train import train
 from medexp.utils.config import build, check_config
 from medexp.utils.errors import MedexpError
@@ -54,37 +55,58 @@ def config(*overrides: str, says: list[str]) -> Callable[[Path], Bad]:
 
 CONFIGS = {
     "milestones not a list": config(
-        "scheduler=multistep", "scheduler.milestones=abc",
+        "scheduler=multistep",
+        "scheduler.milestones=abc",
         says=["scheduler.milestones='abc'; expected a list of non-decreasing integers >= 1"],
     ),
     "milestones decreasing": config(
-        "scheduler=multistep", "scheduler.milestones=[3,2]",
+        "scheduler=multistep",
+        "scheduler.milestones=[3,2]",
         says=["scheduler.milestones=[3, 2]; expected a list of non-decreasing integers >= 1"],
     ),
-    "multistep gamma 0": config("scheduler=multistep", "scheduler.gamma=0", says=["scheduler.gamma=0; expected a number > 0"]),
-    "cosine T_max negative": config("scheduler=cosine", "scheduler.T_max=-5", says=["scheduler.T_max=-5; expected an integer >= 1"]),
-    "cosine eta_min negative": config("scheduler=cosine", "scheduler.eta_min=-1", says=["scheduler.eta_min=-1; expected a number >= 0"]),
-    "plateau factor 1.5": config("scheduler=plateau", "scheduler.factor=1.5", says=["scheduler.factor=1.5; expected a number in (0, 1)"]),
+    "multistep gamma 0": config(
+        "scheduler=multistep", "scheduler.gamma=0", says=["scheduler.gamma=0; expected a number > 0"]
+    ),
+    "cosine T_max negative": config(
+        "scheduler=cosine", "scheduler.T_max=-5", says=["scheduler.T_max=-5; expected an integer >= 1"]
+    ),
+    "cosine eta_min negative": config(
+        "scheduler=cosine", "scheduler.eta_min=-1", says=["scheduler.eta_min=-1; expected a number >= 0"]
+    ),
+    "plateau factor 1.5": config(
+        "scheduler=plateau", "scheduler.factor=1.5", says=["scheduler.factor=1.5; expected a number in (0, 1)"]
+    ),
     "plateau patience negative": config(
         "scheduler=plateau", "scheduler.patience=-1", says=["scheduler.patience=-1; expected an integer >= 0"]
     ),
     "plateau monitor never logged": config(
-        "scheduler=plateau", "model.monitor=val/typo", says=["model.monitor='val/typo'; ClassificationTask logs", "'val/auroc'"]
+        "scheduler=plateau",
+        "model.monitor=val/typo",
+        says=["model.monitor='val/typo'; ClassificationTask logs", "'val/auroc'"],
     ),
-    "betas of one number": config("+optimizer.betas=[0.9]", says=["optimizer.betas=[0.9]; expected a list of 2 numbers in [0, 1)"]),
+    "betas of one number": config(
+        "+optimizer.betas=[0.9]", says=["optimizer.betas=[0.9]; expected a list of 2 numbers in [0, 1)"]
+    ),
     "betas above 1": config(
         "+optimizer.betas=[1.5,0.999]", says=["optimizer.betas=[1.5, 0.999]; expected a list of 2 numbers in [0, 1)"]
     ),
     "eps 0": config("+optimizer.eps=0", says=["optimizer.eps=0; expected a number > 0"]),
-    "accelerator unknown": config("trainer.accelerator=gpux", says=["trainer.accelerator='gpux'; expected one of ['auto', 'cpu', 'gpu'"]),
+    "accelerator unknown": config(
+        "trainer.accelerator=gpux", says=["trainer.accelerator='gpux'; expected one of ['auto', 'cpu', 'gpu'"]
+    ),
     "early stopping monitor typo": config(
-        "callbacks=early_stopping", "callbacks.early_stopping.monitor=val/aucroc",
-        says=["callbacks.early_stopping.monitor='val/aucroc': not logged by this run; did you mean val/auroc?", "'train/loss'"],
+        "callbacks=early_stopping",
+        "callbacks.early_stopping.monitor=val/aucroc",
+        says=[
+            "callbacks.early_stopping.monitor='val/aucroc': not logged by this run; did you mean val/auroc?",
+            "'train/loss'",
+        ],
     ),
 }
 if not torch.cuda.is_available():
     CONFIGS["accelerator gpu without one"] = config(
-        "trainer.accelerator=gpu", says=["trainer.accelerator='gpu', but this machine has no CUDA GPU", "trainer=cpu", "accelerator=auto"]
+        "trainer.accelerator=gpu",
+        says=["trainer.accelerator='gpu', but this machine has no CUDA GPU", "trainer=cpu", "accelerator=auto"],
     )
 
 
@@ -97,22 +119,35 @@ def yaml_in_config_dir(folder: Path, via: str = "medexp train") -> Bad:
         "defaults:\n  - cnn\n  - _self_\n\nnet:\n  channels: [8, 16\n  dropout: 0.1\n"
     )
     return Bad(
-        ["model=mymodel"], ["mymodel.yaml, line 7, column 10: YAML syntax error", "line 6, column 13"],
-        via=via, arguments=["--config-dir", str(folder / "mycfg")],
+        ["model=mymodel"],
+        ["mymodel.yaml, line 7, column 10: YAML syntax error", "line 6, column 13"],
+        via=via,
+        arguments=["--config-dir", str(folder / "mycfg")],
     )
 
 
 def yaml_in_config_dir_python_m(folder: Path) -> Bad:
     (folder / "mycfg" / "data").mkdir(parents=True)
-    (folder / "mycfg" / "data" / "mydata.yaml").write_text("defaults:\n  - synthetic\n\nbatch_size: 4\n\timage_size: 16\n")
-    return Bad(["data=mydata"], ["mydata.yaml, line 5, column 1: YAML syntax error", "'\\t'"], via="python -m medexp.train",
-               arguments=["--config-dir", str(folder / "mycfg")])
+    (folder / "mycfg" / "data" / "mydata.yaml").write_text(
+        "defaults:\n  - synthetic\n\nbatch_size: 4\n\timage_size: 16\n"
+    )
+    return Bad(
+        ["data=mydata"],
+        ["mydata.yaml, line 5, column 1: YAML syntax error", "'\\t'"],
+        via="python -m medexp.train",
+        arguments=["--config-dir", str(folder / "mycfg")],
+    )
 
 
 def checkpoint_monitor_typo(folder: Path) -> Bad:
     return Bad(
         ["callbacks.model_checkpoint.monitor=val/typo"],
-        ["callbacks.model_checkpoint.monitor='val/typo': not logged by this run", "ClassificationTask logs", "'val/auroc'", "callbacks may log ['val/saliency_in_mask'"],
+        [
+            "callbacks.model_checkpoint.monitor='val/typo': not logged by this run",
+            "ClassificationTask logs",
+            "'val/auroc'",
+            "callbacks may log ['val/saliency_in_mask'",
+        ],
         via="medexp train",
     )
 
@@ -127,22 +162,42 @@ def files(folder: Path, rows: list[dict], *extra: str, via: str = "medexp train"
 def mixed_channels(folder: Path) -> Bad:
     rows = classification(folder)
     Image.fromarray(np.stack([noise(2)] * 3, axis=-1)).save(folder / "c2.png")  # RGB among grey
-    return files(folder, rows, via="train()", says=["c2.png (", "cases.csv line 4): shape (3, 16, 16)", "3 channel(s), not 1", "set data.in_channels to it"])
+    return files(
+        folder,
+        rows,
+        via="train()",
+        says=["c2.png (", "cases.csv line 4): shape (3, 16, 16)", "3 channel(s), not 1", "set data.in_channels to it"],
+    )
 
 
 def channels_after_following_the_advice(folder: Path) -> Bad:
     # the first training image is RGB: the first-image check advises data.in_channels=3; the rest are grey
     rows = classification(folder)
     Image.fromarray(np.stack([noise(0)] * 3, axis=-1)).save(folder / "c0.png")
-    return files(folder, rows, "data.in_channels=3", via="train()",
-                 says=["c1.png (", "1 channel(s), not 3", "c0.png (", "has (3, 16, 16) as data.in_channels", "(5): "])
+    return files(
+        folder,
+        rows,
+        "data.in_channels=3",
+        via="train()",
+        says=["c1.png (", "1 channel(s), not 3", "c0.png (", "has (3, 16, 16) as data.in_channels", "(5): "],
+    )
 
 
 def mixed_sizes(folder: Path) -> Bad:
     rows = classification(folder)
     Image.fromarray(noise(3, shape=(24, 20))).save(folder / "c3.png")
-    return files(folder, rows, via="train()",
-                 says=["c3.png (", "shape (1, 20, 24)", "has (1, 16, 16)", "monai.transforms.Resized with spatial_size [16, 16]", "data.batch_size=1"])
+    return files(
+        folder,
+        rows,
+        via="train()",
+        says=[
+            "c3.png (",
+            "shape (1, 20, 24)",
+            "has (1, 16, 16)",
+            "monai.transforms.Resized with spatial_size [16, 16]",
+            "data.batch_size=1",
+        ],
+    )
 
 
 def nifti_among_pngs(folder: Path) -> Bad:
@@ -158,8 +213,12 @@ def folder_as_image(folder: Path) -> Bad:
     for k in range(3):
         Image.fromarray(noise(10 + k)).save(folder / "slices" / f"s{k}.png")
     rows[1]["image"] = "slices"
-    return files(folder, rows, via="train()",
-                 says=["slices (", "cases.csv line 3): a folder, not an image", "no DICOM files (s0.png, s1.png, s2.png)"])
+    return files(
+        folder,
+        rows,
+        via="train()",
+        says=["slices (", "cases.csv line 3): a folder, not an image", "no DICOM files (s0.png, s1.png, s2.png)"],
+    )
 
 
 def folder_and_rgb_through_the_command(folder: Path) -> Bad:
@@ -170,8 +229,14 @@ def folder_and_rgb_through_the_command(folder: Path) -> Bad:
 
 
 CLI_AND_DATA = [
-    yaml_in_config_dir, yaml_in_config_dir_python_m, checkpoint_monitor_typo,
-    mixed_channels, channels_after_following_the_advice, mixed_sizes, nifti_among_pngs, folder_as_image,
+    yaml_in_config_dir,
+    yaml_in_config_dir_python_m,
+    checkpoint_monitor_typo,
+    mixed_channels,
+    channels_after_following_the_advice,
+    mixed_sizes,
+    nifti_among_pngs,
+    folder_as_image,
     folder_and_rgb_through_the_command,
 ]
 CASES = [*CONFIGS.values(), *CLI_AND_DATA]
@@ -204,7 +269,7 @@ def test_a_late_error_now_comes_early_in_one_line(make, tmp_path):
         assert len(errors) == 1, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and "NvImgCodec" not in proc.stderr, proc.stderr[-3000:]
         assert len(proc.stderr.splitlines()) <= 10, proc.stderr[-3000:]  # not the 70-255 lines of before
-        message = proc.stderr[proc.stderr.index("medexp: error:"):]  # the error and the problems it lists
+        message = proc.stderr[proc.stderr.index("medexp: error:") :]  # the error and the problems it lists
     for text in bad.says:
         assert text in message, message
     assert not list(tmp_path.rglob("*.ckpt")) and not (run / "metrics.json").exists(), "a model was trained"
@@ -213,20 +278,33 @@ def test_a_late_error_now_comes_early_in_one_line(make, tmp_path):
 # --- what must still pass ---
 
 
-@pytest.mark.parametrize("overrides", [
-    ["scheduler=multistep"], ["scheduler=cosine"], ["scheduler=plateau"], ["scheduler=none"],
-    ["optimizer=adamw", "+optimizer.betas=[0.9,0.99]", "+optimizer.eps=1e-6"], ["optimizer=sgd"],
-    ["trainer=cpu"], ["trainer.accelerator=auto"],
-], ids=lambda overrides: " ".join(overrides))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["scheduler=multistep"],
+        ["scheduler=cosine"],
+        ["scheduler=plateau"],
+        ["scheduler=none"],
+        ["optimizer=adamw", "+optimizer.betas=[0.9,0.99]", "+optimizer.eps=1e-6"],
+        ["optimizer=sgd"],
+        ["trainer=cpu"],
+        ["trainer.accelerator=auto"],
+    ],
+    ids=lambda overrides: " ".join(overrides),
+)
 def test_the_shipped_settings_pass(overrides, tmp_path):
     validate_config(check_config(compose_config(overrides, output_dir=tmp_path)))
 
 
-@pytest.mark.parametrize(("overrides", "monitor"), [
-    ([], "train/loss"), ([], "val/auroc_best"),
-    (["data=synthetic_seg", "model=unet", "data.num_classes=3"], "val/dice_2"),
-    (["data=synthetic_seg", "model=unet"], "val/dice"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "monitor"),
+    [
+        ([], "train/loss"),
+        ([], "val/auroc_best"),
+        (["data=synthetic_seg", "model=unet", "data.num_classes=3"], "val/dice_2"),
+        (["data=synthetic_seg", "model=unet"], "val/dice"),
+    ],
+)
 def test_a_monitor_the_run_logs_passes(overrides, monitor, tmp_path):
     overrides = [*overrides, "callbacks=early_stopping", f"callbacks.early_stopping.monitor={monitor}"]
     config = check_config(compose_config(overrides, output_dir=tmp_path))
@@ -249,7 +327,13 @@ def _mixed_sizes(folder: Path) -> Path:
 
 def test_a_resizing_transform_or_batches_of_one_take_mixed_sizes(tmp_path):
     resize = {"_target_": "monai.transforms.Resized", "keys": ["image"], "spatial_size": [16, 16]}
-    common = {"task": "binary", "num_classes": 2, "in_channels": 1, "spatial_dims": 2, "manifest": _mixed_sizes(tmp_path)}
+    common = {
+        "task": "binary",
+        "num_classes": 2,
+        "in_channels": 1,
+        "spatial_dims": 2,
+        "manifest": _mixed_sizes(tmp_path),
+    }
     for options in ({"transforms": [build(resize)], "batch_size": 4}, {"batch_size": 1}):
         FileDataModule(**common, **options).setup()
     with pytest.raises(MedexpError, match=r"c3\.png \(.*shape \(1, 24, 24\)"):
@@ -258,8 +342,16 @@ def test_a_resizing_transform_or_batches_of_one_take_mixed_sizes(tmp_path):
 
 def test_a_shape_disagreement_can_be_skipped(tmp_path):
     manifest = _mixed_sizes(tmp_path)
-    dm = FileDataModule(task="binary", num_classes=2, in_channels=1, spatial_dims=2, manifest=manifest, batch_size=4,
-                        on_bad="skip", output_dir=tmp_path / "run")
+    dm = FileDataModule(
+        task="binary",
+        num_classes=2,
+        in_channels=1,
+        spatial_dims=2,
+        manifest=manifest,
+        batch_size=4,
+        on_bad="skip",
+        output_dir=tmp_path / "run",
+    )
     dm.setup()
     assert [case.image.name for case in dm.cases["train"]] == ["c0.png", "c1.png", "c2.png"]
     assert "shape_disagreement" in (tmp_path / "run" / "skipped.csv").read_text()

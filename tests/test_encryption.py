@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medexp.data.synthetic import make_phantoms
+from medexp.data.phantoms import make_phantoms
 from medexp.eval import evaluate
 from medexp.predict import predict
 from medexp.privacy.encryption import (
@@ -30,8 +30,14 @@ from tests.conftest import QUIET, compose_config, run_cli
 
 # not MEDEXP_KEY: a key in the environment of whoever runs the tests must not change them
 KEY_ENV = "MEDEXP_TEST_KEY"
-RUN = [*QUIET, "data.image_size=16", "data.num_samples={train: 64, val: 32, test: 32}", "data.batch_size=32",
-       "report=false", f"encryption.key_env={KEY_ENV}"]
+RUN = [
+    *QUIET,
+    "data.image_size=16",
+    "data.num_samples={train: 64, val: 32, test: 32}",
+    "data.batch_size=32",
+    "report=false",
+    f"encryption.key_env={KEY_ENV}",
+]
 
 
 def test_bytes_round_trip_in_chunks_and_tampering_is_refused(monkeypatch):
@@ -94,7 +100,8 @@ def test_checkpoints_are_encrypted_and_train_reads_them_back(encrypted_run, key,
             torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
     # the calibrated best.ckpt (still sealed, checked above) holds the fitted temperature
     assert load_torch(run / "checkpoints" / "best.ckpt")["state_dict"]["temperature"] == pytest.approx(
-        metrics["calibration"]["temperature"])
+        metrics["calibration"]["temperature"]
+    )
     # validate/test after fit loaded best.ckpt through the trainer's checkpoint I/O: the validation
     # loss (of the logits, before the temperature) is the NLL calibration measured on its weights.
     # (Not AUROC: a near-random model gets the largest temperature, 100, and float32 probabilities
@@ -113,10 +120,18 @@ def test_eval_predict_and_resume_with_the_key(encrypted_run, key, tmp_path, monk
     images, _, _ = make_phantoms(3, 16, "binary", 2, np.random.default_rng(3))
     for index, image in enumerate(images):
         Image.fromarray(image[0]).save(tmp_path / f"case{index}.png")
-    table = predict(compose_config(
-        [f"ckpt_path={best}", f"input={tmp_path}/*.png", f"output={tmp_path}/preds", "trainer.enable_progress_bar=false"],
-        "predict", output_dir=tmp_path / "predict",
-    ))
+    table = predict(
+        compose_config(
+            [
+                f"ckpt_path={best}",
+                f"input={tmp_path}/*.png",
+                f"output={tmp_path}/preds",
+                "trainer.enable_progress_bar=false",
+            ],
+            "predict",
+            output_dir=tmp_path / "predict",
+        )
+    )
     with table.open(newline="") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 3 and all(abs(float(r["p_0"]) + float(r["p_1"]) - 1) < 1e-5 for r in rows)
@@ -159,8 +174,17 @@ def test_the_disk_cache_of_file_data_is_encrypted_with_the_run_key(tmp_path, mon
     cache = tmp_path / "cache"
 
     def first_batch(*overrides: str) -> dict:
-        cfg = compose_config(["data=files", f"data.manifest={tmp_path / 'cases.csv'}", "data.batch_size=4", "data.scan=off",
-                              f"data.cache_dir={cache}", *overrides], output_dir=tmp_path / "run")
+        cfg = compose_config(
+            [
+                "data=files",
+                f"data.manifest={tmp_path / 'cases.csv'}",
+                "data.batch_size=4",
+                "data.scan=off",
+                f"data.cache_dir={cache}",
+                *overrides,
+            ],
+            output_dir=tmp_path / "run",
+        )
         datamodule = instantiate(cfg.data, _convert_="all")
         datamodule.setup()
         return next(iter(datamodule.val_dataloader()))

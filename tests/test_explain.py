@@ -15,11 +15,18 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from medexp.data.synthetic import make_phantoms
+from medexp.checkpoints.checkpoint import CONFIG_KEY
+from medexp.data.phantoms import make_phantoms
 from medexp.explain import explain
-from medexp.metrics.saliency import deletion_insertion, mask_fraction, normalise, pointing_hit, pointing_mass, random_maps
+from medexp.metrics.saliency import (
+    deletion_insertion,
+    mask_fraction,
+    normalise,
+    pointing_hit,
+    pointing_mass,
+    random_maps,
+)
 from medexp.train import train
-from medexp.utils.checkpoint import CONFIG_KEY
 from medexp.utils.errors import MedexpError
 from tests.conftest import ENV, QUIET, compose_config
 
@@ -27,9 +34,17 @@ from tests.conftest import ENV, QUIET, compose_config
 # the whole image) on high-contrast lesions: seconds to train, and its maps find the lesions
 # (pointing mass 5-6x the uniform map's over seeds 1-3; the test asks for 2x).
 TINY = [
-    *QUIET, "model.net.channels=[8,16]", "data.lesion_contrast=3", "optimizer.lr=3e-3", "trainer.max_epochs=6",
-    "data.num_samples={train: 384, val: 64, test: 64}", "data.batch_size=32", "test=false", "logger=tensorboard",
-    "callbacks.saliency_watch.every_n_epochs=5", "callbacks.saliency_watch.num_images=4",
+    *QUIET,
+    "model.net.channels=[8,16]",
+    "data.lesion_contrast=3",
+    "optimizer.lr=3e-3",
+    "trainer.max_epochs=6",
+    "data.num_samples={train: 384, val: 64, test: 64}",
+    "data.batch_size=32",
+    "test=false",
+    "logger=tensorboard",
+    "callbacks.saliency_watch.every_n_epochs=5",
+    "callbacks.saliency_watch.num_images=4",
 ]
 
 
@@ -98,8 +113,14 @@ def test_deletion_auc_of_the_true_evidence_beats_a_random_order():
 def test_synthetic_classification_serves_lesion_masks_outside_training(fold):
     from medexp.data.synthetic import SyntheticDataModule
 
-    data = SyntheticDataModule(task="multiclass", num_classes=3, in_channels=1, spatial_dims=2, fold=fold,
-                               num_samples={"train": 40, "val": 12, "test": 12})
+    data = SyntheticDataModule(
+        task="multiclass",
+        num_classes=3,
+        in_channels=1,
+        spatial_dims=2,
+        fold=fold,
+        num_samples={"train": 40, "val": 12, "test": 12},
+    )
     data.setup()
     assert data.datasets["train"].masks is None and "mask" not in data.datasets["train"][0]
     for split in ("val", "test"):
@@ -135,8 +156,9 @@ def test_gradcam_mass_lies_on_the_lesions_and_deletion_beats_random(lesion_run, 
 
 @pytest.mark.parametrize("method", ["gradcampp", "occlusion"])
 def test_other_methods_also_point_at_lesions(lesion_run, tmp_path, method):
-    summary = explain_with(lesion_run, tmp_path, "split=test", "class_index=1", f"method={method}", "limit=16",
-                           "steps=0", "overlays=false")
+    summary = explain_with(
+        lesion_run, tmp_path, "split=test", "class_index=1", f"method={method}", "limit=16", "steps=0", "overlays=false"
+    )
     assert summary["images"] == 16 and summary["mean"]["deletion_auc"] is None
     assert summary["pointing_mass_over_uniform"] > 2
     assert (summary["layer"] is None) == (method == "occlusion")
@@ -158,9 +180,22 @@ def test_medexp_explain_on_image_files_writes_overlays_and_scores(lesion_run, tm
     paths, labels = write_cases(tmp_path)
     ckpt = lesion_run / "checkpoints" / "last.ckpt"
     proc = subprocess.run(
-        [sys.executable, "-m", "medexp.explain", f"ckpt_path={ckpt}", "input=images", "mask=masks", "output=out",
-         "hydra.run.dir=run", "batch_size=2"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "medexp.explain",
+            f"ckpt_path={ckpt}",
+            "input=images",
+            "mask=masks",
+            "output=out",
+            "hydra.run.dir=run",
+            "batch_size=2",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_rows(tmp_path / "out" / "saliency.csv")
@@ -205,10 +240,24 @@ def test_the_watch_is_off_by_default_and_skips_other_tasks(tmp_path):
 
     cfg = compose([], output_dir=tmp_path)
     assert cfg.callbacks.saliency_watch.every_n_epochs is None
-    train(compose([*QUIET, "data=synthetic_seg", "model=unet", "model.net.channels=[4,8]", "model.net.strides=[2]",
-                   "model.net.num_res_units=0", "trainer.max_epochs=1", "data.num_samples={train: 16, val: 4, test: 4}",
-                   "test=false", "callbacks.saliency_watch.every_n_epochs=1", "callbacks.segmentation_overlays=null"],
-                  output_dir=tmp_path))
+    train(
+        compose(
+            [
+                *QUIET,
+                "data=synthetic_seg",
+                "model=unet",
+                "model.net.channels=[4,8]",
+                "model.net.strides=[2]",
+                "model.net.num_res_units=0",
+                "trainer.max_epochs=1",
+                "data.num_samples={train: 16, val: 4, test: 4}",
+                "test=false",
+                "callbacks.saliency_watch.every_n_epochs=1",
+                "callbacks.segmentation_overlays=null",
+            ],
+            output_dir=tmp_path,
+        )
+    )
     assert not (tmp_path / "saliency").exists()
     with pytest.raises(ValueError, match="method"):
         SaliencyWatch(method="lime")
@@ -248,19 +297,40 @@ def test_bad_options_are_user_errors(lesion_run, tmp_path):
         run("split=test", "baseline=noise")
     with pytest.raises(MedexpError, match="class_index=5"):
         run("split=test", "class_index=5")
-    seg = fake_checkpoint(tmp_path / "seg.ckpt", "data=synthetic_seg", "model=unet", "model.net.channels=[4,8]",
-                          "model.net.strides=[2]", "model.net.num_res_units=0")
+    seg = fake_checkpoint(
+        tmp_path / "seg.ckpt",
+        "data=synthetic_seg",
+        "model=unet",
+        "model.net.channels=[4,8]",
+        "model.net.strides=[2]",
+        "model.net.num_res_units=0",
+    )
     with pytest.raises(MedexpError, match="explains classifiers.*SegmentationTask"):
-        explain(compose_config([f"ckpt_path={seg}", f"output={tmp_path}", "split=test"], "explain", output_dir=tmp_path))
+        explain(
+            compose_config([f"ckpt_path={seg}", f"output={tmp_path}", "split=test"], "explain", output_dir=tmp_path)
+        )
     gan = fake_checkpoint(tmp_path / "gan.ckpt", "model=gan")
     with pytest.raises(MedexpError, match="explains classifiers.*AdversarialTask"):
-        explain(compose_config([f"ckpt_path={gan}", f"output={tmp_path}", "split=test"], "explain", output_dir=tmp_path))
+        explain(
+            compose_config([f"ckpt_path={gan}", f"output={tmp_path}", "split=test"], "explain", output_dir=tmp_path)
+        )
 
 
 def test_the_command_reports_errors_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "medexp.explain", f"ckpt_path={tmp_path / 'none.ckpt'}", "split=test", "output=out",
-         "hydra.run.dir=run"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "medexp.explain",
+            f"ckpt_path={tmp_path / 'none.ckpt'}",
+            "split=test",
+            "output=out",
+            "hydra.run.dir=run",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1 and "no such file" in proc.stderr and "Traceback" not in proc.stderr

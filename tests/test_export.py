@@ -15,18 +15,27 @@ from hydra.utils import instantiate
 from PIL import Image
 
 import medexp
+from medexp.checkpoints.checkpoint import Checkpoint
 from medexp.export import export
 from medexp.train import train
-from medexp.utils.checkpoint import load_checkpoint, rebuild, rebuild_model
 from medexp.utils.errors import MedexpError
 from tests.conftest import ENV, QUIET, compose_config
 
 pytest.importorskip("onnxruntime")
 
-ONE_EPOCH = [*QUIET, "trainer.max_epochs=1", "test=false", "trainer.log_every_n_steps=1", "data.image_size=16",
-             "data.num_samples={train: 32, val: 16, test: 20}", "data.batch_size=16"]
+ONE_EPOCH = [
+    *QUIET,
+    "trainer.max_epochs=1",
+    "test=false",
+    "trainer.log_every_n_steps=1",
+    "data.image_size=16",
+    "data.num_samples={train: 32, val: 16, test: 20}",
+    "data.batch_size=16",
+]
 # MedMNIST's normalisation to [-1, 1], so the sidecar has a transform to describe
-NORMALISE = "data.transforms=[{_target_: monai.transforms.NormalizeIntensityd, keys: [image], subtrahend: 0.5, divisor: 0.5}]"
+NORMALISE = (
+    "data.transforms=[{_target_: monai.transforms.NormalizeIntensityd, keys: [image], subtrahend: 0.5, divisor: 0.5}]"
+)
 TINY_UNET = ["model=unet", "model.net.channels=[4,8]", "model.net.strides=[2]", "model.net.num_res_units=0"]
 
 
@@ -51,13 +60,13 @@ def run_export(ckpt: Path, out: Path, *overrides: str) -> dict:
 
 def first_test_batch(ckpt: Path) -> torch.Tensor:
     """The first test batch as the data module serves it, rebuilt from the checkpoint."""
-    datamodule, _ = rebuild(load_checkpoint(ckpt), {}, data_output_dir=None)
+    datamodule, _ = Checkpoint(ckpt).build()
     datamodule.setup("test")
     return next(iter(datamodule.test_dataloader()))["image"]
 
 
 def expected_outputs(ckpt: Path, x: torch.Tensor) -> torch.Tensor:
-    model = rebuild_model(load_checkpoint(ckpt), {"class_weights": None})
+    model = Checkpoint(ckpt).build_model({"class_weights": None})
     with torch.no_grad():
         return model.predict_step({"image": x}, 0)
 
@@ -113,7 +122,7 @@ def test_the_sidecar_preprocessing_makes_the_model_input(checkpoints, tmp_path):
     # a raw 8-bit image, not square, so a swapped axis would show
     raw = np.random.default_rng(3).integers(0, 256, size=(16, 24), dtype=np.uint8)
     Image.fromarray(raw).save(tmp_path / "raw.png")
-    datamodule, _ = rebuild(load_checkpoint(ckpt), {}, data_output_dir=None)
+    datamodule, _ = Checkpoint(ckpt).build()
     served = datamodule.predict_transform()({"image": str(tmp_path / "raw.png")})["image"].as_tensor()
 
     # the deployer's side: the steps of the sidecar applied to the array, in its layout (C, H, W)
@@ -127,15 +136,28 @@ def test_the_sidecar_preprocessing_makes_the_model_input(checkpoints, tmp_path):
     torch.testing.assert_close(served, torch.from_numpy((raw[None] / 255.0 - 0.5) / 0.5).float(), atol=1e-6, rtol=0)
     # ...and the exported model gives the model's answer on it, at that size
     batch = served[None]
-    torch.testing.assert_close(run_exported(tmp_path / "out" / "model.onnx", batch), expected_outputs(ckpt, batch),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        run_exported(tmp_path / "out" / "model.onnx", batch), expected_outputs(ckpt, batch), atol=1e-4, rtol=0
+    )
 
 
 def test_the_command_line_exports_and_logs_the_difference(checkpoints, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "medexp.export", f"ckpt_path={checkpoints['classifier']}", "format=torchscript",
-         "output=exported", "verify.batches=1", "hydra.run.dir=run"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "medexp.export",
+            f"ckpt_path={checkpoints['classifier']}",
+            "format=torchscript",
+            "output=exported",
+            "verify.batches=1",
+            "hydra.run.dir=run",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max |exported - model| =" in proc.stdout + proc.stderr
@@ -162,7 +184,11 @@ def test_a_gan_is_refused(tmp_path):
     ckpt = fit(tmp_path / "gan", "model=gan", "model.latent_size=8", "callbacks.sample_grids=null")
     proc = subprocess.run(
         [sys.executable, "-m", "medexp.export", f"ckpt_path={ckpt}", "output=exported", "hydra.run.dir=run"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "medexp: error: cannot export a GAN (medexp.tasks.adversarial.AdversarialTask)" in proc.stderr
@@ -173,7 +199,7 @@ def test_a_gan_is_refused(tmp_path):
 def test_sliding_window_segmentation_is_refused(checkpoints):
     from medexp.export import _refuse_model
 
-    model = rebuild_model(load_checkpoint(checkpoints["segmenter"]), {"roi_size": [8, 8]})
+    model = Checkpoint(checkpoints["segmenter"]).build_model({"roi_size": [8, 8]})
     with pytest.raises(MedexpError, match=r"sliding windows \(model.roi_size=\[8, 8\]\)"):
         _refuse_model(model)
 

@@ -42,16 +42,29 @@ from tests.conftest import ENV, QUIET, REPO, compose_config, run_cli
 
 TINY = [*QUIET, "data.image_size=16", "data.num_samples={train: 64, val: 32, test: 32}", "report=false"]
 # learns within 2 epochs (val AUROC about 0.7), so a broken epoch is clearly worse
-LEARNS = [*QUIET, "data.image_size=16", "data.num_samples={train: 256, val: 64, test: 16}", "data.batch_size=16",
-          "optimizer.lr=0.003", "trainer.deterministic=true", "report=false"]
+LEARNS = [
+    *QUIET,
+    "data.image_size=16",
+    "data.num_samples={train: 256, val: 64, test: 16}",
+    "data.batch_size=16",
+    "optimizer.lr=0.003",
+    "trainer.deterministic=true",
+    "report=false",
+]
 FAST = [*QUIET, "debug=limit", "report=false"]  # in-process runs: 4 batches an epoch
 
 
 def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """`medexp` with this repository importable (for the test-only callbacks below)."""
     env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), ENV.get("PYTHONPATH")]))}
-    proc = subprocess.run([str(Path(sys.executable).with_name("medexp")), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("medexp")), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"medexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
     return proc
@@ -93,7 +106,9 @@ class BreakWeights(L.Callback):
 
 
 def _dead_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(proc.stdout)
 
 
@@ -108,9 +123,14 @@ def moved_run(tmp_path_factory):
     dead = _dead_pid()
     (copy / ".lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "then"}))
     # the command a user types: the copied run's overrides and directory come from the checkpoint
-    resumed = cli("train", f"ckpt_path={copy}/checkpoints/last.ckpt", "trainer.max_epochs=4",
-                  "+callbacks.break_weights._target_=tests.test_fault_cases.BreakWeights",
-                  "+callbacks.break_weights.from_epoch=2", cwd=tmp)
+    resumed = cli(
+        "train",
+        f"ckpt_path={copy}/checkpoints/last.ckpt",
+        "trainer.max_epochs=4",
+        "+callbacks.break_weights._target_=tests.test_fault_cases.BreakWeights",
+        "+callbacks.break_weights.from_epoch=2",
+        cwd=tmp,
+    )
     return {"first": first, "copy": copy, "dead": dead, "resumed": resumed}
 
 
@@ -137,9 +157,13 @@ def test_a_copied_run_without_its_best_checkpoint_says_so_and_chooses_again(tmp_
     shutil.copytree(first, copy)
     (copy / "checkpoints" / "best.ckpt").unlink()  # only last.ckpt was copied along
     with caplog.at_level("WARNING", logger="medexp"):
-        metrics = train(compose_config([*FAST, "trainer.max_epochs=2", f"ckpt_path={copy}/checkpoints/last.ckpt"],
-                                       output_dir=copy))
-    assert f"the run moved from {first / 'checkpoints'} to {copy / 'checkpoints'}, but {copy / 'checkpoints' / 'best.ckpt'} is not there" in caplog.text
+        metrics = train(
+            compose_config([*FAST, "trainer.max_epochs=2", f"ckpt_path={copy}/checkpoints/last.ckpt"], output_dir=copy)
+        )
+    assert (
+        f"the run moved from {first / 'checkpoints'} to {copy / 'checkpoints'}, but {copy / 'checkpoints' / 'best.ckpt'} is not there"
+        in caplog.text
+    )
     assert metrics["best_checkpoint"] == str(copy / "checkpoints" / "best.ckpt")
     assert load(copy / "checkpoints" / "best.ckpt")["epoch"] == 1  # chosen among the resumed epochs
     assert load(first / "checkpoints" / "best.ckpt")["epoch"] == 0  # the original is untouched
@@ -154,8 +178,14 @@ def two_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_runs")
     run = tmp / "run"
     medexp = Path(sys.executable).with_name("medexp")
-    first = subprocess.Popen([str(medexp), "train", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}"], cwd=tmp,
-                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [str(medexp), "train", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={run}"],
+        cwd=tmp,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (run / ".lock").is_file() and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -164,8 +194,15 @@ def two_runs(tmp_path_factory):
     second_seconds = time.time() - started
     first_done = first.poll() is not None
     stdout, stderr = first.communicate(timeout=300)
-    return {"run": run, "tmp": tmp, "first": first, "first_stderr": stderr, "second": second,
-            "second_seconds": second_seconds, "first_done_when_refused": first_done}
+    return {
+        "run": run,
+        "tmp": tmp,
+        "first": first,
+        "first_stderr": stderr,
+        "second": second,
+        "second_seconds": second_seconds,
+        "first_done_when_refused": first_done,
+    }
 
 
 def test_a_second_run_in_a_running_runs_directory_refuses_at_once(two_runs):  # case 3
@@ -220,11 +257,23 @@ def test_a_multirun_locks_each_jobs_own_directory(tmp_path):  # case 7
     held = RunDirLock(sweep / "1")  # another process works in the second job's directory
     held.acquire()
     try:
-        proc = run_cli("train", "-m", *TINY, "train=false", "test=false", "seed=1,2", f"hydra.sweep.dir={sweep}",
-                       cwd=tmp_path, check=False)
+        proc = run_cli(
+            "train",
+            "-m",
+            *TINY,
+            "train=false",
+            "test=false",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+            cwd=tmp_path,
+            check=False,
+        )
     finally:
         held.release()
-    assert f"{sweep / '1'} is in use by another run (PID {os.getpid()} on host {socket.gethostname()}" in one_line_error(proc)
+    assert (
+        f"{sweep / '1'} is in use by another run (PID {os.getpid()} on host {socket.gethostname()}"
+        in one_line_error(proc)
+    )
     assert (sweep / "0" / "metrics.json").is_file() and not (sweep / "0" / ".lock").exists()  # released as it ended
     assert not (sweep / "1" / "metrics.json").exists()
 
@@ -257,14 +306,17 @@ def test_an_unwritable_run_directory_is_one_line(kind, tmp_path):  # cases 8-10
 
 def test_an_unwritable_sweep_directory_is_one_line(tmp_path):  # case 11
     (tmp_path / "afile").write_text("")
-    proc = run_cli("train", "-m", *TINY, "seed=1,2", f"hydra.sweep.dir={tmp_path}/afile/sweep", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "train", "-m", *TINY, "seed=1,2", f"hydra.sweep.dir={tmp_path}/afile/sweep", cwd=tmp_path, check=False
+    )
     assert "set by hydra.sweep.dir; choose a writable directory (hydra.sweep.dir=...)" in one_line_error(proc)
 
 
 # --- more devices than a CPU machine has ----------------------------------------------------
 
-needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
-                                    reason="accelerator=auto picks the GPU here")
+needs_cpu_only = pytest.mark.skipif(
+    torch.cuda.is_available() or torch.backends.mps.is_available(), reason="accelerator=auto picks the GPU here"
+)
 
 
 @needs_cpu_only
@@ -280,13 +332,20 @@ def test_three_devices_on_a_cpu_only_machine_are_refused(tmp_path):  # case 12
 
 
 def test_three_devices_with_accelerator_cpu_are_refused(tmp_path):  # case 13
-    with pytest.raises(MedexpError, match=r"trainer.devices=3 on CPU \(trainer.accelerator=cpu\) would start 3 training"):
+    with pytest.raises(
+        MedexpError, match=r"trainer.devices=3 on CPU \(trainer.accelerator=cpu\) would start 3 training"
+    ):
         train(compose_config([*TINY, "trainer=cpu", "trainer.devices=3"], output_dir=tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("overrides", [["trainer=ddp_sim", "trainer.devices=3"],  # case 14
-                                       ["trainer=cpu", "trainer.devices=2", "+trainer.strategy=ddp"]])  # case 15
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer=ddp_sim", "trainer.devices=3"],  # case 14
+        ["trainer=cpu", "trainer.devices=2", "+trainer.strategy=ddp"],
+    ],
+)  # case 15
 def test_several_cpu_processes_asked_for_explicitly_are_accepted(overrides, tmp_path):
     from medexp.utils.config import check_config
 

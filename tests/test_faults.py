@@ -19,8 +19,14 @@ from tests.conftest import QUIET, compose_config, run_cli, start_cli
 from tests.helpers import signal_when
 
 # deterministic CPU runs: 16 batches an epoch, so a signal sent as epoch 1 starts lands inside it
-RUN = [*QUIET, "data.image_size=16", "data.num_samples={train: 512, val: 64, test: 64}", "data.batch_size=32",
-       "trainer.deterministic=true", "logger=csv"]
+RUN = [
+    *QUIET,
+    "data.image_size=16",
+    "data.num_samples={train: 512, val: 64, test: 64}",
+    "data.batch_size=32",
+    "trainer.deterministic=true",
+    "logger=csv",
+]
 # in-process runs (test_train.py style): a few batches
 FAST = [*QUIET, "debug=limit", "trainer.max_epochs=2"]
 
@@ -77,8 +83,12 @@ class SendSignals(L.Callback):
 
 
 def _send(signals: str, epoch: int, batch: int) -> list[str]:
-    return ["+callbacks.send._target_=tests.test_faults.SendSignals", f"+callbacks.send.signals={signals}",
-            f"+callbacks.send.epoch={epoch}", f"+callbacks.send.batch={batch}"]
+    return [
+        "+callbacks.send._target_=tests.test_faults.SendSignals",
+        f"+callbacks.send.signals={signals}",
+        f"+callbacks.send.epoch={epoch}",
+        f"+callbacks.send.batch={batch}",
+    ]
 
 
 def test_ctrl_c_in_an_epochs_last_batch_stops_after_the_next_batch_and_resumes_exactly(tmp_path):
@@ -119,9 +129,18 @@ def test_sigterm_outside_training_fails_the_run():
 def test_a_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path):
     # a real divergence: at epoch 2 the schedule multiplies SGD's learning rate by 1e9
     run = tmp_path / "run"
-    proc = run_cli("train", *RUN, "data.num_samples={train: 256, val: 64, test: 64}", "trainer.max_epochs=4",
-                   "optimizer=sgd", "scheduler=multistep", "scheduler.gamma=1e9", f"hydra.run.dir={run}",
-                   cwd=tmp_path, check=False)
+    proc = run_cli(
+        "train",
+        *RUN,
+        "data.num_samples={train: 256, val: 64, test: 64}",
+        "trainer.max_epochs=4",
+        "optimizer=sgd",
+        "scheduler=multistep",
+        "scheduler.gamma=1e9",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     last, best = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "best.ckpt"
     message = proc.stderr.strip().splitlines()[-1]
@@ -139,8 +158,9 @@ def test_a_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path):
 
 def test_the_loss_flag_read_every_n_steps_still_stops_before_a_checkpoint(compose_cfg, tmp_path):
     callback = FaultTolerance(check_every_n_steps=1000)  # only the checks before saving remain
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        callbacks=[callback])
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False, callbacks=[callback]
+    )
     callback.on_before_backward(trainer, None, torch.tensor(1.0))
     callback.on_before_backward(trainer, None, torch.tensor(float("inf")))
     callback.on_before_backward(trainer, None, torch.tensor(float("nan")))
@@ -151,7 +171,9 @@ def test_the_loss_flag_read_every_n_steps_still_stops_before_a_checkpoint(compos
 def test_an_unwritable_checkpoint_directory_is_reported_before_anything_is_built(compose_cfg, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")  # a directory under a regular file cannot be created, even by root
-    with pytest.raises(MedexpError, match=f"cannot write to {blocker}/checkpoints .*callbacks.model_checkpoint.dirpath"):
+    with pytest.raises(
+        MedexpError, match=f"cannot write to {blocker}/checkpoints .*callbacks.model_checkpoint.dirpath"
+    ):
         train(compose_cfg(*FAST, f"callbacks.model_checkpoint.dirpath={blocker}/checkpoints"))
     assert not (tmp_path / "run_info.json").exists()
     if os.geteuid() != 0:  # permissions: only where they apply
@@ -177,11 +199,10 @@ def test_too_little_disk_space_is_reported_at_start_up(compose_cfg, tmp_path, mo
 
 
 def test_a_logger_that_cannot_start_is_dropped_with_a_warning(tmp_path, monkeypatch, caplog):
+    import wandb
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from medexp.utils.loggers import start_loggers
-
-    import wandb
 
     wandb.teardown()  # wandb keeps process-wide settings: an earlier offline run's would make this one offline
     for name in ("WANDB_API_KEY", "WANDB_MODE"):

@@ -21,20 +21,32 @@ from tests.conftest import compose_config, run_cli
 # 3 sites with a Dirichlet label skew: 6 rounds of one local epoch learn the (slightly easier)
 # phantoms well above chance in a few seconds of one CPU thread
 SMALL = [
-    "data.num_samples={train: 600, val: 90, test: 300}", "data.batch_size=16", "data.lesion_contrast=1.5",
+    "data.num_samples={train: 600, val: 90, test: 300}",
+    "data.batch_size=16",
+    "data.lesion_contrast=1.5",
     "optimizer.lr=2e-3",
 ]
 RUN = [
-    *SMALL, "federated.sites=3", "federated.rounds=6", "federated.split=dirichlet", "federated.alpha=3",
-    "federated.algorithm=fedprox", "federated.mu=0.01",
+    *SMALL,
+    "federated.sites=3",
+    "federated.rounds=6",
+    "federated.split=dirichlet",
+    "federated.alpha=3",
+    "federated.algorithm=fedprox",
+    "federated.mu=0.01",
 ]
 
 
 @pytest.fixture(scope="module")
 def datamodule() -> SyntheticDataModule:
     data = SyntheticDataModule(
-        task="multiclass", num_classes=3, in_channels=1, spatial_dims=2, image_size=16,
-        num_samples={"train": 300, "val": 150, "test": 150}, scan="off",
+        task="multiclass",
+        num_classes=3,
+        in_channels=1,
+        spatial_dims=2,
+        image_size=16,
+        num_samples={"train": 300, "val": 150, "test": 150},
+        scan="off",
     )
     data.setup()
     return data
@@ -84,9 +96,10 @@ def test_dirichlet_skews_the_classes_the_same_way_in_every_split(datamodule):
     for split in ("train", "test"):
         labels = _labels(datamodule, split)
         # each class's share held by each site, (classes, sites)
-        shares[split] = np.stack([
-            np.bincount(labels[rows], minlength=3) for rows in plan.indices[split]
-        ], axis=1) / np.bincount(labels, minlength=3)[:, None]
+        shares[split] = (
+            np.stack([np.bincount(labels[rows], minlength=3) for rows in plan.indices[split]], axis=1)
+            / np.bincount(labels, minlength=3)[:, None]
+        )
     # non-IID: some site holds far more than a third of some class, far less of another
     assert shares["train"].max() > 0.6 and shares["train"].min() < 0.15
     # the test split follows the training split's shares (up to rounding of 50 samples per class)
@@ -96,7 +109,9 @@ def test_dirichlet_skews_the_classes_the_same_way_in_every_split(datamodule):
 
 
 def test_a_site_without_training_samples_is_refused(datamodule):
-    with pytest.raises(MedexpError, match=r"federated.split=dirichlet: site\(s\) .* get no training samples.*federated.alpha"):
+    with pytest.raises(
+        MedexpError, match=r"federated.split=dirichlet: site\(s\) .* get no training samples.*federated.alpha"
+    ):
         plan_sites(datamodule, 40, "dirichlet", alpha=0.01, seed=0)
 
 
@@ -153,7 +168,9 @@ def test_fedprox_adds_the_gradient_of_its_proximal_term():
             p.add_(torch.randn_like(p))  # local steps moved them
     x = torch.randn(6, 4)
     # the gradient of loss + mu/2 ||w - w_global||^2, by autograd
-    penalised = net(x).square().mean() + mu / 2 * sum((p - prox.anchor[n]).square().sum() for n, p in net.named_parameters())
+    penalised = net(x).square().mean() + mu / 2 * sum(
+        (p - prox.anchor[n]).square().sum() for n, p in net.named_parameters()
+    )
     expected = torch.autograd.grad(penalised, list(net.parameters()))
     net(x).square().mean().backward()
     prox.on_before_optimizer_step(None, net, torch.optim.SGD(net.parameters(), lr=0.1))
@@ -167,16 +184,27 @@ def test_fedprox_adds_the_gradient_of_its_proximal_term():
 
 def test_bad_federated_settings_are_reported_together(tmp_path):
     cfg = compose_config(
-        ["federated.algorithm=fedsgd", "federated.rounds=0", "federated.alpha=0", "trainer.devices=2",
-         "scheduler=plateau", "federated.sites=null"],
-        "federate", output_dir=tmp_path,
+        [
+            "federated.algorithm=fedsgd",
+            "federated.rounds=0",
+            "federated.alpha=0",
+            "trainer.devices=2",
+            "scheduler=plateau",
+            "federated.sites=null",
+        ],
+        "federate",
+        output_dir=tmp_path,
     )
     with pytest.raises(MedexpError) as error:
         federate(cfg)
     message = str(error.value)
     for expected in (
-        "federated.algorithm='fedsgd'; expected one of ['fedavg', 'fedprox']", "federated.rounds=0",
-        "federated.alpha=0", "trainer.devices=2", "scheduler=plateau", "federated.sites=null",
+        "federated.algorithm='fedsgd'; expected one of ['fedavg', 'fedprox']",
+        "federated.rounds=0",
+        "federated.alpha=0",
+        "trainer.devices=2",
+        "scheduler=plateau",
+        "federated.sites=null",
     ):
         assert expected in message
     assert not (tmp_path / "checkpoints").exists()  # nothing was built
@@ -202,7 +230,12 @@ def test_federated_run_learns_and_reports_every_site(federated_run):
 
     with (federated_run / "federated.csv").open(newline="") as file:
         rows = list(csv.DictReader(file))
-    assert [(r["round"], r["site"]) for r in rows[:4]] == [("1", "site_0"), ("1", "site_1"), ("1", "site_2"), ("1", "global")]
+    assert [(r["round"], r["site"]) for r in rows[:4]] == [
+        ("1", "site_0"),
+        ("1", "site_1"),
+        ("1", "site_2"),
+        ("1", "global"),
+    ]
     assert len(rows) == 6 * 4
     assert sum(int(r["train_samples"]) for r in rows[:3]) == int(rows[3]["train_samples"]) == 600
     assert all(float(r["train/prox"]) > 0 for r in rows if r["site"] != "global")  # FedProx was on
@@ -214,8 +247,9 @@ def test_the_global_checkpoint_is_evaluated_by_medexp_eval(federated_run, tmp_pa
     from medexp.eval import evaluate
 
     metrics = json.loads((federated_run / "metrics.json").read_text())
-    results = evaluate(compose_config([f"ckpt_path={federated_run / 'checkpoints' / 'global.ckpt'}"], "eval",
-                                      output_dir=tmp_path))
+    results = evaluate(
+        compose_config([f"ckpt_path={federated_run / 'checkpoints' / 'global.ckpt'}"], "eval", output_dir=tmp_path)
+    )
     for name, value in metrics["test"].items():
         assert results["test"][name] == pytest.approx(value, abs=1e-6), name
     assert results["recorded"]["test"] == metrics["test"]  # eval found the federated run's metrics

@@ -74,7 +74,11 @@ def test_png_segmentation_manifest_splits_by_patient(tmp_path):
     manifest = png_manifest(tmp_path / "data")
     out = tmp_path / "run"
     dm = files(
-        manifest=manifest, output_dir=out, mask_threshold=127, val_fraction=0.25, test_fraction=0.25,
+        manifest=manifest,
+        output_dir=out,
+        mask_threshold=127,
+        val_fraction=0.25,
+        test_fraction=0.25,
         transforms=[ScaleIntensityd(keys=["image"])],
     )
     dm.setup()
@@ -111,8 +115,15 @@ def test_folder_per_class_is_stratified(tmp_path):
             rgb = np.full((8, 8, 3), level, np.uint8) + rng.integers(0, 20, (8, 8, 3), dtype=np.uint8)
             write_png(tmp_path / "data" / name / f"{k}.png", rgb)
     dm = FileDataModule(
-        task="binary", num_classes=2, in_channels=3, spatial_dims=2, root=tmp_path / "data", batch_size=4,
-        val_fraction=0.25, test_fraction=0.25, output_dir=tmp_path / "run",
+        task="binary",
+        num_classes=2,
+        in_channels=3,
+        spatial_dims=2,
+        root=tmp_path / "data",
+        batch_size=4,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        output_dir=tmp_path / "run",
     )
     assert dm.class_names == ["benign", "malignant"]
     for split in ("train", "val", "test"):
@@ -164,8 +175,15 @@ def test_dicom_file(tmp_path):
         pytest.skip("../shared/data/files/dicom is absent")
     rows = [{"image": str(dicom), "label": k % 2, "split": split} for k, split in enumerate(["train", "val", "test"])]
     # scan=off: one file in every split is a leak the data check refuses (tests/test_data_validation.py)
-    dm = FileDataModule(task="binary", num_classes=2, in_channels=1, spatial_dims=2, batch_size=1,
-                        manifest=write_csv(tmp_path / "cases.csv", rows), scan="off")
+    dm = FileDataModule(
+        task="binary",
+        num_classes=2,
+        in_channels=1,
+        spatial_dims=2,
+        batch_size=1,
+        manifest=write_csv(tmp_path / "cases.csv", rows),
+        scan="off",
+    )
     image = dm.load_case("val", 0)["image"]
     assert image.shape == (1, 128, 128)
     assert not np.allclose(image.affine.numpy(), np.eye(4)), "the DICOM geometry was lost"
@@ -180,8 +198,12 @@ def test_compose_through_hydra(compose_cfg, tmp_path):
 
     manifest = png_manifest(tmp_path / "data", patients=8, per_patient=1)
     cfg = compose_cfg(
-        "data=files", f"data.manifest={manifest}", "data.task=segmentation", "data.mask_threshold=127",
-        "data.val_fraction=0.25", "data.test_fraction=0.25",
+        "data=files",
+        f"data.manifest={manifest}",
+        "data.task=segmentation",
+        "data.mask_threshold=127",
+        "data.val_fraction=0.25",
+        "data.test_fraction=0.25",
     )
     check_config(cfg)
     dm = instantiate(cfg.data)
@@ -216,7 +238,9 @@ def test_image_and_mask_shapes_must_match(tmp_path):
         image, mask = png_pair(tmp_path, name, rng, mask_shape=(SIZE, 12) if name == "odd" else (SIZE, SIZE))
         rows.append({"image": image, "label": mask, "split": split})
     dm = files(manifest=write_csv(tmp_path / "cases.csv", rows), mask_threshold=127)
-    expected = r"odd\.png .*cases\.csv line 5\): mask of spatial shape \(12, 16\) does not match its image .*odd\.png of"
+    expected = (
+        r"odd\.png .*cases\.csv line 5\): mask of spatial shape \(12, 16\) does not match its image .*odd\.png of"
+    )
     with pytest.raises(MedexpError, match=expected + r" spatial shape \(16, 16\)"):
         dm.setup()
 
@@ -269,7 +293,10 @@ def test_corrupt_file_is_named(tmp_path, cache):
         ({"manifest": "nowhere.csv"}, r"manifest not found: nowhere\.csv"),
         ({}, r"set one of data\.manifest=cases\.csv or data\.root=DIR .*got neither"),
         ({"root": "nowhere"}, r"data\.root=nowhere is not a folder"),
-        ({"task": "multilabel", "root": "x"}, r"data\.task='multilabel'; file data serve one of \['binary', 'multiclass',"),
+        (
+            {"task": "multilabel", "root": "x"},
+            r"data\.task='multilabel'; file data serve one of \['binary', 'multiclass',",
+        ),
         ({"root": ".", "val_fraction": 0.6, "test_fraction": 0.5}, r"val_fraction=0\.6, data\.test_fraction=0\.5"),
         ({"root": ".", "cache": "yes"}, r"data\.cache='yes'; expected one of \[null, memory, disk\]"),
         ({"root": ".", "cache": "disk"}, r"data\.cache=disk needs data\.cache_dir"),
@@ -301,17 +328,26 @@ def test_manifest_roi_column_is_read_and_checked(tmp_path):
     rows = ["image,label,split,roi"]
     for i, split in enumerate(["train", "val", "test"]):
         # a gradient: constant images would stop the run (the data check)
-        Image.fromarray(np.full((16, 16), 50 * i, np.uint8) + np.arange(16, dtype=np.uint8)).save(tmp_path / f"i{i}.png")
+        Image.fromarray(np.full((16, 16), 50 * i, np.uint8) + np.arange(16, dtype=np.uint8)).save(
+            tmp_path / f"i{i}.png"
+        )
         Image.fromarray(np.eye(16, dtype=np.uint8)).save(tmp_path / f"m{i}.png")
         Image.fromarray(np.ones((16, 16), np.uint8) * 255).save(tmp_path / f"r{i}.png")
         rows.append(f"i{i}.png,m{i}.png,{split},r{i}.png")
     (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
-    dm = FileDataModule(task="segmentation", num_classes=2, in_channels=1, spatial_dims=2,
-                        manifest=tmp_path / "cases.csv", batch_size=1)
+    dm = FileDataModule(
+        task="segmentation", num_classes=2, in_channels=1, spatial_dims=2, manifest=tmp_path / "cases.csv", batch_size=1
+    )
     dm.setup()
     sample = dm.datasets["val"][0]
     assert sample["roi"].dtype == torch.bool and sample["roi"].shape == sample["label"].shape and sample["roi"].all()
     (tmp_path / "r2.png").unlink()
     with pytest.raises(MedexpError, match=r"line 4: roi 'r2.png'"):
-        FileDataModule(task="segmentation", num_classes=2, in_channels=1, spatial_dims=2,
-                       manifest=tmp_path / "cases.csv", batch_size=1)
+        FileDataModule(
+            task="segmentation",
+            num_classes=2,
+            in_channels=1,
+            spatial_dims=2,
+            manifest=tmp_path / "cases.csv",
+            batch_size=1,
+        )

@@ -14,16 +14,30 @@ from medexp.train import train
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config, run_cli
 
-TINY = [*QUIET, "data.image_size=16", "data.num_samples={train: 128, val: 32, test: 32}", "data.batch_size=16",
-        "trainer.log_every_n_steps=4"]
+TINY = [
+    *QUIET,
+    "data.image_size=16",
+    "data.num_samples={train: 128, val: 32, test: 32}",
+    "data.batch_size=16",
+    "trainer.log_every_n_steps=4",
+]
 
 
 @pytest.fixture(scope="module")
 def gan_run(tmp_path_factory):
     """A conditional GAN trained for 2 epochs through the command line, as a user runs it."""
     cwd = tmp_path_factory.mktemp("gan")
-    run_cli("train", "model=gan", "model.conditional=true", "model.latent_size=16", *TINY, "trainer.max_epochs=2",
-            "callbacks.sample_grids.num_samples=8", "hydra.run.dir=run", cwd=cwd)
+    run_cli(
+        "train",
+        "model=gan",
+        "model.conditional=true",
+        "model.latent_size=16",
+        *TINY,
+        "trainer.max_epochs=2",
+        "callbacks.sample_grids.num_samples=8",
+        "hydra.run.dir=run",
+        cwd=cwd,
+    )
     return cwd / "run"
 
 
@@ -31,8 +45,18 @@ def gan_run(tmp_path_factory):
 def classifier_run(tmp_path_factory):
     """A classifier on the same data: its features measure the GAN's samples."""
     out = tmp_path_factory.mktemp("classifier")
-    train(compose_config([*TINY, "data.num_samples={train: 256, val: 32, test: 64}", "trainer.max_epochs=4",
-                          "optimizer.lr=3e-3", "test=false"], output_dir=out))
+    train(
+        compose_config(
+            [
+                *TINY,
+                "data.num_samples={train: 256, val: 32, test: 64}",
+                "trainer.max_epochs=4",
+                "optimizer.lr=3e-3",
+                "test=false",
+            ],
+            output_dir=out,
+        )
+    )
     return out
 
 
@@ -70,19 +94,26 @@ def test_medexp_sample_writes_a_grid_and_an_npz(gan_run, tmp_path):
     with np.load(tmp_path / "ones" / "samples.npz") as npz:
         assert npz["labels"].tolist() == [1, 1, 1, 1]
 
-    wrong = run_cli("sample", f"ckpt_path={ckpt}", "n=4", "output=x", "label=2", "hydra.run.dir=log", cwd=tmp_path,
-                    check=False)
+    wrong = run_cli(
+        "sample", f"ckpt_path={ckpt}", "n=4", "output=x", "label=2", "hydra.run.dir=log", cwd=tmp_path, check=False
+    )
     assert wrong.returncode != 0 and "label=2; this GAN generates classes 0..1" in wrong.stderr
 
 
 def test_medexp_sample_refuses_a_classifier(classifier_run, tmp_path):
-    proc = run_cli("sample", f"ckpt_path={classifier_run / 'checkpoints' / 'best.ckpt'}", "output=x",
-                   "hydra.run.dir=log", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "sample",
+        f"ckpt_path={classifier_run / 'checkpoints' / 'best.ckpt'}",
+        "output=x",
+        "hydra.run.dir=log",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0 and "a ClassificationTask checkpoint; expected a GAN's (model=gan)" in proc.stderr
 
 
 def test_domain_fid_and_kid_tell_real_images_from_poor_samples(classifier_run):
-    from medexp.data.synthetic import make_phantoms
+    from medexp.data.phantoms import make_phantoms
     from medexp.metrics.domain import DomainFeatures, quality_metrics
 
     features = DomainFeatures.from_checkpoint(classifier_run / "checkpoints" / "best.ckpt", 0.0, 1.0)
@@ -109,17 +140,37 @@ def test_domain_fid_and_kid_tell_real_images_from_poor_samples(classifier_run):
 
 def test_a_gan_measured_with_a_classifier_selects_checkpoints_by_kid(classifier_run, tmp_path):
     feature_ckpt = classifier_run / "checkpoints" / "best.ckpt"
-    metrics = train(compose_config([*TINY, "model=gan", "model.latent_size=16", f"model.feature_ckpt={feature_ckpt}",
-                                    "model.kid_subset_size=16", "model.monitor=val/domain_kid", "trainer.max_epochs=2"],
-                                   output_dir=tmp_path / "gan"))
+    metrics = train(
+        compose_config(
+            [
+                *TINY,
+                "model=gan",
+                "model.latent_size=16",
+                f"model.feature_ckpt={feature_ckpt}",
+                "model.kid_subset_size=16",
+                "model.monitor=val/domain_kid",
+                "trainer.max_epochs=2",
+            ],
+            output_dir=tmp_path / "gan",
+        )
+    )
     assert metrics["monitor"] == "val/domain_kid"
     assert metrics["test"]["test/domain_fid"] > 0 and np.isfinite(metrics["test"]["test/domain_kid"])
     checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
     assert not [key for key in checkpoint["state_dict"] if "metrics" in key], "the classifier is not stored in the GAN"
 
     # `medexp sample` measures too, against the split it is told
-    run_cli("sample", f"ckpt_path={metrics['best_checkpoint']}", "n=32", "output=out", f"features_ckpt={feature_ckpt}",
-            "kid_subset_size=16", "reference_split=val", "hydra.run.dir=log", cwd=tmp_path)
+    run_cli(
+        "sample",
+        f"ckpt_path={metrics['best_checkpoint']}",
+        "n=32",
+        "output=out",
+        f"features_ckpt={feature_ckpt}",
+        "kid_subset_size=16",
+        "reference_split=val",
+        "hydra.run.dir=log",
+        cwd=tmp_path,
+    )
     quality = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert quality["domain_fid"] > 0 and quality["reference"] == "val split (32 images)"
 
@@ -129,8 +180,12 @@ def test_a_gan_measured_with_a_classifier_selects_checkpoints_by_kid(classifier_
         train(compose_config([*TINY, unconditional, "trainer.max_epochs=1"], output_dir=tmp_path / "augmented"))
 
     with pytest.raises(MedexpError, match="model.kid_subset_size=64 but the split"):
-        train(compose_config([*TINY, "model=gan", f"model.feature_ckpt={feature_ckpt}", "model.kid_subset_size=64"],
-                             output_dir=tmp_path / "too_many"))
+        train(
+            compose_config(
+                [*TINY, "model=gan", f"model.feature_ckpt={feature_ckpt}", "model.kid_subset_size=64"],
+                output_dir=tmp_path / "too_many",
+            )
+        )
 
 
 def test_gan_augmented_classification_mixes_generated_images(gan_run, tmp_path):
@@ -145,9 +200,17 @@ def test_gan_augmented_classification_mixes_generated_images(gan_run, tmp_path):
     assert runs[1]["info"]["data_fingerprint"] != runs[0]["info"]["data_fingerprint"]
     from medexp.data.synthetic import SyntheticDataModule
 
-    datamodule = SyntheticDataModule(task="binary", num_classes=2, in_channels=1, spatial_dims=2, image_size=16,
-                                     num_samples={"train": 128, "val": 32, "test": 32}, batch_size=16,
-                                     intensity_range=[0.0, 1.0], generated={"ckpt": str(ckpt), "ratio": 1, "labels": "balanced"})
+    datamodule = SyntheticDataModule(
+        task="binary",
+        num_classes=2,
+        in_channels=1,
+        spatial_dims=2,
+        image_size=16,
+        num_samples={"train": 128, "val": 32, "test": 32},
+        batch_size=16,
+        intensity_range=[0.0, 1.0],
+        generated={"ckpt": str(ckpt), "ratio": 1, "labels": "balanced"},
+    )
     datamodule.setup()
     loader = datamodule.train_dataloader()
     assert len(loader.dataset) == 256
@@ -172,9 +235,19 @@ def test_bad_generated_settings_are_refused(tmp_path, generated, message):
 def test_augmenting_with_a_gan_of_other_images_is_refused(gan_run, tmp_path):
     ckpt = gan_run / "checkpoints" / "last.ckpt"
     # the GAN made 16-pixel images; these data are 32 pixels
-    cfg = compose_config([*QUIET, "data.image_size=32", "data.num_samples={train: 32, val: 8, test: 8}",
-                          f"data.generated={{ckpt: {ckpt}, ratio: 1}}", "trainer.max_epochs=1"], output_dir=tmp_path)
-    with pytest.raises(MedexpError, match=r"the GAN makes images of shape \(1, 16, 16\); the training images are \(1, 32, 32\)"):
+    cfg = compose_config(
+        [
+            *QUIET,
+            "data.image_size=32",
+            "data.num_samples={train: 32, val: 8, test: 8}",
+            f"data.generated={{ckpt: {ckpt}, ratio: 1}}",
+            "trainer.max_epochs=1",
+        ],
+        output_dir=tmp_path,
+    )
+    with pytest.raises(
+        MedexpError, match=r"the GAN makes images of shape \(1, 16, 16\); the training images are \(1, 32, 32\)"
+    ):
         train(cfg)
 
 
@@ -182,16 +255,41 @@ def test_a_discriminator_that_wins_outright_is_reported(tmp_path, caplog):
     # a generator that barely learns against a fast discriminator: the usual GAN failure
     d_optimizer = "model.d_optimizer={_target_: torch.optim.Adam, _partial_: true, lr: 0.01}"
     with caplog.at_level("WARNING", logger="medexp"):
-        metrics = train(compose_config([*TINY, "model=gan", "model.latent_size=16", "optimizer.lr=1e-7", d_optimizer,
-                                        "trainer.max_epochs=3", "test=false"], output_dir=tmp_path))
+        metrics = train(
+            compose_config(
+                [
+                    *TINY,
+                    "model=gan",
+                    "model.latent_size=16",
+                    "optimizer.lr=1e-7",
+                    d_optimizer,
+                    "trainer.max_epochs=3",
+                    "test=false",
+                ],
+                output_dir=tmp_path,
+            )
+        )
     assert metrics["fit"]["val/d_real"] > 0.95 and metrics["fit"]["val/d_fake"] < 0.05
     assert "the discriminator wins outright" in caplog.text and "model.d_optimizer" in caplog.text
 
 
 def test_a_gan_trains_under_ddp(tmp_path):
     # two CPU processes (gloo); each batch steps both nets, so DDP must allow unused parameters
-    run_cli("train", "model=gan", "model.conditional=true", "model.latent_size=16", "trainer=ddp_sim", *TINY,
-            "data.num_samples={train: 64, val: 16, test: 16}", "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    run_cli(
+        "train",
+        "model=gan",
+        "model.conditional=true",
+        "model.latent_size=16",
+        "trainer=ddp_sim",
+        *TINY,
+        "data.num_samples={train: 64, val: 16, test: 16}",
+        "trainer.max_epochs=1",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert np.isfinite(metrics["test"]["test/d_loss"])
-    assert "AdversarialTask under DDP: trainer.strategy=ddp_find_unused_parameters_true" in (tmp_path / "run" / "train.log").read_text()
+    assert (
+        "AdversarialTask under DDP: trainer.strategy=ddp_find_unused_parameters_true"
+        in (tmp_path / "run" / "train.log").read_text()
+    )

@@ -22,8 +22,15 @@ from tests.conftest import QUIET, compose_config
 from tests.test_tasks import make_task
 
 IMBALANCED = ["data.class_fractions=[0.85,0.15]", "data.image_size=16"]
-FAST = [*QUIET, "logger=none", "report=false", "trainer.max_epochs=1", "data.batch_size=32",
-        "data.num_samples={train: 128, val: 48, test: 48}", *IMBALANCED]
+FAST = [
+    *QUIET,
+    "logger=none",
+    "report=false",
+    "trainer.max_epochs=1",
+    "data.batch_size=32",
+    "data.num_samples={train: 128, val: 48, test: 48}",
+    *IMBALANCED,
+]
 
 
 def logits_and_targets(task: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,12 +42,16 @@ def logits_and_targets(task: str, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
-@pytest.mark.parametrize(("weights", "smoothing"), [(None, 0.0), ([1.0, 2.0, 5.0], 0.0), (None, 0.1), ([1.0, 2.0, 5.0], 0.1)])
+@pytest.mark.parametrize(
+    ("weights", "smoothing"), [(None, 0.0), ([1.0, 2.0, 5.0], 0.0), (None, 0.1), ([1.0, 2.0, 5.0], 0.1)]
+)
 def test_focal_loss_is_the_task_cross_entropy_at_gamma_zero(task, weights, smoothing):
     """Class weights, label smoothing and the reduction included, loss and gradients alike."""
     logits, target = logits_and_targets(task)
-    ce, focal = (make_task(task=task, num_classes=3, label_smoothing=smoothing, loss=loss, focal_gamma=0.0)
-                 for loss in ("ce", "focal"))
+    ce, focal = (
+        make_task(task=task, num_classes=3, label_smoothing=smoothing, loss=loss, focal_gamma=0.0)
+        for loss in ("ce", "focal")
+    )
     values, grads = [], []
     for module in (ce, focal):
         module.class_weight = None if weights is None else torch.tensor(weights)
@@ -99,7 +110,10 @@ def test_bad_options_are_caught_before_anything_is_built(compose_cfg, overrides,
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.class_fractions=[0.5,0.2]"], r"data.class_fractions=\[0.5, 0.2\]; expected 2 positive numbers summing to 1"),
+        (
+            ["data.class_fractions=[0.5,0.2]"],
+            r"data.class_fractions=\[0.5, 0.2\]; expected 2 positive numbers summing to 1",
+        ),
         (["data.task=multilabel", "data.class_fractions=[0.5,0.5]"], "for binary or multiclass data"),
         (["data=synthetic_seg", "data.sampler=balanced"], "data.sampler=balanced balances the classes of images"),
     ],
@@ -145,7 +159,9 @@ class LabelCounter(L.Callback):
 
     seen: ClassVar[list[int]] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         type(self).seen += batch["label"].tolist()
 
 
@@ -160,7 +176,12 @@ def test_imbalance_options_train_end_to_end(tmp_path):
     for name, overrides in {
         "ce": ["model.loss=ce"],
         "focal0": ["model.loss=focal", "model.focal_gamma=0"],
-        "focal2": ["model.loss=focal", "model.focal_gamma=2", "data.sampler=balanced", f"+callbacks.label_counter._target_={target}"],
+        "focal2": [
+            "model.loss=focal",
+            "model.focal_gamma=2",
+            "data.sampler=balanced",
+            f"+callbacks.label_counter._target_={target}",
+        ],
     }.items():
         counter.seen = []
         results[name] = train(compose_config([*FAST, *overrides], output_dir=tmp_path / name))

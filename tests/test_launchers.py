@@ -29,8 +29,16 @@ def test_local_launcher_runs_each_job_in_its_own_process_and_directory(tmp_path)
     # `python -m medexp.train <the job's overrides>` (not submitit's worker) in the job's directory.
     # cpus_per_task is ignored by submitit's local executor; OMP_NUM_THREADS=1 (run_cli) holds.
     run_cli(
-        "train", "-m", "hydra/launcher=local", "hydra.launcher.timeout_min=5", "hydra.launcher.cpus_per_task=1",
-        *TINY, "trainer=ddp_sim", "seed=1,2", "hydra.sweep.dir=sweep", cwd=tmp_path,
+        "train",
+        "-m",
+        "hydra/launcher=local",
+        "hydra.launcher.timeout_min=5",
+        "hydra.launcher.cpus_per_task=1",
+        *TINY,
+        "trainer=ddp_sim",
+        "seed=1,2",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
     )
     sweep = tmp_path / "sweep"
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [".submitit", "0", "1"]
@@ -50,8 +58,12 @@ def test_local_launcher_runs_each_job_in_its_own_process_and_directory(tmp_path)
 
 def test_slurm_launcher_asks_for_one_task_and_gpu_per_device(tmp_path, monkeypatch):
     cfg = compose_with_hydra(
-        "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-        "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     launcher = instantiate(cfg.hydra.launcher)
     params = launcher.params

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from medexp.data.longitudinal import FileLongitudinalDataModule, SyntheticLongitudinalDataModule, make_series
+from medexp.data.longitudinal import FileLongitudinalDataModule, SyntheticLongitudinalDataModule
+from medexp.data.phantoms import make_series
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config, run_cli
 
@@ -21,7 +22,12 @@ SIZE = 8
 
 def synthetic(**kwargs) -> SyntheticLongitudinalDataModule:
     defaults = dict(
-        task="binary", num_classes=2, in_channels=1, spatial_dims=2, image_size=16, batch_size=16,
+        task="binary",
+        num_classes=2,
+        in_channels=1,
+        spatial_dims=2,
+        image_size=16,
+        batch_size=16,
         num_patients={"train": 16, "val": 4, "test": 4},
     )
     return SyntheticLongitudinalDataModule(**{**defaults, **kwargs})
@@ -73,10 +79,18 @@ def test_synthetic_task_needs_time():
 
 # small enough for a few seconds of training on one CPU thread; test AUROC 0.95-0.99 over seeds
 LEARN = [
-    *QUIET, "logger=none", "data=synthetic_longitudinal", "model=cnn_lstm",
-    "data.num_patients={train: 512, val: 64, test: 128}", "data.image_size=24", "data.batch_size=16",
-    "model.net.encoder.channels=[8,16,32]", "model.net.feature_size=32", "model.net.hidden_size=32",
-    "optimizer.lr=3e-3", "trainer.max_epochs=5",
+    *QUIET,
+    "logger=none",
+    "data=synthetic_longitudinal",
+    "model=cnn_lstm",
+    "data.num_patients={train: 512, val: 64, test: 128}",
+    "data.image_size=24",
+    "data.batch_size=16",
+    "model.net.encoder.channels=[8,16,32]",
+    "model.net.feature_size=32",
+    "model.net.hidden_size=32",
+    "optimizer.lr=3e-3",
+    "trainer.max_epochs=5",
 ]
 
 
@@ -143,9 +157,16 @@ def test_files_train_one_epoch(tmp_path):
 
     manifest = visits_manifest(tmp_path, split=split_of({"P4": "val", "P5": "val", "P6": "test", "P7": "test"}))
     overrides = [
-        *QUIET, "logger=none", "data=files_longitudinal", f"data.manifest={manifest}", "model=cnn_lstm",
-        "model.net.encoder.channels=[4,8]", "model.net.feature_size=8", "model.net.hidden_size=8",
-        "model.net.time_features=true", "trainer.max_epochs=1",
+        *QUIET,
+        "logger=none",
+        "data=files_longitudinal",
+        f"data.manifest={manifest}",
+        "model=cnn_lstm",
+        "model.net.encoder.channels=[4,8]",
+        "model.net.feature_size=8",
+        "model.net.hidden_size=8",
+        "model.net.time_features=true",
+        "trainer.max_epochs=1",
     ]
     cfg = compose_config(overrides, output_dir=tmp_path / "run")
     metrics = train(cfg)
@@ -218,8 +239,16 @@ def _duplicate_time(rows):
         (_duplicate_time, r"1 duplicate \(patient_id, time\) visit\(s\): P1 at time \d+ \(lines 3, 4\)"),
         (lambda rows: _line(rows, 3).update(patient_id=""), r"empty patient_id at 1: line 3"),
     ],
-    ids=["missing_column", "time_not_numeric", "time_nan", "conflicting_labels", "label_range", "missing_file",
-         "duplicate_time", "no_patient"],
+    ids=[
+        "missing_column",
+        "time_not_numeric",
+        "time_nan",
+        "conflicting_labels",
+        "label_range",
+        "missing_file",
+        "duplicate_time",
+        "no_patient",
+    ],
 )
 def test_manifest_errors_name_the_problem(tmp_path, change, message):
     rows = _rows(visits_manifest(tmp_path))
@@ -273,8 +302,10 @@ def test_transforms_see_the_series_stacked(tmp_path):
 
     plain = synthetic()
     plain.setup()
-    flipped = synthetic(augmentations=[RandFlipd(keys="image", prob=0.5, spatial_axis=1)],
-                        transforms=[ScaleIntensityd(keys="image", minv=0.0, maxv=2.0)])
+    flipped = synthetic(
+        augmentations=[RandFlipd(keys="image", prob=0.5, spatial_axis=1)],
+        transforms=[ScaleIntensityd(keys="image", minv=0.0, maxv=2.0)],
+    )
     flipped.setup()
     outcomes = set()
     for index in range(8):

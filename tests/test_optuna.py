@@ -14,7 +14,13 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from hydra_plugins.medexp.optuna_sweeper import search_space
 from tests.conftest import QUIET, run_cli
 
-TINY = [*QUIET, "data.image_size=16", "data.num_samples={train: 96, val: 48, test: 48}", "trainer.max_epochs=2", "logger=csv"]
+TINY = [
+    *QUIET,
+    "data.image_size=16",
+    "data.num_samples={train: 96, val: 48, test: 48}",
+    "trainer.max_epochs=2",
+    "logger=csv",
+]
 
 
 def _study(sweep_dir):
@@ -24,11 +30,19 @@ def _study(sweep_dir):
 
 def test_search_space_maps_hydra_sweep_syntax_to_optuna_distributions():
     parser = OverridesParser.create()
-    space, fixed = search_space(parser.parse_overrides([
-        "optimizer.lr=tag(log, interval(1e-4, 1e-1))", "model.net.dropout=interval(0, 0.5)",
-        "data.batch_size=choice(32, 64)", "optimizer=adam,sgd", "model.depth=range(1, 6, 2)",
-        "model.width=tag(int, interval(8, 64))", "trainer.max_epochs=3",
-    ]))
+    space, fixed = search_space(
+        parser.parse_overrides(
+            [
+                "optimizer.lr=tag(log, interval(1e-4, 1e-1))",
+                "model.net.dropout=interval(0, 0.5)",
+                "data.batch_size=choice(32, 64)",
+                "optimizer=adam,sgd",
+                "model.depth=range(1, 6, 2)",
+                "model.width=tag(int, interval(8, 64))",
+                "trainer.max_epochs=3",
+            ]
+        )
+    )
     assert space == {
         "optimizer.lr": FloatDistribution(1e-4, 1e-1, log=True),
         "model.net.dropout": FloatDistribution(0.0, 0.5),
@@ -44,9 +58,17 @@ def test_search_space_maps_hydra_sweep_syntax_to_optuna_distributions():
 
 def test_an_optuna_sweep_resumes_its_study_when_run_again(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["train", "-m", "hparams_search=optuna", *TINY, f"hydra.sweep.dir={sweep}", "hydra.sweeper.study_name=study",
-            # the default space replaced by one parameter given on the command line
-            "hydra.sweeper.params=null", "optimizer.lr=tag(log, interval(1e-4, 1e-1))"]
+    args = [
+        "train",
+        "-m",
+        "hparams_search=optuna",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweeper.study_name=study",
+        # the default space replaced by one parameter given on the command line
+        "hydra.sweeper.params=null",
+        "optimizer.lr=tag(log, interval(1e-4, 1e-1))",
+    ]
     run_cli(*args, "hydra.sweeper.n_trials=2", cwd=tmp_path)
     first = [t.params for t in _study(sweep).trials]
     assert len(first) == 2 and all(set(p) == {"optimizer.lr"} for p in first)
@@ -59,7 +81,10 @@ def test_an_optuna_sweep_resumes_its_study_when_run_again(tmp_path):
         job = sweep / str(trial.number)
         metrics = json.loads((job / "metrics.json").read_text())
         # each job trained with its trial's value, and Optuna got the job's objective
-        assert yaml.safe_load((job / "resolved_config.yaml").read_text())["optimizer"]["lr"] == trial.params["optimizer.lr"]
+        assert (
+            yaml.safe_load((job / "resolved_config.yaml").read_text())["optimizer"]["lr"]
+            == trial.params["optimizer.lr"]
+        )
         assert trial.value == metrics["fit"]["val/auroc_best"]
         assert list(trial.intermediate_values) == [0, 1]  # reported each epoch for pruning
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
@@ -71,10 +96,22 @@ def test_an_optuna_sweep_resumes_its_study_when_run_again(tmp_path):
 def test_pruned_trials_stop_early_and_are_recorded(tmp_path):
     sweep = tmp_path / "sweep"
     # a pruner that prunes everything below AUROC 1.1, i.e. every trial after its first epoch
-    run_cli("train", "-m", "hparams_search=optuna", *TINY, "trainer.max_epochs=3", f"hydra.sweep.dir={sweep}",
-            "hydra.sweeper.study_name=study", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
-            "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner", "+hydra.sweeper.pruner.lower=1.1",
-            "~hydra.sweeper.pruner.n_startup_trials", "~hydra.sweeper.pruner.n_warmup_steps", cwd=tmp_path)
+    run_cli(
+        "train",
+        "-m",
+        "hparams_search=optuna",
+        *TINY,
+        "trainer.max_epochs=3",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweeper.study_name=study",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "+hydra.sweeper.pruner.lower=1.1",
+        "~hydra.sweeper.pruner.n_startup_trials",
+        "~hydra.sweeper.pruner.n_warmup_steps",
+        cwd=tmp_path,
+    )
     trials = _study(sweep).trials
     assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]
     for trial in trials:
@@ -85,8 +122,18 @@ def test_pruned_trials_stop_early_and_are_recorded(tmp_path):
 
 def test_cv_folds_make_each_trial_a_cross_validation_scored_by_its_mean(tmp_path):
     sweep = tmp_path / "sweep"
-    run_cli("train", "-m", "hparams_search=optuna", *TINY, "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}",
-            "hydra.sweeper.study_name=study", "hydra.sweeper.n_trials=1", "hydra.sweeper.cv_folds=2", cwd=tmp_path)
+    run_cli(
+        "train",
+        "-m",
+        "hparams_search=optuna",
+        *TINY,
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweeper.study_name=study",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.cv_folds=2",
+        cwd=tmp_path,
+    )
     (trial,) = _study(sweep).trials
     folds = [json.loads((sweep / str(job) / "metrics.json").read_text())["fit"]["val/auroc_best"] for job in (0, 1)]
     assert trial.value == pytest.approx(sum(folds) / 2) and trial.user_attrs["fold_values"] == folds

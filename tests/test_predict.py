@@ -12,10 +12,11 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from medexp.data.synthetic import make_phantoms
-from medexp.predict import find_inputs, predict
+from medexp.checkpoints.checkpoint import CONFIG_KEY, load_checkpoint
+from medexp.data.phantoms import make_phantoms
+from medexp.inference.inputs import find_inputs
+from medexp.predict import predict
 from medexp.train import train
-from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config, run_cli
 from tests.test_files import png_manifest, write_csv
@@ -44,17 +45,23 @@ def fit(tmp: Path, *overrides: str) -> Path:
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory) -> Path:
-    return fit(
-        tmp_path_factory.mktemp("cls"), "data.num_samples={train: 64, val: 32, test: 32}", "data.batch_size=32"
-    )
+    return fit(tmp_path_factory.mktemp("cls"), "data.num_samples={train: 64, val: 32, test: 32}", "data.batch_size=32")
 
 
 def test_classification_csv_matches_the_model(classifier, tmp_path):
     images, _, _ = make_phantoms(5, 32, "binary", 2, np.random.default_rng(7))
     for index, image in enumerate(images):
         Image.fromarray(image[0]).save(tmp_path / f"case{index}.png")
-    run_cli("predict", f"ckpt_path={classifier}", "input=*.png", "output=preds", "batch_size=2",
-            "hydra.run.dir=run", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    run_cli(
+        "predict",
+        f"ckpt_path={classifier}",
+        "input=*.png",
+        "output=preds",
+        "batch_size=2",
+        "hydra.run.dir=run",
+        "trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+    )
 
     rows = read_rows(tmp_path / "preds" / "predictions.csv")
     assert list(rows[0]) == ["image", "p_0", "p_1", "prediction"]
@@ -90,15 +97,29 @@ def test_nifti_masks_keep_the_input_geometry(tmp_path):
     resize = "{_target_: monai.transforms.Resized, keys: [image, label], spatial_size: [16, 16, 16], mode: [trilinear, nearest]}"
     # the resized volumes cached on disk (data.cache=disk): predict reads and resizes on its own
     ckpt = fit(
-        tmp_path / "run", "data=files", f"data.manifest={manifest}", "data.task=segmentation", "data.spatial_dims=3",
-        "data.batch_size=2", f"data.transforms=[{resize}]", "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}",
+        tmp_path / "run",
+        "data=files",
+        f"data.manifest={manifest}",
+        "data.task=segmentation",
+        "data.spatial_dims=3",
+        "data.batch_size=2",
+        f"data.transforms=[{resize}]",
+        "data.cache=disk",
+        f"data.cache_dir={tmp_path / 'cache'}",
         *TINY_UNET,
     )
     # each training and validation case cached once (test=false: the test case is never read)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == sum(row["split"] != "test" for row in rows)
 
-    run_cli("predict", f"ckpt_path={ckpt}", f"input={new}", "output=masks", "hydra.run.dir=p",
-            "trainer.enable_progress_bar=false", cwd=tmp_path)
+    run_cli(
+        "predict",
+        f"ckpt_path={ckpt}",
+        f"input={new}",
+        "output=masks",
+        "hydra.run.dir=p",
+        "trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+    )
     for name, shape in shapes.items():
         written = nib.load(tmp_path / "masks" / name)
         assert written.shape == shape
@@ -110,14 +131,28 @@ def test_nifti_masks_keep_the_input_geometry(tmp_path):
 
 def test_png_masks_match_the_model(tmp_path):
     manifest = png_manifest(tmp_path / "data", patients=6, per_patient=1)
-    ckpt = fit(tmp_path / "run", "data=files", f"data.manifest={manifest}", "data.task=segmentation",
-               "data.mask_threshold=127", "data.batch_size=2", *TINY_UNET)
+    ckpt = fit(
+        tmp_path / "run",
+        "data=files",
+        f"data.manifest={manifest}",
+        "data.task=segmentation",
+        "data.mask_threshold=127",
+        "data.batch_size=2",
+        *TINY_UNET,
+    )
     # not square, so a swapped axis would show
     image = np.random.default_rng(1).integers(0, 255, size=(16, 24), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "wide.png")
 
-    run_cli("predict", f"ckpt_path={ckpt}", "input=wide.png", "output=masks", "hydra.run.dir=p",
-            "trainer.enable_progress_bar=false", cwd=tmp_path)
+    run_cli(
+        "predict",
+        f"ckpt_path={ckpt}",
+        "input=wide.png",
+        "output=masks",
+        "hydra.run.dir=p",
+        "trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+    )
     written = np.asarray(Image.open(tmp_path / "masks" / "wide.png"))
     assert written.shape == (16, 24) and written.dtype == np.uint8
     # file data are read as MONAI reads PNGs, (W, H), and min-max scaled as data.transforms does;
@@ -165,13 +200,20 @@ def test_predict_takes_data_overrides_that_fit_the_checkpoint(tmp_path):
     from medexp.utils.errors import MedexpError
     from tests.conftest import QUIET, compose_config
 
-    train(compose_config([*QUIET, "trainer.max_epochs=1", "data.num_samples={train: 32, val: 16, test: 16}"],
-                         output_dir=tmp_path / "run"))
+    train(
+        compose_config(
+            [*QUIET, "trainer.max_epochs=1", "data.num_samples={train: 32, val: 16, test: 16}"],
+            output_dir=tmp_path / "run",
+        )
+    )
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
     image = tmp_path / "x.png"
     image.write_bytes(b"")  # never read: the override is refused first
-    cfg = compose_config([f"ckpt_path={ckpt}", f"input={image}", f"output={tmp_path / 'out'}", "data.root=moved"],
-                         "predict", output_dir=tmp_path / "p")
+    cfg = compose_config(
+        [f"ckpt_path={ckpt}", f"input={image}", f"output={tmp_path / 'out'}", "data.root=moved"],
+        "predict",
+        output_dir=tmp_path / "p",
+    )
     with pytest.raises(MedexpError, match="data.root='moved' does not apply"):
         predict(cfg)
 
@@ -188,8 +230,18 @@ def phantom_pngs(folder: Path, n: int = 4) -> np.ndarray:
 
 
 def predict_rows(ckpt: Path, tmp: Path, name: str, *overrides: str) -> list[dict]:
-    cfg = compose_config([f"ckpt_path={ckpt}", f"input={tmp / 'images'}", f"output={tmp / name}", "batch_size=2",
-                          "trainer.enable_progress_bar=false", *overrides], "predict", output_dir=tmp / "run")
+    cfg = compose_config(
+        [
+            f"ckpt_path={ckpt}",
+            f"input={tmp / 'images'}",
+            f"output={tmp / name}",
+            "batch_size=2",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ],
+        "predict",
+        output_dir=tmp / "run",
+    )
     return read_rows(predict(cfg))
 
 
@@ -211,7 +263,7 @@ def test_mc_dropout_spreads_and_repeats_under_a_seed(classifier, tmp_path):
 
 
 def test_mc_dropout_keeps_batchnorm_in_evaluation_mode(classifier):
-    from medexp.predict import Sampled
+    from medexp.inference.loop import Sampled
 
     model = model_of(classifier)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -231,8 +283,9 @@ def test_tta_averages_over_flips(classifier, tmp_path):
     model = model_of(classifier)
     x = torch.from_numpy(images).float() / 255
     with torch.no_grad():
-        passes = torch.stack([model.postprocess(model(x.flip(axes) if axes else x))
-                              for axes in [(), (2,), (3,), (2, 3)]])
+        passes = torch.stack(
+            [model.postprocess(model(x.flip(axes) if axes else x)) for axes in [(), (2,), (3,), (2, 3)]]
+        )
     probs = torch.tensor([[float(row["p_0"]), float(row["p_1"])] for row in rows])
     torch.testing.assert_close(probs, passes.mean(dim=0), atol=1e-5, rtol=0)
     predicted = passes.mean(dim=0).argmax(dim=1)
@@ -249,15 +302,18 @@ def test_tta_averages_over_flips(classifier, tmp_path):
     ids=["method", "samples"],
 )
 def test_bad_uncertainty_options_name_the_key(tmp_path, overrides, message):
-    cfg = compose_config(["ckpt_path=never-read.ckpt", f"input={tmp_path}", f"output={tmp_path / 'out'}", *overrides],
-                         "predict", output_dir=tmp_path)
+    cfg = compose_config(
+        ["ckpt_path=never-read.ckpt", f"input={tmp_path}", f"output={tmp_path / 'out'}", *overrides],
+        "predict",
+        output_dir=tmp_path,
+    )
     with pytest.raises(MedexpError, match=message):
         predict(cfg)
     assert not (tmp_path / "out").exists()
 
 
 def test_uncertainty_needs_dropout_and_a_classifier(classifier):
-    from medexp.predict import Sampled, dropout_layers
+    from medexp.inference.loop import Sampled, dropout_layers
 
     model = model_of(classifier)
     for layer in dropout_layers(model):

@@ -96,7 +96,7 @@ def every_tag(monkeypatch):
     metadata (MONAI's default PydicomReader keeps the geometry only)."""
     import pydicom
 
-    from medexp.data.files import CaseReader
+    from medexp.data.reading import CaseReader
 
     read = CaseReader.read
 
@@ -119,11 +119,23 @@ def fake_logger():
 
 
 def segmentation_run(manifest: Path, run_dir: Path, *overrides: str) -> None:
-    train(compose_config(
-        [*QUIET, "data=files", f"data.manifest={manifest}", "data.task=segmentation", "data.mask_threshold=127",
-         "data.batch_size=2", *TINY_UNET, "trainer.max_epochs=1", f"+logger.fake._target_={FAKE}", *overrides],
-        output_dir=run_dir,
-    ))
+    train(
+        compose_config(
+            [
+                *QUIET,
+                "data=files",
+                f"data.manifest={manifest}",
+                "data.task=segmentation",
+                "data.mask_threshold=127",
+                "data.batch_size=2",
+                *TINY_UNET,
+                "trainer.max_epochs=1",
+                f"+logger.fake._target_={FAKE}",
+                *overrides,
+            ],
+            output_dir=run_dir,
+        )
+    )
 
 
 def arrays_in(value: Any) -> list[Any]:
@@ -151,7 +163,7 @@ def files_holding(folder: Path, needles: list[str]) -> list[str]:
 def test_no_pixels_phi_or_paths_reach_a_remote_logger_nor_any_file(
     dicom_data, every_tag, fake_logger, tmp_path, monkeypatch
 ):
-    from medexp.data.files import CaseReader
+    from medexp.data.reading import CaseReader
 
     dicoms = sorted((dicom_data.parent / "images").glob("*.dcm"))
     # the reader of this test keeps the patient attributes, as some MONAI readers do
@@ -183,11 +195,19 @@ def test_no_pixels_phi_or_paths_reach_a_remote_logger_nor_any_file(
 
     # the DICOMs' masks are NIfTI files; nothing we write holds a patient attribute
     out = tmp_path / "predictions"
-    predict(compose_config(
-        [f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"input={dicoms[0].parent}", f"output={out}",
-         "trainer.enable_progress_bar=false", f"allowed_targets=[{FAKE}]"],
-        "predict", output_dir=tmp_path / "predict_run",
-    ))
+    predict(
+        compose_config(
+            [
+                f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}",
+                f"input={dicoms[0].parent}",
+                f"output={out}",
+                "trainer.enable_progress_bar=false",
+                f"allowed_targets=[{FAKE}]",
+            ],
+            "predict",
+            output_dir=tmp_path / "predict_run",
+        )
+    )
     assert len(list(out.glob("*.nii.gz"))) == len(dicoms)
     for folder in (run, out, tmp_path / "predict_run"):
         assert not files_holding(folder, [*PHI.values(), "Janephi"])
@@ -258,8 +278,9 @@ def test_written_images_keep_only_their_geometry():
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb", "mlflow", "many", "none"])
 def test_the_opt_in_is_accepted_with_every_logger_option(tmp_path, logger):
-    cfg = compose_config([f"logger={logger}", "logger.log_images=true", "data=synthetic_seg", "model=unet"],
-                         output_dir=tmp_path)
+    cfg = compose_config(
+        [f"logger={logger}", "logger.log_images=true", "data=synthetic_seg", "model=unet"], output_dir=tmp_path
+    )
     resolved = check_config(cfg)
     assert resolved["callbacks"]["segmentation_overlays"]["remote_images"] is True
     if logger == "none":

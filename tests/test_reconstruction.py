@@ -13,14 +13,23 @@ from medexp.train import train
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config, run_cli
 
-TINY = [*QUIET, "data.image_size=16", "data.num_samples={train: 128, val: 32, test: 32}", "data.batch_size=16",
-        "trainer.log_every_n_steps=4"]
+TINY = [
+    *QUIET,
+    "data.image_size=16",
+    "data.num_samples={train: 128, val: 32, test: 32}",
+    "data.batch_size=16",
+    "trainer.log_every_n_steps=4",
+]
 
 
 def test_a_denoiser_beats_its_noisy_input(tmp_path):
     # the phantoms carry noise of their own (std 0.05), so the added noise must be stronger
-    metrics = train(compose_config([*TINY, "model=denoising_unet", "model.noise_std=0.2", "optimizer.lr=3e-3",
-                                    "trainer.max_epochs=8"], output_dir=tmp_path))
+    metrics = train(
+        compose_config(
+            [*TINY, "model=denoising_unet", "model.noise_std=0.2", "optimizer.lr=3e-3", "trainer.max_epochs=8"],
+            output_dir=tmp_path,
+        )
+    )
     test = metrics["test"]
     assert test["test/psnr"] > test["test/psnr_input"] + 2.0  # dB
     assert {"test/ssim", "test/mse", "val/psnr"} <= {*test, *metrics["fit"]}
@@ -41,16 +50,30 @@ def test_a_vae_trains_and_logs_its_kl_term(tmp_path):
 
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "scan.png")
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
-    cfg = compose_config([f"ckpt_path={ckpt}", f"input={tmp_path / 'scan.png'}", f"output={tmp_path / 'out'}"], "predict",
-                         output_dir=tmp_path / "predict")
+    cfg = compose_config(
+        [f"ckpt_path={ckpt}", f"input={tmp_path / 'scan.png'}", f"output={tmp_path / 'out'}"],
+        "predict",
+        output_dir=tmp_path / "predict",
+    )
     with pytest.raises(MedexpError, match="does not write reconstructions yet"):
         predict(cfg)
 
 
 def test_anomaly_detection_finds_lesions(tmp_path):
     # trained on lesion-free images (class 0) only: lesions reconstruct badly and score high
-    metrics = train(compose_config([*TINY, "model=autoencoder", "model.normal_classes=[0]", "data.lesion_contrast=3",
-                                    "optimizer.lr=3e-3", "trainer.max_epochs=6"], output_dir=tmp_path))
+    metrics = train(
+        compose_config(
+            [
+                *TINY,
+                "model=autoencoder",
+                "model.normal_classes=[0]",
+                "data.lesion_contrast=3",
+                "optimizer.lr=3e-3",
+                "trainer.max_epochs=6",
+            ],
+            output_dir=tmp_path,
+        )
+    )
     assert metrics["test"]["test/anomaly_auroc"] > 0.7
 
 

@@ -13,14 +13,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from medexp.data.registration import (
-    FileRegistrationDataModule, SyntheticRegistrationDataModule, random_ddf, read_pairs, warp_arrays,
-)
-from medexp.data.synthetic import make_phantoms
+from medexp.checkpoints.checkpoint import CONFIG_KEY, load_checkpoint
+from medexp.data.phantoms import make_phantoms, random_ddf, warp_arrays
+from medexp.data.registration import FileRegistrationDataModule, SyntheticRegistrationDataModule, read_pairs
+from medexp.inference.writers import resize_ddf
 from medexp.metrics.registration import folding_fraction, jacobian_determinant, pair_dice
-from medexp.predict import _resize_ddf, predict
+from medexp.predict import predict
 from medexp.train import train
-from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
 from medexp.utils.config import build, check_config
 from medexp.utils.errors import MedexpError
 from medexp.utils.validation import validate_config
@@ -63,7 +62,11 @@ def test_synthetic_pairs_hold_the_deformation_that_registers_them(compose_cfg, s
     test = data.datasets["test"]
     batch = next(iter(data.test_dataloader()))
     true_ddf = torch.from_numpy(test.true_ddf)
-    assert batch["fixed"].shape == (12, 1, *[size] * spatial_dims) and true_ddf.shape == (12, spatial_dims, *[size] * spatial_dims)
+    assert batch["fixed"].shape == (12, 1, *[size] * spatial_dims) and true_ddf.shape == (
+        12,
+        spatial_dims,
+        *[size] * spatial_dims,
+    )
     assert 0.5 < true_ddf.abs().amax() <= 0.08 * size + 1e-4  # a real motion, within max_displacement
 
     task = instantiate(compose_cfg("data=synthetic_reg", *SMALL_LOCALNET).model, _convert_="all")
@@ -100,8 +103,16 @@ def ddf_errors(ckpt: Path) -> tuple[float, float]:
 
 def test_2d_registration_through_medexp_train_and_predict(tmp_path):
     run_cli(
-        "train", "data=synthetic_reg", *SMALL_LOCALNET, "data.num_samples={train: 96, val: 16, test: 32}",
-        "data.batch_size=4", "optimizer.lr=3e-3", "trainer.max_epochs=4", "hydra.run.dir=run", *QUIET, cwd=tmp_path,
+        "train",
+        "data=synthetic_reg",
+        *SMALL_LOCALNET,
+        "data.num_samples={train: 96, val: 16, test: 32}",
+        "data.batch_size=4",
+        "optimizer.lr=3e-3",
+        "trainer.max_epochs=4",
+        "hydra.run.dir=run",
+        *QUIET,
+        cwd=tmp_path,
     )
     test = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
     # better than no registration (the identity) on every count, without folding
@@ -124,8 +135,13 @@ def test_2d_registration_through_medexp_train_and_predict(tmp_path):
         {"fixed": "png/fixed_photo.png", "moving": "png/moving_photo.png"},
     ]
     pairs = write_csv(tmp_path / "pairs.csv", rows)
-    predict(compose_config([f"ckpt_path={ckpt}", f"input={pairs}", f"output={tmp_path / 'out'}"], "predict",
-                           output_dir=tmp_path / "predict"))
+    predict(
+        compose_config(
+            [f"ckpt_path={ckpt}", f"input={pairs}", f"output={tmp_path / 'out'}"],
+            "predict",
+            output_dir=tmp_path / "predict",
+        )
+    )
     out = tmp_path / "out"
     warped, ddf = nib.load(out / "moving_to_fixed_warped.nii.gz"), nib.load(out / "moving_to_fixed_ddf.nii.gz")
     assert warped.shape == (32, 32) and ddf.shape == (32, 32, 1, 2)
@@ -149,11 +165,19 @@ def test_2d_registration_through_medexp_train_and_predict(tmp_path):
 
 def test_3d_diffeomorphic_registration_trains(compose_cfg):
     """VoxelMorph on volumes: a velocity field integrated by scaling and squaring (output=dvf)."""
-    metrics = train(compose_cfg(
-        *QUIET, "data=synthetic_reg", "data.spatial_dims=3", "data.image_size=16", "model=voxelmorph",
-        "data.num_samples={train: 32, val: 8, test: 8}", "data.batch_size=8", "optimizer.lr=3e-3",
-        "trainer.max_epochs=2",
-    ))
+    metrics = train(
+        compose_cfg(
+            *QUIET,
+            "data=synthetic_reg",
+            "data.spatial_dims=3",
+            "data.image_size=16",
+            "model=voxelmorph",
+            "data.num_samples={train: 32, val: 8, test: 8}",
+            "data.batch_size=8",
+            "optimizer.lr=3e-3",
+            "trainer.max_epochs=2",
+        )
+    )
     test = metrics["test"]
     assert test["test/ncc"] > test["test/ncc_before"] and test["test/folding"] < 0.01
     assert metrics["monitor"] == "val/ncc"
@@ -171,11 +195,17 @@ def nifti_pairs(folder: Path, count: int, shape: tuple[int, int]) -> Path:
     fixed_masks = warp_arrays(masks, np.ascontiguousarray(ddf), mode="nearest")
     rows = []
     for k in range(count):
-        for name, array in (("fixed", fixed[k, 0]), ("moving", images[k, 0]), ("fixed_label", fixed_masks[k, 0]),
-                            ("moving_label", masks[k, 0])):
+        for name, array in (
+            ("fixed", fixed[k, 0]),
+            ("moving", images[k, 0]),
+            ("fixed_label", fixed_masks[k, 0]),
+            ("moving_label", masks[k, 0]),
+        ):
             nib.save(nib.Nifti1Image(array.astype(np.float32), AFFINE), folder / f"{name}{k}.nii.gz")
-        rows.append({key: f"{key}{k}.nii.gz" for key in ("fixed", "moving", "fixed_label", "moving_label")}
-                    | {"patient_id": f"P{k // 2}"})
+        rows.append(
+            {key: f"{key}{k}.nii.gz" for key in ("fixed", "moving", "fixed_label", "moving_label")}
+            | {"patient_id": f"P{k // 2}"}
+        )
     return write_csv(folder / "pairs.csv", rows)
 
 
@@ -183,19 +213,38 @@ def test_file_pairs_with_masks_train_globalnet_and_predict_on_their_grid(tmp_pat
     """Files resampled to data.image_size for GlobalNet (affine); predictions go back to each fixed
     image's own grid and affine."""
     manifest = nifti_pairs(tmp_path, 12, (20, 24))
-    metrics = train(compose_config(
-        [*QUIET, "data=files_reg", f"data.manifest={manifest}", "data.image_size=16", "model=globalnet",
-         "optimizer.lr=1e-5", "model.label_weight=1.0", "trainer.max_epochs=1"],
-        output_dir=tmp_path / "run",
-    ))
+    metrics = train(
+        compose_config(
+            [
+                *QUIET,
+                "data=files_reg",
+                f"data.manifest={manifest}",
+                "data.image_size=16",
+                "model=globalnet",
+                "optimizer.lr=1e-5",
+                "model.label_weight=1.0",
+                "trainer.max_epochs=1",
+            ],
+            output_dir=tmp_path / "run",
+        )
+    )
     test = metrics["test"]
     assert 0 < test["test/dice_before"] < 1 and 0 < test["test/dice"] <= 1  # the masks were read and counted
     assert test["test/folding"] == 0.0  # an affine map (near the identity) folds nowhere
     splits = (tmp_path / "run" / "splits.csv").read_text().splitlines()
     assert splits[0] == "fixed,moving,fixed_label,moving_label,split,patient_id" and len(splits) == 13
 
-    predict(compose_config([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}", f"input={manifest}",
-                            f"output={tmp_path / 'out'}"], "predict", output_dir=tmp_path / "predict"))
+    predict(
+        compose_config(
+            [
+                f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}",
+                f"input={manifest}",
+                f"output={tmp_path / 'out'}",
+            ],
+            "predict",
+            output_dir=tmp_path / "predict",
+        )
+    )
     ddf = nib.load(tmp_path / "out" / "moving0_to_fixed0_ddf.nii.gz")
     warped = nib.load(tmp_path / "out" / "moving0_to_fixed0_warped.nii.gz")
     assert warped.shape == (20, 24) and ddf.shape == (20, 24, 1, 2)
@@ -205,7 +254,7 @@ def test_file_pairs_with_masks_train_globalnet_and_predict_on_their_grid(tmp_pat
     field = np.asarray(ddf.dataobj)[:, :, 0].transpose(2, 0, 1)[None].astype(np.float32)
     np.testing.assert_allclose(np.asarray(warped.dataobj), warp_arrays(moving, field)[0, 0], atol=1e-3)
     # a field on the model's 16 x 16 grid goes back to 20 x 24 voxels: a 2-voxel shift is 2.5 and 3
-    resized = _resize_ddf(torch.full((2, 16, 16), 2.0), (20, 24))
+    resized = resize_ddf(torch.full((2, 16, 16), 2.0), (20, 24))
     torch.testing.assert_close(resized, torch.stack([torch.full((20, 24), 2.5), torch.full((20, 24), 3.0)]))
 
 
@@ -215,8 +264,14 @@ def test_file_pairs_with_masks_train_globalnet_and_predict_on_their_grid(tmp_pat
         (["model.similarity=ncc"], "model.similarity='ncc'; expected one of ['lncc', 'mse', 'mi']"),
         (["model.output=svf"], "model.output='svf'; expected one of ['ddf', 'dvf']"),
         (["model.reg_weight=-1"], "model.reg_weight=-1; expected a number >= 0"),
-        (["model.net.in_channels=1"], "model.net.in_channels=1 but data.in_channels=1; the net takes 2 x data.in_channels"),
-        (["data.spatial_dims=3", "model.net.image_size=[32,32]"], "model.net.image_size=[32, 32]; the net needs the images' size, one number per axis"),
+        (
+            ["model.net.in_channels=1"],
+            "model.net.in_channels=1 but data.in_channels=1; the net takes 2 x data.in_channels",
+        ),
+        (
+            ["data.spatial_dims=3", "model.net.image_size=[32,32]"],
+            "model.net.image_size=[32, 32]; the net needs the images' size, one number per axis",
+        ),
         (["model.net.image_size=[16,16]"], "model.net.image_size=[16, 16]; the net needs the images' size"),
         (["model=cnn"], "models for registration data: model=globalnet,localnet,voxelmorph"),
     ],
@@ -244,11 +299,16 @@ def test_manifest_problems_name_the_file_and_lines(tmp_path):
         write_png(tmp_path / name, np.full((16, 16), 9, np.uint8))
     cases = [
         ([{"fixed": "a.png", "image": "b.png"}], r"missing column\(s\) \['moving'\]"),
-        ([{"fixed": "a.png", "moving": "b.png", "fixed_label": "a.png"}], r"column 'fixed_label' without 'moving_label'"),
+        (
+            [{"fixed": "a.png", "moving": "b.png", "fixed_label": "a.png"}],
+            r"column 'fixed_label' without 'moving_label'",
+        ),
         ([{"fixed": "a.png", "moving": "gone.png"}], r"1 listed file\(s\) do not exist .*line 2: moving 'gone.png'"),
         ([{"fixed": "a.png", "moving": "b.png", "split": "training"}], r"unknown split value\(s\) line 2: 'training'"),
-        ([{"fixed": "a.png", "moving": "b.png", "fixed_label": "a.png", "moving_label": ""}],
-         r"1 mask cell\(s\) are empty: line 2: no moving_label"),
+        (
+            [{"fixed": "a.png", "moving": "b.png", "fixed_label": "a.png", "moving_label": ""}],
+            r"1 mask cell\(s\) are empty: line 2: no moving_label",
+        ),
     ]
     for rows, message in cases:
         path = write_csv(tmp_path / "pairs.csv", rows)

@@ -15,7 +15,15 @@ from medexp.train import train
 from tests.conftest import QUIET, compose_config
 
 FAST = [*QUIET, "trainer.max_epochs=2", "data.num_samples={train: 128, val: 64, test: 64}", "data.batch_size=32"]
-FILES = ("report.md", "report.html", "report.json", "confusion_matrix.png", "roc.png", "precision_recall.png", "reliability.png")
+FILES = (
+    "report.md",
+    "report.html",
+    "report.json",
+    "confusion_matrix.png",
+    "roc.png",
+    "precision_recall.png",
+    "reliability.png",
+)
 
 
 def read_report(run) -> dict:
@@ -63,7 +71,11 @@ def test_train_writes_a_report_that_agrees_with_metrics_json(binary_run):
     report, metrics = read_report(binary_run), read_metrics(binary_run)
     check_classification_report(report, metrics["test"], n=64)
     assert report["task"] == "binary" and report["calibration"]["ece_kind"] == "top-label"
-    assert report["bootstrap"] == {"n_resamples": 1000, "seed": 0, "method": "percentile, cases resampled with replacement"}
+    assert report["bootstrap"] == {
+        "n_resamples": 1000,
+        "seed": 0,
+        "method": "percentile, cases resampled with replacement",
+    }
     assert report["checkpoint"] == metrics["best_checkpoint"]
     # self-contained: every picture is embedded, nothing is fetched
     page = (binary_run / "report" / "report.html").read_text()
@@ -114,29 +126,34 @@ def test_multiclass_and_multilabel_reports(tmp_path, overrides, n_classes):
 def test_temperature_scaling_calibrates_an_overconfident_model(binary_run, tmp_path):
     """Logits multiplied by 25: far too confident; a fitted temperature brings ECE and NLL down,
     and eval (with report=true) applies the temperature stored in the checkpoint."""
+    from medexp.checkpoints.checkpoint import Checkpoint
     from medexp.eval import evaluate
     from medexp.reports.calibration import calibrate_checkpoint
-    from medexp.utils.checkpoint import load_checkpoint, rebuild
 
-    checkpoint = load_checkpoint(binary_run / "checkpoints" / "best.ckpt")
+    loaded = Checkpoint(binary_run / "checkpoints" / "best.ckpt")
+    checkpoint = loaded.contents
     for name in ("net.head.1.weight", "net.head.1.bias"):
         checkpoint["state_dict"][name] = checkpoint["state_dict"][name] * 25
     overconfident = tmp_path / "overconfident.ckpt"
     torch.save(checkpoint, overconfident)
-    datamodule, model = rebuild(checkpoint, {}, None)
+    datamodule, model = loaded.build()
     fit = calibrate_checkpoint(None, model, datamodule, overconfident)
     assert fit["temperature"] > 3
     assert fit["ece_after"] < fit["ece_before"] and fit["nll_after"] < fit["nll_before"]
     stored = torch.load(overconfident, map_location="cpu", weights_only=True)
     assert float(stored["state_dict"]["temperature"]) == pytest.approx(fit["temperature"])
 
-    results = evaluate(compose_config([f"ckpt_path={overconfident}", "report=true"], "eval", output_dir=tmp_path / "eval"))
+    results = evaluate(
+        compose_config([f"ckpt_path={overconfident}", "report=true"], "eval", output_dir=tmp_path / "eval")
+    )
     calibration = read_report(tmp_path / "eval")["calibration"]
     assert calibration["temperature"] == pytest.approx(fit["temperature"]) and calibration["fit"] == fit
     # on the test split too
     assert calibration["ece"] < calibration["ece_uncalibrated"]
     assert calibration["nll"] < calibration["nll_uncalibrated"]
-    assert read_report(tmp_path / "eval")["metrics"]["accuracy"]["value"] == pytest.approx(results["test"]["test/accuracy"])
+    assert read_report(tmp_path / "eval")["metrics"]["accuracy"]["value"] == pytest.approx(
+        results["test"]["test/accuracy"]
+    )
     assert "T = 1 (uncalibrated)" in (tmp_path / "eval" / "report" / "report.md").read_text()
 
 
@@ -177,8 +194,8 @@ def test_report_figures_reach_loggers_under_the_privacy_rule(binary_run, tmp_pat
     import lightning.pytorch as L
     from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+    from medexp.checkpoints.checkpoint import Checkpoint
     from medexp.reports import write_report
-    from medexp.utils.checkpoint import load_checkpoint, rebuild
 
     class Remote(Logger):  # a logger medexp does not know counts as remote
         name, version = "remote", "0"
@@ -197,21 +214,34 @@ def test_report_figures_reach_loggers_under_the_privacy_rule(binary_run, tmp_pat
         def log_image(self, key, images, step=None):
             self.images.append(key)
 
-    datamodule, model = rebuild(load_checkpoint(binary_run / "checkpoints" / "best.ckpt"), {}, None)
+    datamodule, model = Checkpoint(binary_run / "checkpoints" / "best.ckpt").build()
     for remote_images in (False, True):
         remote = Remote()
         tensorboard = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=str(remote_images))
         trainer = L.Trainer(logger=[tensorboard, remote], accelerator="cpu", enable_progress_bar=False)
-        report = write_report(trainer, model, datamodule, tmp_path / f"report_{remote_images}", remote_images=remote_images)
+        report = write_report(
+            trainer, model, datamodule, tmp_path / f"report_{remote_images}", remote_images=remote_images
+        )
         assert remote.images == ([f"report/{Path(name).stem}" for name in report["figures"]] if remote_images else [])
         assert list((tmp_path / "tb" / str(remote_images)).glob("events.out.tfevents.*"))
 
 
 def test_segmentation_report_has_per_case_dice_and_worst_cases(tmp_path):
-    metrics = train(compose_config([
-        *QUIET, "data=synthetic_seg", "model=unet", "trainer.max_epochs=2", "data.num_samples={train: 64, val: 16, test: 24}",
-        "model.net.channels=[8,16,32]", "model.net.strides=[2,2]", "model.net.num_res_units=1",
-    ], output_dir=tmp_path))
+    metrics = train(
+        compose_config(
+            [
+                *QUIET,
+                "data=synthetic_seg",
+                "model=unet",
+                "trainer.max_epochs=2",
+                "data.num_samples={train: 64, val: 16, test: 24}",
+                "model.net.channels=[8,16,32]",
+                "model.net.strides=[2,2]",
+                "model.net.num_res_units=1",
+            ],
+            output_dir=tmp_path,
+        )
+    )
     report = read_report(tmp_path)
     assert report["task"] == "segmentation" and report["n"] == 24 and len(report["per_case"]) == 24
     dice = np.array([math.nan if row["dice"] is None else row["dice"] for row in report["per_case"]])

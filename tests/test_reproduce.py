@@ -13,8 +13,14 @@ from tests.conftest import QUIET, run_cli, start_cli
 from tests.helpers import signal_when
 
 # deterministic CPU runs; small enough to be quick, long enough per epoch to be killed mid-run
-RUN = [*QUIET, "data.image_size=16", "data.num_samples={train: 256, val: 64, test: 64}", "data.batch_size=32",
-       "trainer.deterministic=true", "logger=csv"]
+RUN = [
+    *QUIET,
+    "data.image_size=16",
+    "data.num_samples={train: 256, val: 64, test: 64}",
+    "data.batch_size=32",
+    "trainer.deterministic=true",
+    "logger=csv",
+]
 
 
 def _metrics(run_dir: Path) -> dict:
@@ -33,17 +39,33 @@ def test_reproduce_gives_identical_metrics_and_records_the_comparison(tmp_path):
     assert reproduced["test"] == recorded["test"] and reproduced["best_score"] == recorded["best_score"]
     report = json.loads((out / "reproduction.json").read_text())
     assert report["identical"] and report["same_data"] is True
-    assert report["metrics"]["test/auroc"] == {"recorded": recorded["test"]["test/auroc"], "reproduced": reproduced["test"]["test/auroc"]}
-    assert json.loads((out / "run_info.json").read_text())["data_fingerprint"] == json.loads((run / "run_info.json").read_text())["data_fingerprint"]
+    assert report["metrics"]["test/auroc"] == {
+        "recorded": recorded["test"]["test/auroc"],
+        "reproduced": reproduced["test"]["test/auroc"],
+    }
+    assert (
+        json.loads((out / "run_info.json").read_text())["data_fingerprint"]
+        == json.loads((run / "run_info.json").read_text())["data_fingerprint"]
+    )
 
     # from the checkpoint alone (its stored, resolved config), with an override: another seed differs
     other = tmp_path / "other"
-    proc = run_cli("reproduce", str(run / "checkpoints" / "best.ckpt"), "--output", str(other), "--strict", "seed=3",
-                   cwd=tmp_path, check=False)
+    proc = run_cli(
+        "reproduce",
+        str(run / "checkpoints" / "best.ckpt"),
+        "--output",
+        str(other),
+        "--strict",
+        "seed=3",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert _metrics(other)["seed"] == 3 and "DIFFERENT" in proc.stdout
     resolved = yaml.safe_load((other / "resolved_config.yaml").read_text())
-    assert resolved["paths"]["output_dir"] == str(other) and resolved["callbacks"]["model_checkpoint"]["dirpath"] == str(other / "checkpoints")
+    assert resolved["paths"]["output_dir"] == str(other) and resolved["callbacks"]["model_checkpoint"][
+        "dirpath"
+    ] == str(other / "checkpoints")
 
 
 def test_reproduce_names_a_missing_source(tmp_path):

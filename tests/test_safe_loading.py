@@ -25,12 +25,18 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from medexp.checkpoints.allowlist import FETCHING_WHEN_REBUILT, check_targets, make_inert
+from medexp.checkpoints.checkpoint import CONFIG_KEY
 from medexp.train import train
-from medexp.utils.checkpoint import CONFIG_KEY
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config, run_cli
 
-FAST = [*QUIET, "trainer.max_epochs=1", "data.image_size=16", "data.num_samples={train: 64, val: 32, test: 32}", "logger=csv"]
+FAST = [
+    *QUIET,
+    "trainer.max_epochs=1",
+    "data.image_size=16",
+    "data.num_samples={train: 64, val: 32, test: 32}",
+    "logger=csv",
+]
 
 
 class Payload:
@@ -75,10 +81,16 @@ class Attack:
         """A checkpoint whose stored config names all four code-running targets."""
 
         def edit(config):
-            config["model"]["net"] = {"_target_": "torch.serialization.load", "f": str(self.evil_pickle), "weights_only": False}
+            config["model"]["net"] = {
+                "_target_": "torch.serialization.load",
+                "f": str(self.evil_pickle),
+                "weights_only": False,
+            }
             config["model"]["extra"] = {"_target_": "torch.save", "obj": [1], "f": str(self.markers[3])}
             config["data"]["extra"] = {"_target_": "torch.os.system", "command": f"touch {self.markers[1]}"}
-            config["callbacks"] = {"evil": {"_target_": "monai.utils.module.os.system", "command": f"touch {self.markers[2]}"}}
+            config["callbacks"] = {
+                "evil": {"_target_": "monai.utils.module.os.system", "command": f"touch {self.markers[2]}"}
+            }
 
         return self.tampered(edit)
 
@@ -92,7 +104,9 @@ class Attack:
         """A stored config whose resolver would build a ``_target_`` after any check of the keys."""
 
         def edit(config):
-            config["model"]["net"]["extra"] = "${oc.create:{_target_: torch.os.system, command: 'touch " + str(self.markers[1]) + "'}}"
+            config["model"]["net"]["extra"] = (
+                "${oc.create:{_target_: torch.os.system, command: 'touch " + str(self.markers[1]) + "'}}"
+            )
 
         return self.tampered(edit)
 
@@ -127,7 +141,17 @@ def command_line(command: str, ckpt: Path, tmp: Path) -> list[str]:
     raise AssertionError(command)
 
 
-COMMANDS = ["eval", "predict", "export", "explain", "compress", "sample", "reproduce", "train (resume)", "train (distillation teacher)"]
+COMMANDS = [
+    "eval",
+    "predict",
+    "export",
+    "explain",
+    "compress",
+    "sample",
+    "reproduce",
+    "train (resume)",
+    "train (distillation teacher)",
+]
 
 
 def medexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -184,8 +208,12 @@ REFUSALS = {
 def test_every_command_refuses_a_stored_config_that_names_code(run, tmp_path, command):
     attack = Attack(tmp_path / "attack", run)
     proc = medexp(*command_line(command, attack.targets(), tmp_path), cwd=tmp_path)
-    named = ["model.net._target_=torch.serialization.load", "model.extra._target_=torch.save",
-             "torch.os.system (that is posix.system)", "monai.utils.module.os.system (that is posix.system)"]
+    named = [
+        "model.net._target_=torch.serialization.load",
+        "model.extra._target_=torch.save",
+        "torch.os.system (that is posix.system)",
+        "monai.utils.module.os.system (that is posix.system)",
+    ]
     if command in ("sample", "train (resume)", "train (distillation teacher)"):
         named = REFUSALS.get(command, named[:2])  # the teacher's model config alone is built
     one_line_refusal(proc, *named)
@@ -207,7 +235,10 @@ def test_interpolations_in_a_stored_config_are_refused(run, tmp_path, command):
         (lambda c: c["model"]["net"].update(_target_="os.system"), "model.net._target_=os.system"),
         (lambda c: c.update(hydra={"callbacks": {"x": {"_target_": "os.system"}}}), "it sets 'hydra'"),
         (lambda c: c["model"].update(extra="${oc.env:HOME}"), "calls the resolver 'oc.env'"),
-        (lambda c: c["model"].update(extra="${repeat:{_target_: os.system},1}"), "passes a mapping or list to a resolver"),
+        (
+            lambda c: c["model"].update(extra="${repeat:{_target_: os.system},1}"),
+            "passes a mapping or list to a resolver",
+        ),
     ],
     ids=["target", "hydra-settings", "environment-resolver", "resolver-building-a-node"],
 )
@@ -230,7 +261,9 @@ def test_a_reproduction_checks_what_the_interpolations_resolved_to(run, tmp_path
 
     monkeypatch.setenv(RECORDED_CONFIG_ENV, "[]")
     cfg = compose_config([*FAST, "+callbacks.evil={_target_: torch.os.system, command: 'true'}"], output_dir=tmp_path)
-    with pytest.raises(MedexpError, match=r"the recorded config \(resolved\): callbacks\.evil\._target_=torch\.os\.system"):
+    with pytest.raises(
+        MedexpError, match=r"the recorded config \(resolved\): callbacks\.evil\._target_=torch\.os\.system"
+    ):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -258,7 +291,10 @@ def test_train_refuses_a_bad_ckpt_path_before_building_anything(run, tmp_path, c
 
 
 def test_the_allowlist_holds_resolved_objects_and_the_user_names_exact_ones():
-    config = {"callbacks": {"evil": {"_target_": "os.system", "command": "rm -rf ~"}}, "model": {"_target_": "medexp.tasks.classification.ClassificationTask"}}
+    config = {
+        "callbacks": {"evil": {"_target_": "os.system", "command": "rm -rf ~"}},
+        "model": {"_target_": "medexp.tasks.classification.ClassificationTask"},
+    }
     with pytest.raises(MedexpError, match=r"callbacks\.evil\._target_=os\.system"):
         check_targets(config)
     check_targets(config, ["os.system"])  # the user's own decision, by exact name
@@ -267,8 +303,14 @@ def test_the_allowlist_holds_resolved_objects_and_the_user_names_exact_ones():
     with pytest.raises(MedexpError, match=r"allowed_targets: 'mylab\.Net'"):
         check_targets(config, ["mylab.Net"])
     # a network added in one YAML file, and the other families medexp builds, need no allowance
-    for target in ["monai.networks.nets.EfficientNetBN", "torch.optim.RMSprop", "torch.optim.lr_scheduler.OneCycleLR",
-                   "monai.losses.FocalLoss", "monai.transforms.RandZoomd", "lightning.pytorch.callbacks.ModelCheckpoint"]:
+    for target in [
+        "monai.networks.nets.EfficientNetBN",
+        "torch.optim.RMSprop",
+        "torch.optim.lr_scheduler.OneCycleLR",
+        "monai.losses.FocalLoss",
+        "monai.transforms.RandZoomd",
+        "lightning.pytorch.callbacks.ModelCheckpoint",
+    ]:
         check_targets({"x": {"_target_": target}})
     # ...but not the MONAI transforms that read, write or call what they are given
     for target in ["monai.transforms.LoadImage", "monai.transforms.SaveImaged", "monai.transforms.Lambdad"]:
@@ -285,10 +327,13 @@ def test_a_package_medexp_does_not_use_is_never_imported_to_check_a_target():
 
 
 def test_arguments_that_fetch_weights_are_made_inert_when_a_model_is_rebuilt():
-    config = {"net": {"_target_": "monai.networks.nets.HoVerNet", "pretrained_url": "http://evil/x.pth", "pretrained": True},
-              "teacher_ckpt": "/elsewhere/teacher.ckpt", "_target_": "medexp.tasks.distillation.DistillationTask",
-              "data": {"_target_": "medexp.data.files.FileDataModule", "generated": {"ckpt": "/elsewhere/gan.ckpt"}},
-              "note": {"pretrained": True}}
+    config = {
+        "net": {"_target_": "monai.networks.nets.HoVerNet", "pretrained_url": "http://evil/x.pth", "pretrained": True},
+        "teacher_ckpt": "/elsewhere/teacher.ckpt",
+        "_target_": "medexp.tasks.distillation.DistillationTask",
+        "data": {"_target_": "medexp.data.files.FileDataModule", "generated": {"ckpt": "/elsewhere/gan.ckpt"}},
+        "note": {"pretrained": True},
+    }
     inert = make_inert(config, FETCHING_WHEN_REBUILT)
     assert inert["net"] == {"_target_": "monai.networks.nets.HoVerNet", "pretrained_url": None, "pretrained": False}
     assert inert["teacher_ckpt"] is None and inert["data"]["generated"] is None
@@ -298,8 +343,10 @@ def test_arguments_that_fetch_weights_are_made_inert_when_a_model_is_rebuilt():
 def test_the_console_script_in_its_own_process_refuses_both_attacks(run, tmp_path):
     """The same as above through a separate `medexp` process, as a user runs it."""
     attack = Attack(tmp_path / "attack", run)
-    for ckpt, needle in [(attack.pickle(), "refused, it holds a pickled posix.system"),
-                         (attack.targets(), "torch.os.system (that is posix.system)")]:
+    for ckpt, needle in [
+        (attack.pickle(), "refused, it holds a pickled posix.system"),
+        (attack.targets(), "torch.os.system (that is posix.system)"),
+    ]:
         proc = run_cli("eval", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, check=False)
         one_line_refusal(proc, needle)
     assert attack.harmless()

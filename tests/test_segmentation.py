@@ -62,25 +62,45 @@ def test_3d_segmentation_with_sliding_windows_and_eval(tmp_path):
 
     cfg = compose_config(
         [
-            *QUIET, "data=synthetic_seg", "data.spatial_dims=3", "data.image_size=24",
-            "data.num_samples={train: 128, val: 32, test: 32}", "data.batch_size=8", "model=unet",
-            "model.net.channels=[8,16,32]", "model.net.strides=[2,2]", "model.net.num_res_units=1",
-            "model.roi_size=[16,16,16]", "data/augmentations=patches", "optimizer.lr=3e-3", "trainer.max_epochs=8",
+            *QUIET,
+            "data=synthetic_seg",
+            "data.spatial_dims=3",
+            "data.image_size=24",
+            "data.num_samples={train: 128, val: 32, test: 32}",
+            "data.batch_size=8",
+            "model=unet",
+            "model.net.channels=[8,16,32]",
+            "model.net.strides=[2,2]",
+            "model.net.num_res_units=1",
+            "model.roi_size=[16,16,16]",
+            "data/augmentations=patches",
+            "optimizer.lr=3e-3",
+            "trainer.max_epochs=8",
         ],
         output_dir=tmp_path / "run",
     )
     metrics = train(cfg)
     assert metrics["test"]["test/dice"] > 0.3
     assert (tmp_path / "run" / "overlays" / "epoch_007.png").is_file()  # drawn from the slice with most lesion
-    results = evaluate(compose_config([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"], "eval",
-                                      output_dir=tmp_path / "eval"))
+    results = evaluate(
+        compose_config(
+            [f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}"], "eval", output_dir=tmp_path / "eval"
+        )
+    )
     for name, value in metrics["test"].items():
         assert results["test"][name] == pytest.approx(value, abs=1e-6), name
 
 
 def test_multiclass_masks_report_dice_per_class(compose_cfg):
-    cfg = compose_cfg(*QUIET, "data=synthetic_seg", "data.num_classes=3", "model=unet", "trainer.max_epochs=1",
-                      "data.num_samples={train: 32, val: 16, test: 16}", "model.tta_flips=true")
+    cfg = compose_cfg(
+        *QUIET,
+        "data=synthetic_seg",
+        "data.num_classes=3",
+        "model=unet",
+        "trainer.max_epochs=1",
+        "data.num_samples={train: 32, val: 16, test: 16}",
+        "model.tta_flips=true",
+    )
     metrics = train(cfg)
     assert {"test/dice", "test/dice_1", "test/dice_2", "test/hd95", "test/iou"} <= set(metrics["test"])
     assert "test/auroc" not in metrics["test"]
@@ -89,8 +109,17 @@ def test_multiclass_masks_report_dice_per_class(compose_cfg):
 def test_overlays_go_to_the_run_directory_and_tensorboard(compose_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(compose_cfg(*QUIET, "data=synthetic_seg", "model=unet", "logger=tensorboard", "trainer.max_epochs=2",
-                      "data.num_samples={train: 32, val: 8, test: 8}", "callbacks.segmentation_overlays.num_cases=3"))
+    train(
+        compose_cfg(
+            *QUIET,
+            "data=synthetic_seg",
+            "model=unet",
+            "logger=tensorboard",
+            "trainer.max_epochs=2",
+            "data.num_samples={train: 32, val: 8, test: 8}",
+            "callbacks.segmentation_overlays.num_cases=3",
+        )
+    )
     assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png"))[:2] == ["epoch_000.png", "epoch_001.png"]
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert "val/overlays" in events.Tags()["images"]
@@ -126,11 +155,19 @@ def test_drive_short_run(compose_cfg, tmp_path):
     drive = SHARED_DATA / "drive"
     if not (drive / "training" / "images").is_dir():
         pytest.skip("../shared/data/drive is absent")
-    metrics = train(compose_cfg(
-        *QUIET, "experiment=drive_unet", f"data.root={drive}", "data.cache=false", "trainer.max_epochs=1",
-        "trainer.check_val_every_n_epoch=1", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
-        "callbacks.segmentation_overlays.num_cases=1",
-    ))
+    metrics = train(
+        compose_cfg(
+            *QUIET,
+            "experiment=drive_unet",
+            f"data.root={drive}",
+            "data.cache=false",
+            "trainer.max_epochs=1",
+            "trainer.check_val_every_n_epoch=1",
+            "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1",
+            "callbacks.segmentation_overlays.num_cases=1",
+        )
+    )
     assert {"test/dice", "test/auroc", "test/hd95"} <= set(metrics["test"])
     rows = (tmp_path / "splits.csv").read_text().splitlines()
     assert len(rows) == 1 + 40 and rows[0] == "image,label,split,patient_id,roi"

@@ -45,7 +45,9 @@ def test_synthetic_sites_shift_the_images_and_batches_carry_the_site(compose_cfg
 
 
 def test_train_sites_train_on_some_sites_and_test_on_all(compose_cfg):
-    datamodule = build(compose_cfg(*TINY, "data.sites={a: {}, b: {noise: 0.1}, c: {gamma: 2}}", "data.train_sites=[c]").data)
+    datamodule = build(
+        compose_cfg(*TINY, "data.sites={a: {}, b: {noise: 0.1}, c: {gamma: 2}}", "data.train_sites=[c]").data
+    )
     datamodule.setup()
     assert set(datamodule.datasets["train"].sites) == {2} and set(datamodule.datasets["val"].sites) == {2}
     assert len(datamodule.datasets["train"]) == 24  # the split keeps its size, all from site c
@@ -70,7 +72,10 @@ def test_leave_one_site_out_folds(compose_cfg, tmp_path):
         (["data.sites={a: {}, b: {contrst: 0.5}}"], r"data.sites.b: unknown key\(s\) \['contrst'\]; expected some of"),
         (["data.sites={a: {}, b: {gamma: 0}}"], r"data.sites.b: contrast=1.0, gamma=0.0; both must be > 0"),
         (["data.sites={a: {}}"], "expected null or a mapping of at least 2 site names"),
-        ([SHIFT, "data.train_sites=[c]"], r"data.train_sites=\['c'\]: expected a non-empty subset of the sites \['a', 'b'\]"),
+        (
+            [SHIFT, "data.train_sites=[c]"],
+            r"data.train_sites=\['c'\]: expected a non-empty subset of the sites \['a', 'b'\]",
+        ),
         (["data.train_sites=[a]"], r"data.train_sites=\['a'\] needs data.sites"),
     ],
 )
@@ -83,7 +88,10 @@ def test_bad_site_options(compose_cfg, overrides, message):
     ("overrides", "message"),
     [
         (["data.fold_by=site", "data.fold=0"], "data.fold_by=site needs data with sites"),
-        ([SHIFT, "data.fold_by=site", "data.fold=2"], r"data.fold=2 with data.fold_by=site; expected an integer in 0..1"),
+        (
+            [SHIFT, "data.fold_by=site", "data.fold=2"],
+            r"data.fold=2 with data.fold_by=site; expected an integer in 0..1",
+        ),
         ([SHIFT, "data.train_sites=[a]", "data.fold_by=site", "data.fold=0"], "leaves nothing to train on"),
     ],
 )
@@ -101,8 +109,12 @@ def test_fold_by_is_checked_before_anything_is_built(compose_cfg):
 def site_manifest(tmp_path, column: str, sites: list[str]) -> str:
     rng = np.random.default_rng(0)
     rows = [
-        {"image": write_png(tmp_path / f"i{k}.png", rng.integers(0, 255, (8, 8)).astype(np.uint8)), "label": k % 2,
-         "split": ["train", "train", "val", "test"][k % 4], column: site}
+        {
+            "image": write_png(tmp_path / f"i{k}.png", rng.integers(0, 255, (8, 8)).astype(np.uint8)),
+            "label": k % 2,
+            "split": ["train", "train", "val", "test"][k % 4],
+            column: site,
+        }
         for k, site in enumerate(sites)
     ]
     return str(write_csv(tmp_path / "cases.csv", rows))
@@ -117,16 +129,22 @@ def test_manifest_site_column_reaches_batches_and_folds(tmp_path):
     datamodule.setup()
     batch = next(iter(datamodule.test_dataloader()))
     assert batch["site"].tolist() == [0, 0, 0, 0]  # the test cases are lines 4, 8, ...: all s1
-    reused = FileDataModule(**{**common, "manifest": tmp_path / "run" / "splits.csv"})  # the split file stays a manifest
+    reused = FileDataModule(
+        **{**common, "manifest": tmp_path / "run" / "splits.csv"}
+    )  # the split file stays a manifest
     assert reused.site_names == ["s1", "s2"] and [c.site for c in reused.cases["test"]] == ["s1"] * 4
     folds = FileDataModule(**common, fold=0, fold_by="site")  # leave s1 out
-    assert {case.site for case in folds.cases["val"]} == {"s1"} and {case.site for case in folds.cases["train"]} == {"s2"}
+    assert {case.site for case in folds.cases["val"]} == {"s1"} and {case.site for case in folds.cases["train"]} == {
+        "s2"
+    }
     assert len(folds.cases["val"]) == 4 and len(folds.cases["train"]) == 4
 
 
 def test_manifest_site_column_must_be_filled(tmp_path):
     manifest = site_manifest(tmp_path, "site", ["s1", "", "s2", "s1"])
-    with pytest.raises(MedexpError, match=r"the site column is empty on 1 line\(s\): line 3; give every image its site"):
+    with pytest.raises(
+        MedexpError, match=r"the site column is empty on 1 line\(s\): line 3; give every image its site"
+    ):
         FileDataModule(task="binary", num_classes=2, in_channels=1, spatial_dims=2, manifest=manifest)
 
 
@@ -136,8 +154,11 @@ def test_batchnorm_adaptation_estimates_each_sites_statistics(compose_cfg):
     cfg = compose_cfg(*TINY, SHIFT)
     datamodule, model = build(cfg.data), build(cfg.model)
     results = {}
-    for name, callbacks in {"site": [BatchNormAdaptation(enabled=True)], "split": [BatchNormAdaptation(enabled=True, per_site=False)],
-                            "none": []}.items():
+    for name, callbacks in {
+        "site": [BatchNormAdaptation(enabled=True)],
+        "split": [BatchNormAdaptation(enabled=True, per_site=False)],
+        "none": [],
+    }.items():
         trainer = L.Trainer(logger=False, callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False)
         results[name] = trainer.test(model, datamodule=datamodule, verbose=False)[0]
         if name == "site":
@@ -153,15 +174,30 @@ def test_batchnorm_adaptation_estimates_each_sites_statistics(compose_cfg):
         torch.testing.assert_close(mean.float(), chosen.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(var.float(), chosen.var(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert results["site"]["test/site_b/auroc"] != results["none"]["test/site_b/auroc"]
-    assert results["split"]["test/site_b/auroc"] not in (results["none"]["test/site_b/auroc"], results["site"]["test/site_b/auroc"])
-    with pytest.raises(MedexpError, match=r"callbacks.bn_adapt.enabled=true, but the net \(Sequential\) has no BatchNorm"):
+    assert results["split"]["test/site_b/auroc"] not in (
+        results["none"]["test/site_b/auroc"],
+        results["site"]["test/site_b/auroc"],
+    )
+    with pytest.raises(
+        MedexpError, match=r"callbacks.bn_adapt.enabled=true, but the net \(Sequential\) has no BatchNorm"
+    ):
         model.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 2))
         L.Trainer(logger=False, callbacks=[BatchNormAdaptation(enabled=True)], enable_progress_bar=False).test(
-            model, datamodule=datamodule, verbose=False)
+            model, datamodule=datamodule, verbose=False
+        )
 
 
-DOMAIN_SHIFT = [*QUIET, "logger=none", SHIFT, "data.train_sites=[a]", "data.image_size=16", "data.lesion_contrast=2",
-                "data.num_samples={train: 256, val: 64, test: 128}", "trainer.max_epochs=2", "optimizer.lr=3e-3"]
+DOMAIN_SHIFT = [
+    *QUIET,
+    "logger=none",
+    SHIFT,
+    "data.train_sites=[a]",
+    "data.image_size=16",
+    "data.lesion_contrast=2",
+    "data.num_samples={train: 256, val: 64, test: 128}",
+    "trainer.max_epochs=2",
+    "optimizer.lr=3e-3",
+]
 
 
 def test_adaptation_on_a_shifted_site_through_medexp_train(tmp_path):

@@ -150,8 +150,11 @@ def test_cv_groups_are_pooled_over_their_folds(tmp_path):
     job = 0
     for model, values in aurocs.items():
         for fold, value in enumerate(values):
-            fake_job(sweep / str(job), [f"model={model}", f"data.fold={fold}", "data.num_folds=3"],
-                     result(value, 1 - value, value - 0.05))
+            fake_job(
+                sweep / str(job),
+                [f"model={model}", f"data.fold={fold}", "data.num_folds=3"],
+                result(value, 1 - value, value - 0.05),
+            )
             job += 1
     fake_job(sweep / str(job), ["model=cnn", "data.fold=3", "data.num_folds=3"], None)  # a failed fold
     proc = run_cli("summarize", "sweep", cwd=tmp_path)
@@ -208,8 +211,16 @@ def test_bad_input_gives_a_short_clear_error(tmp_path, setup, args, expected):
 
 def test_a_real_grid_sweep(tmp_path):
     run_cli(
-        "train", "-m", "optimizer.lr=1e-3,1e-2", "data.image_size=16", "data.num_samples={train:60,val:20,test:20}",
-        "trainer.max_epochs=1", "logger=csv", *QUIET, "hydra.sweep.dir=sweep", cwd=tmp_path,
+        "train",
+        "-m",
+        "optimizer.lr=1e-3,1e-2",
+        "data.image_size=16",
+        "data.num_samples={train:60,val:20,test:20}",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        *QUIET,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
     )
     proc = run_cli("summarize", "sweep", cwd=tmp_path)
     rows = read_csv(tmp_path / "sweep" / "summary.csv")

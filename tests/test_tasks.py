@@ -13,7 +13,13 @@ from medexp.train import train
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET
 
-FAST = [*QUIET, "logger=csv", "trainer.max_epochs=1", "data.num_samples={train: 96, val: 48, test: 48}", "data.batch_size=32"]
+FAST = [
+    *QUIET,
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "data.num_samples={train: 96, val: 48, test: 48}",
+    "data.batch_size=32",
+]
 
 
 def make_task(**kwargs) -> ClassificationTask:

@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from medexp.train import lookup_metric, train
+from medexp.train import train
+from medexp.utils.run_info import lookup_metric
 from tests.conftest import QUIET, compose_config
 
 FAST = [*QUIET, "trainer.max_epochs=2", "data.num_samples={train: 128, val: 64, test: 64}", "data.batch_size=32"]
@@ -40,8 +41,16 @@ def test_the_sweep_objective_is_the_best_monitored_value(compose_cfg):
 
 def test_early_stopping_stops_a_run_that_does_not_improve(compose_cfg, tmp_path):
     # a vanishing lr: the monitored metric never improves by min_delta, so patience 1 stops at epoch 2 of 20
-    train(compose_cfg(*FAST, "callbacks=early_stopping", "callbacks.early_stopping.patience=1",
-                      "callbacks.early_stopping.min_delta=0.01", "optimizer.lr=1e-12", "trainer.max_epochs=20"))
+    train(
+        compose_cfg(
+            *FAST,
+            "callbacks=early_stopping",
+            "callbacks.early_stopping.patience=1",
+            "callbacks.early_stopping.min_delta=0.01",
+            "optimizer.lr=1e-12",
+            "trainer.max_epochs=20",
+        )
+    )
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     trained_epochs = {row["epoch"] for row in rows if row.get("train/loss")}
     assert trained_epochs == {"0", "1"}

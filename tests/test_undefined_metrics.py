@@ -88,9 +88,9 @@ def strict_json(path: Path) -> dict:
 
 def predictions_of(run: Path) -> tuple[np.ndarray, np.ndarray]:
     """``(N, C)`` probabilities and ``(N,)`` labels of the best checkpoint on the test split."""
-    from medexp.utils.checkpoint import load_checkpoint, rebuild
+    from medexp.checkpoints.checkpoint import Checkpoint
 
-    datamodule, model = rebuild(load_checkpoint(run / "checkpoints" / "best.ckpt"), {}, data_output_dir=None)
+    datamodule, model = Checkpoint(run / "checkpoints" / "best.ckpt").build()
     datamodule.setup("test")
     model.eval()
     probs, labels = [], []
@@ -183,7 +183,7 @@ def check_binary_test_of_one_class(run: Path, caplog, error) -> None:
 
 
 def check_binary_val_of_one_class(run: Path, caplog, error) -> None:
-    from medexp.utils.checkpoint import load_checkpoint
+    from medexp.checkpoints.checkpoint import load_checkpoint
 
     metrics = strict_json(run / "metrics.json")
     assert metrics["status"] == "complete"
@@ -224,7 +224,10 @@ MULTICLASS = ["data.task=multiclass", "data.num_classes=3"]
 CASES = {
     # a class of the set is absent from the test split
     "auroc-test-split-lacks-a-class": Case(
-        lambda d: [*classification_files(d, {"train": [0, 1, 2] * 4, "val": [0, 1, 2] * 2, "test": [0, 1] * 3}), *MULTICLASS],
+        lambda d: [
+            *classification_files(d, {"train": [0, 1, 2] * 4, "val": [0, 1, 2] * 2, "test": [0, 1] * 3}),
+            *MULTICLASS,
+        ],
         check_test_lacks_class_2,
     ),
     # data.num_classes=3 but no sample anywhere is of class 2
@@ -239,23 +242,31 @@ CASES = {
     ),
     # the monitored val/auroc is undefined every epoch: checkpointing and early stopping cope
     "auroc-binary-val-split-of-one-class-monitored": Case(
-        lambda d: [*classification_files(d, {"train": [0, 1] * 6, "val": [1] * 4, "test": [0, 1] * 3}), *BINARY,
-                   "callbacks=early_stopping", "callbacks.early_stopping.patience=5"],
+        lambda d: [
+            *classification_files(d, {"train": [0, 1] * 6, "val": [1] * 4, "test": [0, 1] * 3}),
+            *BINARY,
+            "callbacks=early_stopping",
+            "callbacks.early_stopping.patience=5",
+        ],
         check_binary_val_of_one_class,
     ),
     # masks saved as 0/1 with the 0/255 setting
     "mask-threshold-127-on-0-1-masks": Case(
-        lambda d: [*segmentation_files(d, 1), "data.mask_threshold=127"], check_mask_threshold("1", "m0.png"), MedexpError
+        lambda d: [*segmentation_files(d, 1), "data.mask_threshold=127"],
+        check_mask_threshold("1", "m0.png"),
+        MedexpError,
     ),
     # 0/255 masks and a threshold above every value
     "mask-threshold-above-every-value": Case(
-        lambda d: [*segmentation_files(d, 255), "data.mask_threshold=255"], check_mask_threshold("255", "m0.png"),
+        lambda d: [*segmentation_files(d, 255), "data.mask_threshold=255"],
+        check_mask_threshold("255", "m0.png"),
         MedexpError,
     ),
     # a learning rate that blows the loss up without it becoming NaN
     "loss-explodes-with-lr-1e6": Case(
         lambda d: ["optimizer.lr=1e6", "data.image_size=16", "data.num_samples={train: 64, val: 16, test: 16}"],
-        check_exploded, TrainingDiverged,
+        check_exploded,
+        TrainingDiverged,
     ),
 }
 
@@ -279,6 +290,14 @@ def test_bad_input_is_answered_clearly(name, tmp_path, caplog):
 def test_a_threshold_that_keeps_foreground_is_accepted(tmp_path):
     # the control of the mask cases: 0/255 masks with the 0/255 setting train
     run = tmp_path / "run"
-    cfg = compose_config([*FAST, *segmentation_files(tmp_path / "data", 255), "data.mask_threshold=127",
-                          "trainer.max_epochs=1", "report=false"], output_dir=run)
+    cfg = compose_config(
+        [
+            *FAST,
+            *segmentation_files(tmp_path / "data", 255),
+            "data.mask_threshold=127",
+            "trainer.max_epochs=1",
+            "report=false",
+        ],
+        output_dir=run,
+    )
     assert train(cfg)["test"]["test/dice"] > 0

@@ -19,7 +19,10 @@ BAD_CONFIGS = [
     (["data.batch_size=abc"], "data.batch_size='abc'; expected an integer >= 1"),
     (["data.batch_size=2.5"], "data.batch_size=2.5; expected an integer >= 1"),
     (["data.num_workers=-1"], "data.num_workers=-1; expected an integer >= 0"),
-    (["data.task=regression"], "data.task='regression'; expected one of ['binary', 'multiclass', 'multilabel', 'segmentation'"),
+    (
+        ["data.task=regression"],
+        "data.task='regression'; expected one of ['binary', 'multiclass', 'multilabel', 'segmentation'",
+    ),
     (["data.spatial_dims=4"], "data.spatial_dims=4; expected one of [2, 3]"),
     (["data.image_size=0"], "data.image_size=0; expected an integer >= 1"),
     (["model.net.dropout=1.0"], "model.net.dropout=1.0; expected a number in [0, 1)"),
@@ -31,15 +34,39 @@ BAD_CONFIGS = [
     (["+trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1; expected a number >= 0 or null"),
     (["seed=-5"], "seed=-5; expected an integer in [0, 4.29497e+09] or null"),
     (["train=maybe"], "train='maybe'; expected true or false"),
-    (["+trainer.max_epoch=3"], "trainer.max_epoch: not an argument of lightning.pytorch.Trainer; did you mean max_epochs"),
-    (["+data.batchsize=3"], "data.batchsize: not an argument of medexp.data.synthetic.SyntheticDataModule; did you mean batch_size"),
-    (["+model.net.dropuot=0.2"], "model.net.dropuot: not an argument of medexp.nets.simple_cnn.SimpleCNN; did you mean dropout"),
+    (
+        ["+trainer.max_epoch=3"],
+        "trainer.max_epoch: not an argument of lightning.pytorch.Trainer; did you mean max_epochs",
+    ),
+    (
+        ["+data.batchsize=3"],
+        "data.batchsize: not an argument of medexp.data.synthetic.SyntheticDataModule; did you mean batch_size",
+    ),
+    (
+        ["+model.net.dropuot=0.2"],
+        "model.net.dropuot: not an argument of medexp.nets.simple_cnn.SimpleCNN; did you mean dropout",
+    ),
     (["+optimizer.lrr=0.1"], "optimizer.lrr: not an argument of torch.optim.Adam; did you mean lr"),
-    (["+callbacks.model_checkpoint.monitr=val/loss"], "callbacks.model_checkpoint.monitr: not an argument of lightning.pytorch.callbacks.ModelCheckpoint; did you mean monitor"),
-    (["model=unet"], "the model (SegmentationTask) trains on data.task in ['segmentation'], but data.task='binary'; models for binary data: model=autoencoder,cnn,"),
-    (["data=medmnist", "model=densenet121"], "the net (DenseNet121) needs at least 29 pixels (voxels) per side, but data.image_size=28"),
-    (["model=cnn_lstm"], "the net (CNNLSTM) reads sequences of images, but these data are single 2D images; use data=synthetic_longitudinal"),
-    (["data=synthetic_seg", "model=cnn"], "models for segmentation data: model=attention_unet,basic_unet,segresnet,unet"),
+    (
+        ["+callbacks.model_checkpoint.monitr=val/loss"],
+        "callbacks.model_checkpoint.monitr: not an argument of lightning.pytorch.callbacks.ModelCheckpoint; did you mean monitor",
+    ),
+    (
+        ["model=unet"],
+        "the model (SegmentationTask) trains on data.task in ['segmentation'], but data.task='binary'; models for binary data: model=autoencoder,cnn,",
+    ),
+    (
+        ["data=medmnist", "model=densenet121"],
+        "the net (DenseNet121) needs at least 29 pixels (voxels) per side, but data.image_size=28",
+    ),
+    (
+        ["model=cnn_lstm"],
+        "the net (CNNLSTM) reads sequences of images, but these data are single 2D images; use data=synthetic_longitudinal",
+    ),
+    (
+        ["data=synthetic_seg", "model=cnn"],
+        "models for segmentation data: model=attention_unet,basic_unet,segresnet,unet",
+    ),
     (["model.net.in_channels=3"], "model.net.in_channels=3 but data.in_channels=1; they must match"),
     (["model.net.spatial_dims=3"], "model.net.spatial_dims=3 but data.spatial_dims=2; they must match"),
     (["model.net.out_channels=5"], "the net has 5 outputs but data.num_classes=2; they must match"),
@@ -57,8 +84,10 @@ def test_a_bad_config_is_reported_before_training(overrides, message, tmp_path):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    cfg = compose_config([*QUIET, "optimizer.lr=-1", "data.batch_size=0", "+trainer.max_epoch=3", "model.net.in_channels=3"],
-                         output_dir=tmp_path)
+    cfg = compose_config(
+        [*QUIET, "optimizer.lr=-1", "data.batch_size=0", "+trainer.max_epoch=3", "model.net.in_channels=3"],
+        output_dir=tmp_path,
+    )
     with pytest.raises(MedexpError, match=r"^4 problem\(s\) in the config:\n") as error:
         train(cfg)
     assert str(error.value).count("\n  - ") == 4
@@ -74,10 +103,13 @@ def test_the_cli_shows_the_cause_in_a_few_lines_and_verbose_the_traceback(tmp_pa
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "optimizer.lr=-1" in verbose.stderr
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("data.batchsize=3", "Could not override 'data.batchsize'"),  # a typo without +: Hydra's own check
-    ("model=resnet19", "Could not find 'model/resnet19'"),  # an unknown option: Hydra lists the valid ones
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.batchsize=3", "Could not override 'data.batchsize'"),  # a typo without +: Hydra's own check
+        ("model=resnet19", "Could not find 'model/resnet19'"),  # an unknown option: Hydra lists the valid ones
+    ],
+)
 def test_hydra_reports_unknown_keys_and_options_before_medexp_starts(override, message, tmp_path):
     proc = run_cli("train", override, cwd=tmp_path, check=False)
     assert proc.returncode == 1 and message in proc.stderr

@@ -27,7 +27,10 @@ def write_medmnist3d_npz(path: Path, sizes: dict[str, int], num_classes: int, si
     arrays = {}
     for split, n in sizes.items():
         labels = rng.integers(0, num_classes, size=n)
-        volumes = rng.integers(0, 120, size=(n, size, size, size)) + (labels * (100 // (num_classes - 1)))[:, None, None, None]
+        volumes = (
+            rng.integers(0, 120, size=(n, size, size, size))
+            + (labels * (100 // (num_classes - 1)))[:, None, None, None]
+        )
         arrays[f"{split}_images"] = volumes.astype(np.uint8)
         arrays[f"{split}_labels"] = labels[:, None]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +39,9 @@ def write_medmnist3d_npz(path: Path, sizes: dict[str, int], num_classes: int, si
 
 
 def medmnist3d(root, name="organmnist3d", task="multiclass", num_classes=11, **kwargs) -> MedMNISTDataModule:
-    return MedMNISTDataModule(name=name, root=root, task=task, num_classes=num_classes, in_channels=1, spatial_dims=3, **kwargs)
+    return MedMNISTDataModule(
+        name=name, root=root, task=task, num_classes=num_classes, in_channels=1, spatial_dims=3, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------------- MedMNIST 3D
@@ -44,8 +49,15 @@ def medmnist3d(root, name="organmnist3d", task="multiclass", num_classes=11, **k
 
 def test_medmnist3d_loads_through_the_config(compose_cfg, tmp_path):
     write_medmnist3d_npz(tmp_path / "medmnist" / "organmnist3d.npz", TINY, num_classes=11)
-    cfg = compose_cfg("data=medmnist3d", "data.name=organmnist3d", f"data.root={tmp_path / 'medmnist'}", "data.batch_size=4")
-    assert (cfg.data.task, cfg.data.num_classes, cfg.data.in_channels, cfg.data.spatial_dims) == ("multiclass", 11, 1, 3)
+    cfg = compose_cfg(
+        "data=medmnist3d", "data.name=organmnist3d", f"data.root={tmp_path / 'medmnist'}", "data.batch_size=4"
+    )
+    assert (cfg.data.task, cfg.data.num_classes, cfg.data.in_channels, cfg.data.spatial_dims) == (
+        "multiclass",
+        11,
+        1,
+        3,
+    )
     assert cfg.data.image_size == 28 and list(cfg.data.augmentations) == []
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup()
@@ -104,9 +116,14 @@ def test_a_2d_name_with_3d_volumes_is_refused(tmp_path):
 
 
 def test_a_3d_name_with_2d_images_is_refused(tmp_path):
-    with pytest.raises(MedexpError, match=r"'organmnist3d' is not a MedMNIST 2D dataset; expected one of \['bloodmnist'.*"
-                                          r"organmnist3d is a 3D dataset \(data=medmnist3d"):
-        MedMNISTDataModule(name="organmnist3d", root=tmp_path, task="multiclass", num_classes=11, in_channels=1, spatial_dims=2)
+    with pytest.raises(
+        MedexpError,
+        match=r"'organmnist3d' is not a MedMNIST 2D dataset; expected one of \['bloodmnist'.*"
+        r"organmnist3d is a 3D dataset \(data=medmnist3d",
+    ):
+        MedMNISTDataModule(
+            name="organmnist3d", root=tmp_path, task="multiclass", num_classes=11, in_channels=1, spatial_dims=2
+        )
 
 
 def test_a_2d_name_in_the_3d_config_is_refused(compose_cfg, tmp_path):
@@ -133,8 +150,9 @@ def test_resnet18_3d_keeps_the_small_input_stem(compose_cfg):
 
 
 def test_densenet121_3d_classifies_a_small_volume(compose_cfg):
-    cfg = compose_cfg("data=synthetic_3d", "model=densenet121_3d", "data.task=multiclass", "data.num_classes=3",
-                      "data.image_size=32")
+    cfg = compose_cfg(
+        "data=synthetic_3d", "model=densenet121_3d", "data.task=multiclass", "data.num_classes=3", "data.image_size=32"
+    )
     validate_config(check_config(cfg))
     task = instantiate(cfg.model, _convert_="all").eval()
     with torch.no_grad():
@@ -158,10 +176,14 @@ def test_synthetic_3d_volumes(compose_cfg):
 def test_3d_augmentations_run_on_a_volume(compose_cfg):
     from monai.transforms import Compose, RandAffined, RandFlipd
 
-    cfg = compose_cfg("data=synthetic_3d", "data/augmentations=basic_3d", "data.num_samples={train: 4, val: 2, test: 2}")
+    cfg = compose_cfg(
+        "data=synthetic_3d", "data/augmentations=basic_3d", "data.num_samples={train: 4, val: 2, test: 2}"
+    )
     augmentations = instantiate(cfg.data.augmentations, _convert_="all")
     assert sorted(t.flipper.spatial_axis for t in augmentations if isinstance(t, RandFlipd)) == [0, 1, 2]
-    assert len(next(t for t in augmentations if isinstance(t, RandAffined)).rand_affine.rand_affine_grid.rotate_range) == 3
+    assert (
+        len(next(t for t in augmentations if isinstance(t, RandAffined)).rand_affine.rand_affine_grid.rotate_range) == 3
+    )
     for transform in augmentations:
         transform.prob = 1.0  # every one of them, at once
     chain = Compose(augmentations)
@@ -206,10 +228,16 @@ def test_cnn_lstm_reads_a_volume_as_a_sequence_of_slices(compose_cfg, tmp_path):
     from medexp.train import train
 
     cfg = compose_cfg(
-        "data=synthetic_3d", "model=cnn_lstm", *QUIET,
-        "model.net.encoder.channels=[8,16]", "model.net.feature_size=16", "model.net.hidden_size=16",
-        "model.net.pooling=attention", "optimizer.lr=3e-3",
-        "data.num_samples={train: 256, val: 32, test: 64}", "trainer.max_epochs=6",
+        "data=synthetic_3d",
+        "model=cnn_lstm",
+        *QUIET,
+        "model.net.encoder.channels=[8,16]",
+        "model.net.feature_size=16",
+        "model.net.hidden_size=16",
+        "model.net.pooling=attention",
+        "optimizer.lr=3e-3",
+        "data.num_samples={train: 256, val: 32, test: 64}",
+        "trainer.max_epochs=6",
     )
     assert cfg.model.net.sequence_axis == 2  # depth, derived from data.spatial_dims=3
     metrics = train(cfg)

@@ -134,11 +134,13 @@ class BatchNormAdaptation(L.Callback):
 
     def adapt(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Estimate the statistics on the trainer's test batches and install the hooks."""
-        from medexp.reports.evaluation import batch_limit, prediction_pass
+        from medexp.inference.loop import batch_limit, prediction_pass
 
         names = getattr(pl_module, "site_names", None) if self.per_site else None
         self.domains = list(names) if names else ["test split"]
-        self._statistics = {name: _Statistics(len(self.domains), layer) for name, layer in batchnorm_layers(pl_module).items()}
+        self._statistics = {
+            name: _Statistics(len(self.domains), layer) for name, layer in batchnorm_layers(pl_module).items()
+        }
         self._install(pl_module)
         loaders = trainer.test_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
@@ -155,7 +157,8 @@ class BatchNormAdaptation(L.Callback):
         self.counts = [int(n) for n in next(iter(self._statistics.values())).samples.tolist()]
         log.info(
             "bn_adapt: BatchNorm statistics of %d layers re-estimated on the test images (%s)",
-            len(self._statistics), ", ".join(f"{name}: {n}" for name, n in zip(self.domains, self.counts)),
+            len(self._statistics),
+            ", ".join(f"{name}: {n}" for name, n in zip(self.domains, self.counts)),
         )
 
     def statistics(self, layer: str, domain: int) -> tuple[torch.Tensor, torch.Tensor] | None:

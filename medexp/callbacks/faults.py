@@ -157,8 +157,10 @@ class FaultTolerance(L.Callback):
         top_k = callback.save_top_k if callback.save_top_k >= 0 else (trainer.max_epochs or 1)
         kept = top_k + 2
         check_free_space(
-            Path(callback.dirpath), checkpoint_bytes(pl_module.parameters()) * kept,
-            "callbacks.model_checkpoint.dirpath", f"keeping {kept} checkpoints of this model",
+            Path(callback.dirpath),
+            checkpoint_bytes(pl_module.parameters()) * kept,
+            "callbacks.model_checkpoint.dirpath",
+            f"keeping {kept} checkpoints of this model",
         )
 
     # ----------------------------------------------------------------------- diverged loss
@@ -281,7 +283,8 @@ class FaultTolerance(L.Callback):
         if self._signal is None:
             log.warning(
                 "received %s: finishing this batch, then saving %s (Ctrl-C again to stop at once without saving)",
-                signal.Signals(signum).name, self.filename,
+                signal.Signals(signum).name,
+                self.filename,
             )
         self._signal = signum
 
@@ -329,8 +332,7 @@ class FaultTolerance(L.Callback):
         name = signal.Signals(self._signal or signal.SIGTERM).name
         log.info("resume with: medexp train ckpt_path=%s", path)
         raise TrainingInterrupted(
-            f"{name} {where}; saved {path}. "
-            f"Resume with: medexp train ckpt_path={path}",
+            f"{name} {where}; saved {path}. Resume with: medexp train ckpt_path={path}",
             str(path),
             int(self._signal or signal.SIGTERM),
         )
@@ -349,12 +351,15 @@ class FaultTolerance(L.Callback):
             exception.code = 128 + signal.SIGTERM
             last = _last_checkpoint(trainer)
             log.error(
-                "SIGTERM while %s; nothing new was saved%s", trainer.state.stage or "starting",
+                "SIGTERM while %s; nothing new was saved%s",
+                trainer.state.stage or "starting",
                 f"; resume with: medexp train ckpt_path={last}" if last else "",
             )
         elif isinstance(exception, KeyboardInterrupt):
             last = _last_checkpoint(trainer)
-            log.error("stopped by Ctrl-C without saving%s", f"; resume with: medexp train ckpt_path={last}" if last else "")
+            log.error(
+                "stopped by Ctrl-C without saving%s", f"; resume with: medexp train ckpt_path={last}" if last else ""
+            )
 
     # ------------------------------------------------------------------ resuming mid-epoch
 
@@ -387,7 +392,8 @@ class FaultTolerance(L.Callback):
         if not exact:
             log.warning(
                 "resuming in the middle of epoch %d: its remaining batches are not replayed exactly (exact with "
-                "one device, data.num_workers=0 and an unchanged data.batch_size)", epoch,
+                "one device, data.num_workers=0 and an unchanged data.batch_size)",
+                epoch,
             )
             return
         sampler.skip_next(done * loader.batch_size)  # read when the epoch's first index is drawn
@@ -397,7 +403,9 @@ class FaultTolerance(L.Callback):
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         log.info("resuming epoch %d after batch %d of %d", epoch, done, trainer.num_training_batches)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # the generators as they were when the interrupted run finished the previous batch
         if self._rng_at_batch is not None and batch_idx == self._rng_at_batch[0]:
             _set_rng_states(self._rng_at_batch[1])

@@ -37,13 +37,20 @@ class RestoreMovedCheckpoints(L.Callback):
             if not isinstance(state, dict) or not old or not new or Path(old) == Path(new):
                 continue
             moved = rerooted(state, Path(old), Path(new))
-            kept = [moved[key] for key in ("best_model_path",) if moved.get(key)] + list(moved.get("best_k_models") or {})
+            kept = [moved[key] for key in ("best_model_path",) if moved.get(key)] + list(
+                moved.get("best_k_models") or {}
+            )
             missing = sorted({path for path in kept if not Path(path).is_file()})
             if callback.monitor is not None and state.get("best_model_score") is not None and missing:
                 log.warning(
                     "the run moved from %s to %s, but %s %s not there: the best checkpoint by %s (%s) is chosen "
-                    "again among the epochs from now on", old, new, ", ".join(missing),
-                    "is" if len(missing) == 1 else "are", callback.monitor, _score(state["best_model_score"]),
+                    "again among the epochs from now on",
+                    old,
+                    new,
+                    ", ".join(missing),
+                    "is" if len(missing) == 1 else "are",
+                    callback.monitor,
+                    _score(state["best_model_score"]),
                 )
                 continue
             states[callback.state_key] = moved

@@ -8,7 +8,6 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 
-from medexp.tasks.segmentation import SegmentationTask
 from medexp.utils.loggers import send_picture
 
 
@@ -48,7 +47,7 @@ class SegmentationOverlays(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (
-            not isinstance(pl_module, SegmentationTask)
+            not getattr(pl_module, "pixel_classes", False)  # a task predicting a class per pixel
             or trainer.sanity_checking
             or not trainer.is_global_zero
             or trainer.current_epoch % self.every_n_epochs
@@ -87,4 +86,3 @@ class SegmentationOverlays(L.Callback):
         axes[0][0].set_title("truth: green outline, prediction: red", fontsize=8, loc="left")
         figure.tight_layout()
         return figure
-

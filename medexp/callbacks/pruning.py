@@ -53,12 +53,20 @@ class OptunaPruning(L.Callback):
         if self._trial is not None:
             value = trainer.callback_metrics.get(self.monitor)
             if value is None:
-                raise KeyError(f"OptunaPruning: metric {self.monitor!r} was not logged; logged: {sorted(trainer.callback_metrics)}")
+                raise KeyError(
+                    f"OptunaPruning: metric {self.monitor!r} was not logged; logged: {sorted(trainer.callback_metrics)}"
+                )
             self._trial.report(float(value), step=trainer.current_epoch)
             prune = self._trial.should_prune()
         # every DDP rank must stop together
         prune = trainer.strategy.broadcast(prune)
         if prune:
-            log.info("trial %d pruned at epoch %d (%s=%s)", self.trial_number, trainer.current_epoch, self.monitor, float(trainer.callback_metrics[self.monitor]))
+            log.info(
+                "trial %d pruned at epoch %d (%s=%s)",
+                self.trial_number,
+                trainer.current_epoch,
+                self.monitor,
+                float(trainer.callback_metrics[self.monitor]),
+            )
             self.pruned = True
             trainer.should_stop = True

@@ -67,7 +67,9 @@ class SaliencyWatch(L.Callback):
         from medexp.explainability.maps import METHODS
 
         if num_images < 1 or (every_n_epochs is not None and every_n_epochs < 0):
-            raise ValueError(f"num_images should be >= 1 and every_n_epochs >= 0 or None, got {num_images}, {every_n_epochs}.")
+            raise ValueError(
+                f"num_images should be >= 1 and every_n_epochs >= 0 or None, got {num_images}, {every_n_epochs}."
+            )
         if method not in METHODS:
             raise ValueError(f"method should be one of {list(METHODS)}, got {method!r}.")
         self.num_images, self.every_n_epochs = num_images, every_n_epochs
@@ -77,12 +79,10 @@ class SaliencyWatch(L.Callback):
         self._described = False
 
     def _due(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        from medexp.tasks.classification import ClassificationTask
-
         return (
             bool(self.every_n_epochs)
-            and isinstance(pl_module, ClassificationTask)
-            and not getattr(pl_module.net, "extra_inputs", ())
+            and getattr(pl_module, "explainable", False)
+            and not pl_module.extra_inputs
             and not trainer.sanity_checking
             and trainer.state.fn == "fit"
             and trainer.is_global_zero

@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 
-from medexp.tasks.adversarial import AdversarialTask
 from medexp.utils.images import grid, save_png
 from medexp.utils.loggers import send_picture
 
@@ -23,7 +22,12 @@ class SampleGrids(L.Callback):
     """
 
     def __init__(
-        self, num_samples: int = 64, every_n_epochs: int = 1, seed: int = 0, dirname: str = "samples", remote_images: bool = False
+        self,
+        num_samples: int = 64,
+        every_n_epochs: int = 1,
+        seed: int = 0,
+        dirname: str = "samples",
+        remote_images: bool = False,
     ) -> None:
         if num_samples < 1 or every_n_epochs < 1:
             raise ValueError(f"num_samples and every_n_epochs should be >= 1, got {num_samples}, {every_n_epochs}.")
@@ -33,7 +37,7 @@ class SampleGrids(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (
-            not isinstance(pl_module, AdversarialTask)
+            getattr(pl_module, "generator_overrides", None) is None  # a task that generates images
             or trainer.sanity_checking
             or trainer.state.fn != "fit"
             or not trainer.is_global_zero
@@ -45,5 +49,7 @@ class SampleGrids(L.Callback):
         labels = torch.arange(n) * pl_module.num_classes // n if pl_module.conditional else None
         images, _ = pl_module.sample(n, labels, generator=torch.Generator().manual_seed(self.seed))
         picture = grid(images, (pl_module.low, pl_module.high))
-        path = save_png(picture, Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}.png")
+        path = save_png(
+            picture, Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}.png"
+        )
         self._withheld_noted = send_picture(trainer, "val/samples", path, self.remote_images, self._withheld_noted)

@@ -5,14 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as L
-import numpy as np
 from lightning.fabric.utilities.seed import seed_everything
 
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A seed for ``epoch`` of a run seeded with ``seed``; runs with nearby seeds do not share
-    streams (as ``seed + epoch`` would: seed 1 epoch 1 = seed 2 epoch 0)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+from medexp.data.sampling import epoch_seed
 
 
 class SeedEachEpoch(L.Callback):
@@ -34,7 +29,9 @@ class SeedEachEpoch(L.Callback):
         if hasattr(transform, "set_random_state"):
             transform.set_random_state(seed=epoch_seed(self.seed, trainer.current_epoch))
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # Torch's generator (dropout, ...) only now: starting a DataLoader iterator draws from it,
         # which Lightning does before the epoch's hooks in a resumed epoch and after them otherwise.
         if batch_idx == 0:

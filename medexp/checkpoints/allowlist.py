@@ -72,7 +72,11 @@ FETCHING: dict[str, Any] = {"pretrained_url": None, "path_or_repo_id": None, "we
 # or checkpoints: pretrained downloads, a distillation teacher, a GAN's generated training data
 # (training-only inputs: a rebuilt model predicts without them)
 FETCHING_WHEN_REBUILT: dict[str, Any] = {
-    **FETCHING, "pretrained": False, "pretrained_path": None, "teacher_ckpt": None, "generated": None,
+    **FETCHING,
+    "pretrained": False,
+    "pretrained_path": None,
+    "teacher_ckpt": None,
+    "generated": None,
 }
 
 

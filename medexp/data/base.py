@@ -1,4 +1,5 @@
-"""In-memory image datasets served as dict batches, and the DataModule they share."""
+"""The base every DataModule follows (:class:`DataModule`), and in-memory image datasets served as
+dict batches with the DataModule they share (:class:`ArrayDataModule`)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default_collate
 
 from medexp.data import validation
-from medexp.callbacks.seed import epoch_seed
 from medexp.data.folds import assign_folds, check_fold_by, check_folds, split_by_fold, strata, write_folds
-from medexp.data.sampling import EpochShuffleSampler
+from medexp.data.sampling import EpochShuffleSampler, epoch_seed
 from medexp.utils.errors import MedexpError
 
 SPLITS = ("train", "val", "test")
@@ -75,7 +75,10 @@ class ArrayDataset(Dataset):
             return False
         first = self[0]
         size = sum(value.element_size() * value.numel() for value in first.values() if isinstance(value, torch.Tensor))
-        if not all(isinstance(value, torch.Tensor) for value in first.values()) or size * len(self) > self.prebuild_limit_bytes:
+        if (
+            not all(isinstance(value, torch.Tensor) for value in first.values())
+            or size * len(self) > self.prebuild_limit_bytes
+        ):
             return False
         samples = [first, *(self[index] for index in range(1, len(self)))]
         self.prebuilt = {key: torch.stack([sample[key] for sample in samples]) for key in first}
@@ -186,7 +189,9 @@ def _plain(dataset: Dataset) -> bool:
         return _plain(dataset.dataset)
     if isinstance(dataset, ConcatDataset):
         return all(_plain(part) for part in dataset.datasets)
-    return getattr(dataset, "prebuilt", None) is not None or isinstance(getattr(dataset, "transform", None), PlainTensors)
+    return getattr(dataset, "prebuilt", None) is not None or isinstance(
+        getattr(dataset, "transform", None), PlainTensors
+    )
 
 
 class BalancedSampler(EpochShuffleSampler):
@@ -230,7 +235,98 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray([item["label"] for item in dataset.data])
 
 
-class ArrayDataModule(L.LightningDataModule):
+class DataModule(L.LightningDataModule):
+    """The base every medexp DataModule follows: what tasks, commands and model configs read from
+    the data, and loaders over its splits.
+
+    Subclasses fill :attr:`datasets` in :meth:`setup` and implement :meth:`predict_transform` and
+    :meth:`fingerprint`; they change how a loader batches samples through :meth:`_loader_type`.
+    Training batches are shuffled from the run's seed and the epoch
+    (:class:`~medexp.data.sampling.EpochShuffleSampler`), so a resumed run sees the same batches.
+
+    Args:
+        task: the data's task (``binary``, ``segmentation``, ``detection``, ``registration``, ...),
+            which tasks and model configs check.
+        num_classes: classes (or labels); in_channels: image channels; spatial_dims: 2 or 3.
+            Model configs read these.
+        batch_size: samples per batch (per process under DDP).
+        num_workers: DataLoader worker processes.
+
+    Attributes:
+        class_names: names of the classes (labels) in index order, where the data know them.
+        datasets: ``train``, ``val`` and ``test`` datasets, after :meth:`setup`.
+    """
+
+    def __init__(
+        self, task: str, num_classes: int, in_channels: int, spatial_dims: int, batch_size: int, num_workers: int
+    ) -> None:
+        super().__init__()
+        self.task = task
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.spatial_dims = spatial_dims
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.class_names: list[str] | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    def predict_transform(self) -> Callable:
+        """The chain that turns one input (``{"image": path}``, or the files of a pair) into a
+        model input, as the test split prepares its samples (used by ``medexp predict``)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what the splits hold, so a reproduction can tell whether it trained on the
+        same data."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A short name of the data for messages."""
+        return type(self).__name__
+
+    def _loader_type(self, dataset: Dataset) -> tuple[type[DataLoader], dict[str, Any]]:
+        """The DataLoader class that batches ``dataset`` and its extra arguments (e.g. ``collate_fn``)."""
+        return DataLoader, {}
+
+    def _make_loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        loader, options = self._loader_type(dataset)
+        return loader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._shuffler(dataset) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **options,
+        )
+
+    def _shuffler(self, dataset: Dataset) -> EpochShuffleSampler:
+        # seeded like MONAI's random transforms (see monai_chain): from the run's seed. The epoch
+        # is set now too: worker processes draw indices as soon as the loader's iterator exists,
+        # before Lightning's set_epoch, and a resumed run's first epoch is not epoch 0.
+        sampler = EpochShuffleSampler(dataset, int(torch.initial_seed() % 2**32))
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        return sampler
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return self._make_loader(self.datasets[split], shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def subset_loader(self, split: str, indices: Sequence[int], shuffle: bool) -> DataLoader:
+        """A loader over the samples ``indices`` of ``split``, batched like the split's own
+        (e.g. one simulated site's share in ``medexp federate``). Call after :meth:`setup`."""
+        return self._make_loader(Subset(self.datasets[split], [int(i) for i in indices]), shuffle)
+
+
+class ArrayDataModule(DataModule):
     """Base of DataModules whose splits fit in memory as arrays (synthetic data, MedMNIST).
 
     Subclasses implement :meth:`load_split`. Augmentations run on training samples only, before
@@ -301,7 +397,6 @@ class ArrayDataModule(L.LightningDataModule):
         sampler: str | None = None,
         fold_by: str | None = None,
     ) -> None:
-        super().__init__()
         scan = validation.check_options(scan, scan_sample, on_bad)
         if sampler not in SAMPLERS:
             raise MedexpError(f"data.sampler={sampler!r}; expected one of {list(SAMPLERS)}")
@@ -320,16 +415,9 @@ class ArrayDataModule(L.LightningDataModule):
             raise MedexpError(f"data.batch_size={batch_size}; expected a positive integer")
         # leave-one-site-out folds are the sites, checked once the sites are known (see setup)
         check_folds(fold if fold_by is None else None, num_folds)
-        self.task = task
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.spatial_dims = spatial_dims
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        super().__init__(task, num_classes, in_channels, spatial_dims, batch_size, num_workers)
         self.transforms = list(transforms)
         self.augmentations = list(augmentations)
-        # names of the classes (labels) in index order, where the data know them
-        self.class_names: list[str] | None = None
         self.datasets: dict[str, ArrayDataset] = {}
         self.fold, self.num_folds, self.fold_seed, self.fold_by = fold, num_folds, fold_seed, fold_by
         self.sampler = sampler
@@ -426,8 +514,13 @@ class ArrayDataModule(L.LightningDataModule):
             findings += found
         findings += validation.duplicate_findings(hashes, name)
         drop = validation.resolve(
-            findings, scanned, time.perf_counter() - start,
-            source=self.describe(), scan=self.scan, on_bad=self.on_bad, verb="checked",
+            findings,
+            scanned,
+            time.perf_counter() - start,
+            source=self.describe(),
+            scan=self.scan,
+            on_bad=self.on_bad,
+            verb="checked",
         )
         if not drop:
             return kept
@@ -536,7 +629,9 @@ class ArrayDataModule(L.LightningDataModule):
             if self.scan != "off":
                 return  # the data check reports each bad sample (see _scan_arrays)
             if labels.max() >= self.num_classes:
-                raise MedexpError(f"{where}: mask values up to {labels.max()}; expected classes 0..{self.num_classes - 1}")
+                raise MedexpError(
+                    f"{where}: mask values up to {labels.max()}; expected classes 0..{self.num_classes - 1}"
+                )
         elif self.task == "multilabel":
             if labels.ndim != 2 or labels.shape[1] != self.num_classes:
                 raise MedexpError(f"{where}: multi-label targets must be 0/1 of shape (N, {self.num_classes})")
@@ -550,10 +645,6 @@ class ArrayDataModule(L.LightningDataModule):
                 f"got shape {labels.shape}, range [{labels.min()}, {labels.max()}]"
             )
 
-    def describe(self) -> str:
-        """A short name of the data for messages."""
-        return type(self).__name__
-
     def label_counts(self) -> tuple[np.ndarray, int]:
         """Training samples per class (positives per label for multi-label tasks, voxels per class
         for segmentation), and their total; with ``fold`` set, of the folds trained on."""
@@ -564,36 +655,25 @@ class ArrayDataModule(L.LightningDataModule):
         labels = labels.ravel()  # segmentation: voxels per class
         return np.bincount(labels, minlength=self.num_classes), len(labels)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return self._make_loader(self.datasets[split], shuffle)
-
     def _make_loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         _prebuild(dataset)  # now: the data modules have attached everything a sample carries
-        loader, options = DataLoader, {"collate_fn": collate}
-        if not _plain(dataset):
-            # MONAI's collates lists of samples (patches) and seeds random transforms in workers
-            from monai.data import DataLoader as loader
+        return super()._make_loader(dataset, shuffle)
 
-            options = {}
-        return loader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=self._shuffler(dataset) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            **options,
-        )
+    def _loader_type(self, dataset: Dataset) -> tuple[type[DataLoader], dict[str, Any]]:
+        if _plain(dataset):
+            return DataLoader, {"collate_fn": collate}
+        # MONAI's collates lists of samples (patches) and seeds random transforms in workers
+        from monai.data import DataLoader as MonaiDataLoader
+
+        return MonaiDataLoader, {}
 
     def _shuffler(self, dataset: Dataset) -> EpochShuffleSampler:
-        # seeded like the transforms (see :meth:`transform`): from the run's seed. The epoch is
-        # set now too: worker processes draw indices as soon as the loader's iterator exists,
-        # before Lightning's set_epoch, and a resumed run's first epoch is not epoch 0.
-        seed = int(torch.initial_seed() % 2**32)
-        if self.sampler == "balanced":
-            sampler = BalancedSampler(dataset, strata(dataset_labels(dataset), self.task), seed)
-        else:
-            sampler = EpochShuffleSampler(dataset, seed)
+        if self.sampler != "balanced":
+            return super()._shuffler(dataset)
+        # drawn from the run's seed and the epoch, as DataModule._shuffler's shuffle
+        sampler = BalancedSampler(
+            dataset, strata(dataset_labels(dataset), self.task), int(torch.initial_seed() % 2**32)
+        )
         sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         return sampler
 
@@ -604,17 +684,6 @@ class ArrayDataModule(L.LightningDataModule):
         # are made in the space of the transformed images (see medexp.data.generated)
         dataset = ConcatDataset([self.datasets["train"], self.generated.dataset(self)])
         return self._make_loader(dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def subset_loader(self, split: str, indices: Sequence[int], shuffle: bool) -> DataLoader:
-        """A loader over the samples ``indices`` of ``split``, batched like the split's own
-        (e.g. one simulated site's share in ``medexp federate``). Call after :meth:`setup`."""
-        return self._make_loader(Subset(self.datasets[split], [int(i) for i in indices]), shuffle)
 
     def fingerprint(self) -> str:
         """SHA-256 of what the splits hold (images and labels, in order), so a reproduction can

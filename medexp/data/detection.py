@@ -34,14 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as L
 import numpy as np
 import torch
 from monai.transforms import Compose, EnsureTyped, LoadImaged, ScaleIntensityRanged, Transform, Transposed
 
 from medexp.data import validation
-from medexp.data.base import SPLITS
-from medexp.data.sampling import EpochShuffleSampler
+from medexp.data.base import SPLITS, DataModule
+from medexp.data.manifest import assign_splits, read_csv_rows
+from medexp.data.paths import file_digest, listing, located, resolve_path
+from medexp.data.phantoms import make_detection_phantoms
+from medexp.data.reading import CaseReader
 from medexp.utils.errors import MedexpError
 
 log = logging.getLogger(__name__)
@@ -50,56 +52,6 @@ TASK = "detection"
 BOX_KEYS = ("boxes", "labels")
 # MONAI transform modules that move pixels without knowing about boxes
 _SPATIAL_MODULES = ("monai.transforms.spatial", "monai.transforms.croppad")
-
-
-def mask_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The boxes of the lesions in a mask: one per connected component of each class.
-
-    Args:
-        mask: ``(*spatial)`` lesion classes, 0 for background, ``c`` for lesion class ``c - 1``.
-
-    Returns:
-        boxes ``(N, 2 * spatial_dims)`` float32 in the module's convention (the component's
-        first pixel to one past its last) and labels ``(N,)`` int64, by class then position.
-    """
-    from scipy import ndimage
-
-    boxes, labels = [], []
-    for value in np.unique(mask[mask > 0]):
-        components, _ = ndimage.label(mask == value)
-        for extent in ndimage.find_objects(components):
-            boxes.append([s.start for s in extent] + [s.stop for s in extent])
-            labels.append(int(value) - 1)
-    width = 2 * mask.ndim
-    return np.asarray(boxes, dtype=np.float32).reshape(-1, width), np.asarray(labels, dtype=np.int64)
-
-
-def make_detection_phantoms(
-    n: int, size: int, num_classes: int, rng: np.random.Generator, lesion_contrast: float = 1.0, spatial_dims: int = 2
-) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """``n`` phantoms with lesions and their boxes (see :func:`medexp.data.synthetic.make_phantoms`).
-
-    Each image holds 1-3 bright lesions (class 0), and with ``num_classes=2`` also 0-2 dark ones
-    (class 1); a box is the extent of a lesion's mask (lesions that touch share one box).
-    Phantoms drawn without a lesion are replaced by new draws from ``rng``.
-
-    Returns:
-        images ``(n, 1, *spatial)`` uint8, and per image boxes ``(N_i, 2 * spatial_dims)`` and
-        labels ``(N_i,)`` (see :func:`mask_boxes`).
-    """
-    from medexp.data.synthetic import make_phantoms
-
-    images = np.zeros((n, 1) + (size,) * spatial_dims, dtype=np.uint8)
-    boxes: list[np.ndarray] = [np.zeros((0, 2 * spatial_dims), np.float32)] * n
-    labels: list[np.ndarray] = [np.zeros(0, np.int64)] * n
-    todo = np.arange(n)
-    while len(todo):
-        drawn, masks, _ = make_phantoms(len(todo), size, "segmentation", num_classes + 1, rng, lesion_contrast, spatial_dims)
-        found = [mask_boxes(mask[0]) for mask in masks]
-        for row, image, (image_boxes, image_labels) in zip(todo, drawn, found):
-            images[row], boxes[row], labels[row] = image, image_boxes, image_labels
-        todo = np.array([row for row, (image_boxes, _) in zip(todo, found) if len(image_boxes) == 0], dtype=np.int64)
-    return images, boxes, labels
 
 
 class BoxDataset(torch.utils.data.Dataset):
@@ -177,10 +129,11 @@ def box_extent_problem(boxes: np.ndarray, spatial_shape: Sequence[int]) -> str |
     return None
 
 
-class DetectionDataModule(L.LightningDataModule):
+class DetectionDataModule(DataModule):
     """Base of the detection data modules: samples and batches as the module describes.
 
-    Subclasses implement :meth:`dataset` (one split) and :meth:`predict_transform`.
+    Subclasses implement :meth:`dataset` (one split), :meth:`predict_transform` and
+    :meth:`fingerprint` (see :class:`~medexp.data.base.DataModule`).
 
     Args:
         num_classes: lesion classes (labels ``0..num_classes-1``; no background class).
@@ -203,7 +156,6 @@ class DetectionDataModule(L.LightningDataModule):
         augmentations: Sequence[Callable] = (),
         task: str = TASK,
     ) -> None:
-        super().__init__()
         if task != TASK:
             raise MedexpError(f"data.task={task!r}; detection data serve data.task={TASK}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -214,12 +166,8 @@ class DetectionDataModule(L.LightningDataModule):
             raise MedexpError(f"data.batch_size={batch_size}; expected a positive integer")
         check_box_safe(transforms, "transforms")
         check_box_safe(augmentations, "augmentations")
-        self.task, self.num_classes = TASK, num_classes
-        self.in_channels, self.spatial_dims = in_channels, spatial_dims
-        self.batch_size, self.num_workers = batch_size, num_workers
+        super().__init__(TASK, num_classes, in_channels, spatial_dims, batch_size, num_workers)
         self.transforms, self.augmentations = list(transforms), list(augmentations)
-        self.class_names: list[str] | None = None
-        self.datasets: dict[str, torch.utils.data.Dataset] = {}
 
     def dataset(self, split: str) -> torch.utils.data.Dataset:
         """The samples of ``split``."""
@@ -235,7 +183,9 @@ class DetectionDataModule(L.LightningDataModule):
         MetaTensor that names its file)."""
         augmentations = self.augmentations if split == "train" else []
         ensure = EnsureTyped(
-            keys=["image", *BOX_KEYS], dtype=[torch.float32, torch.float32, torch.long], track_meta=split == "predict",
+            keys=["image", *BOX_KEYS],
+            dtype=[torch.float32, torch.float32, torch.long],
+            track_meta=split == "predict",
             allow_missing_keys=True,
         )
         transform = Compose([*head, *augmentations, *self.transforms, ensure])
@@ -243,39 +193,21 @@ class DetectionDataModule(L.LightningDataModule):
         transform.set_random_state(seed=int(torch.initial_seed() % 2**32))
         return transform
 
-    def predict_transform(self) -> Compose:
-        """The chain that turns ``{"image": path}`` into a model input, as the test split is prepared."""
-        raise NotImplementedError
-
     def file_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """Boxes found on a :meth:`predict_transform` output, in the input file's index space
         (the convention of the module); the chain keeps the file's axes unless a subclass says otherwise."""
         return boxes
 
-    def _loader(self, split: str, shuffle: bool) -> torch.utils.data.DataLoader:
-        dataset = self.datasets[split]
-        sampler = None
-        if shuffle:  # seeded from the run's seed and epoch, as ArrayDataModule shuffles (resumable)
-            sampler = EpochShuffleSampler(dataset, int(torch.initial_seed() % 2**32))
-            sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), collate_fn=collate_boxes,
-        )
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader("test", shuffle=False)
+    def _loader_type(
+        self, dataset: torch.utils.data.Dataset
+    ) -> tuple[type[torch.utils.data.DataLoader], dict[str, Any]]:
+        # images of a batch may differ in size, and box lists in length (see collate_boxes)
+        return torch.utils.data.DataLoader, {"collate_fn": collate_boxes}
 
 
 class SyntheticDetectionDataModule(DetectionDataModule):
     """Phantom images with 1-3 lesions each and their boxes, generated from ``seed`` (see
-    :func:`make_detection_phantoms`); offline.
+    :func:`~medexp.data.phantoms.make_detection_phantoms`); offline.
 
     Arrays are ``(rows, columns)``: box axis 0 is the row. Prediction on PNG files transposes
     them to that order, and :meth:`file_boxes` maps the boxes back to the file's (x = column).
@@ -283,15 +215,19 @@ class SyntheticDetectionDataModule(DetectionDataModule):
     Args:
         image_size: pixels (voxels) per side.
         num_samples: images per split, ``{"train": ..., "val": ..., "test": ...}``.
-        lesion_contrast: lower is harder (see :func:`medexp.data.synthetic.make_phantoms`).
+        lesion_contrast: lower is harder (see :func:`medexp.data.phantoms.make_phantoms`).
         seed: data seed, independent of the training seed.
         **kwargs: see :class:`DetectionDataModule`; ``num_classes`` 1 (bright lesions) or 2
             (bright, class 0, and dark, class 1).
     """
 
     def __init__(
-        self, image_size: int = 64, num_samples: dict[str, int] | None = None, lesion_contrast: float = 1.0,
-        seed: int = 0, **kwargs: Any,
+        self,
+        image_size: int = 64,
+        num_samples: dict[str, int] | None = None,
+        lesion_contrast: float = 1.0,
+        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         num_samples = dict(num_samples or {"train": 320, "val": 64, "test": 64})
@@ -396,7 +332,9 @@ def parse_lesions(
     except (TypeError, ValueError):
         boxes = None
     if boxes is None or (len(content) and np.asarray(content, dtype=object).ndim != 2):
-        raise MedexpError(f"{where}: boxes {str(content)[:80]}; expected a JSON list of {width}-number boxes, e.g. {example}")
+        raise MedexpError(
+            f"{where}: boxes {str(content)[:80]}; expected a JSON list of {width}-number boxes, e.g. {example}"
+        )
     low, high = boxes[:, :spatial_dims], boxes[:, spatial_dims:]
     bad = np.flatnonzero(~np.isfinite(boxes).all(axis=1) | (low < 0).any(axis=1) | (high <= low).any(axis=1))
     if len(bad):
@@ -409,7 +347,11 @@ def parse_lesions(
             raise MedexpError(f"{where}: no labels; with data.num_classes={num_classes} every box needs a class label")
         labels = [0] * len(boxes)
     values = np.asarray(labels)
-    if values.ndim != 1 or len(values) != len(boxes) or not all(isinstance(v, int) and 0 <= v < num_classes for v in labels):
+    if (
+        values.ndim != 1
+        or len(values) != len(boxes)
+        or not all(isinstance(v, int) and 0 <= v < num_classes for v in labels)
+    ):
         raise MedexpError(
             f"{where}: labels {labels}; expected one class index in 0..{num_classes - 1} per box ({len(boxes)} boxes)"
         )
@@ -425,12 +367,14 @@ def read_box_manifest(path: Path, spatial_dims: int, num_classes: int) -> list[B
         MedexpError: for a missing manifest or columns, unknown splits, bad boxes or labels, or
             listed images that do not exist (every such line counted, the first few quoted).
     """
-    from medexp.data.files import _listing, _resolve, read_csv_rows
-
     required, optional = ("image", "boxes"), ("labels", "split", "patient_id")
     if not path.is_file():
-        raise MedexpError(f"manifest not found: {path}. Point data.manifest at a CSV file with columns {list(required)}")
-    columns, rows = read_csv_rows(path, required, f"a detection manifest needs {list(required)} and may have {list(optional)}")
+        raise MedexpError(
+            f"manifest not found: {path}. Point data.manifest at a CSV file with columns {list(required)}"
+        )
+    columns, rows = read_csv_rows(
+        path, required, f"a detection manifest needs {list(required)} and may have {list(optional)}"
+    )
     base = path.absolute().parent
     cases, missing, bad_splits = [], [], []
     for line, row in rows:
@@ -438,16 +382,16 @@ def read_box_manifest(path: Path, spatial_dims: int, num_classes: int) -> list[B
         split = row.get("split") or None if "split" in columns else None
         if split is not None and split not in SPLITS:
             bad_splits.append(f"line {line}: {split!r}")
-        image = _resolve(base, row["image"])
+        image = resolve_path(base, row["image"])
         if not row["image"] or not image.exists():
             missing.append(f"line {line}: {row['image']!r}")
         boxes, labels = parse_lesions(row["boxes"], row.get("labels", ""), base, spatial_dims, num_classes, where)
         cases.append(BoxCase(image, boxes, labels, split, row.get("patient_id", ""), where))
     if bad_splits:
-        raise MedexpError(f"{path}: unknown split value(s) {_listing(bad_splits)}; expected one of {list(SPLITS)}")
+        raise MedexpError(f"{path}: unknown split value(s) {listing(bad_splits)}; expected one of {list(SPLITS)}")
     if missing:
         raise MedexpError(
-            f"{path}: {len(missing)} listed image(s) do not exist (relative paths resolve against {base}): {_listing(missing)}"
+            f"{path}: {len(missing)} listed image(s) do not exist (relative paths resolve against {base}): {listing(missing)}"
         )
     if len({case.split is None for case in cases}) > 1:
         raise MedexpError(f"{path}: the split column is empty on some lines; fill it on every line or drop the column")
@@ -456,7 +400,7 @@ def read_box_manifest(path: Path, spatial_dims: int, num_classes: int) -> list[B
 
 class BoxCaseReader(Transform):
     """Load one case ``{"image": path, "boxes", "labels", "where"}`` -> a detection sample whose
-    image is a ``(C, *spatial)`` MetaTensor (see :class:`~medexp.data.files.CaseReader`).
+    image is a ``(C, *spatial)`` MetaTensor (see :class:`~medexp.data.reading.CaseReader`).
 
     Raises:
         MedexpError: naming the file (and manifest line) when it cannot be read, its channels or
@@ -464,8 +408,6 @@ class BoxCaseReader(Transform):
     """
 
     def __init__(self, in_channels: int, spatial_dims: int) -> None:
-        from medexp.data.files import CaseReader
-
         # reads images only: items carry no "label", as when predicting
         self.images = CaseReader("binary", 2)
         self.in_channels, self.spatial_dims = in_channels, spatial_dims
@@ -493,7 +435,7 @@ class FileDetectionDataModule(DetectionDataModule):
     """Image files and their lesion boxes from a CSV manifest (see :func:`read_box_manifest`).
 
     Without a ``split`` column, patients (images without ``patient_id``) are split at random
-    from ``split_seed`` (:func:`~medexp.data.files.assign_splits`); the split used is written to
+    from ``split_seed`` (:func:`~medexp.data.manifest.assign_splits`); the split used is written to
     ``<output_dir>/splits.csv``, itself a manifest. :meth:`setup` first checks the data (see
     :mod:`medexp.data.validation`): ``scan="sample"`` reads ``scan_sample`` images per split,
     ``"all"`` every one: unreadable files, NaN/Inf, constant images, wrong channels or
@@ -519,8 +461,6 @@ class FileDetectionDataModule(DetectionDataModule):
         on_bad: str = "fail",
         **kwargs: Any,
     ) -> None:
-        from medexp.data.files import assign_splits
-
         super().__init__(**kwargs)
         self.scan = validation.check_options(scan, scan_sample, on_bad)
         self.scan_sample, self.on_bad = scan_sample, on_bad
@@ -563,8 +503,6 @@ class FileDetectionDataModule(DetectionDataModule):
         ones out (and list them in ``skipped.csv``)."""
         if self.scan == "off":
             return
-        from medexp.data.files import _at
-
         start, findings, hashes, scanned = time.perf_counter(), [], {}, {}
         for split, cases in self.cases.items():
             rows = validation.scan_indices(len(cases), self.scan, self.scan_sample, split)
@@ -575,13 +513,22 @@ class FileDetectionDataModule(DetectionDataModule):
                 found = [validation.Finding(kind, split, index, name, detail) for kind, name, detail in problems]
                 detail = self.reader.problem(image, case.boxes) if image is not None and not problems else None
                 if detail:
-                    found.append(validation.Finding("label_range", split, index, _at(case.image, case.where), detail))
+                    found.append(
+                        validation.Finding("label_range", split, index, located(case.image, case.where), detail)
+                    )
                 elif image is not None and not found:
                     hashes[(split, index)] = validation.pixel_hash(image.as_tensor().numpy())
                 findings += found
-        findings += validation.duplicate_findings(hashes, lambda s, i: _at(self.cases[s][i].image, self.cases[s][i].where))
+        findings += validation.duplicate_findings(
+            hashes, lambda s, i: located(self.cases[s][i].image, self.cases[s][i].where)
+        )
         drop = validation.resolve(
-            findings, scanned, time.perf_counter() - start, source=str(self.manifest), scan=self.scan, on_bad=self.on_bad
+            findings,
+            scanned,
+            time.perf_counter() - start,
+            source=str(self.manifest),
+            scan=self.scan,
+            on_bad=self.on_bad,
         )
         if not drop:
             return
@@ -590,9 +537,13 @@ class FileDetectionDataModule(DetectionDataModule):
         for split in SPLITS:
             self.cases[split] = [case for index, case in enumerate(self.cases[split]) if (split, index) not in drop]
             if not self.cases[split]:
-                raise MedexpError(f"{self.manifest}: every case of the {split} split is bad (data.on_bad=skip); nothing is left")
+                raise MedexpError(
+                    f"{self.manifest}: every case of the {split} split is bad (data.on_bad=skip); nothing is left"
+                )
         if self.output_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
-            validation.write_skipped(self.output_dir / "skipped.csv", self.skipped, "image", lambda s, i: images[(s, i)])
+            validation.write_skipped(
+                self.output_dir / "skipped.csv", self.skipped, "image", lambda s, i: images[(s, i)]
+            )
 
     def _write_splits(self, path: Path) -> None:
         """The split used, as a manifest (absolute image paths, inline boxes and labels)."""
@@ -602,7 +553,13 @@ class FileDetectionDataModule(DetectionDataModule):
             writer.writerow(["image", "boxes", "labels", "split", "patient_id"])
             for split in SPLITS:
                 writer.writerows(
-                    [c.image.absolute(), json.dumps(c.boxes.tolist()), json.dumps(c.labels.tolist()), split, c.patient_id]
+                    [
+                        c.image.absolute(),
+                        json.dumps(c.boxes.tolist()),
+                        json.dumps(c.labels.tolist()),
+                        split,
+                        c.patient_id,
+                    ]
                     for c in self.cases[split]
                 )
 
@@ -612,12 +569,10 @@ class FileDetectionDataModule(DetectionDataModule):
 
     def fingerprint(self) -> str:
         """SHA-256 of each split's image files (their bytes), boxes and labels."""
-        from medexp.data.files import _file_digest
-
         digest = hashlib.sha256()
         for split in SPLITS:
             for case in self.cases[split]:
-                digest.update(split.encode() + _file_digest(case.image) + case.boxes.tobytes() + case.labels.tobytes())
+                digest.update(split.encode() + file_digest(case.image) + case.boxes.tobytes() + case.labels.tobytes())
         return digest.hexdigest()
 
     def describe(self) -> str:
@@ -625,6 +580,12 @@ class FileDetectionDataModule(DetectionDataModule):
 
 
 __all__ = [
-    "BoxCase", "BoxDataset", "DetectionDataModule", "FileDetectionDataModule", "SyntheticDetectionDataModule",
-    "collate_boxes", "make_detection_phantoms", "mask_boxes", "parse_lesions", "read_box_manifest",
+    "BoxCase",
+    "BoxDataset",
+    "DetectionDataModule",
+    "FileDetectionDataModule",
+    "SyntheticDetectionDataModule",
+    "collate_boxes",
+    "parse_lesions",
+    "read_box_manifest",
 ]

@@ -1,6 +1,8 @@
-"""Image files listed in a CSV manifest or laid out in folders, for classification or segmentation.
+"""Image files listed in a CSV manifest or laid out in folders, for classification or segmentation:
+the DataModule (:class:`FileDataModule`) and its on-disk cache.
 
-Files are read with MONAI's ``LoadImage`` (PNG, JPEG, BMP, TIFF, GIF, DICOM, NIfTI), channel
+Manifests, folder layouts and splits are read in :mod:`medexp.data.manifest`; files in
+:mod:`medexp.data.reading` (MONAI's ``LoadImage``: PNG, JPEG, BMP, TIFF, GIF, DICOM, NIfTI), channel
 first. Loaded cases are MetaTensors that keep each file's affine and metadata
 (:meth:`FileDataModule.load_case`), so outputs can be written aligned with their inputs; batches
 hold plain tensors.
@@ -8,534 +10,37 @@ hold plain tensors.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import time
-import warnings
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset, PILReader
-from monai.transforms import Compose, LoadImage, Transform
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose
 
 from medexp.data import validation
 from medexp.data.base import SPLITS, ArrayDataModule
 from medexp.data.folds import assign_folds, split_by_fold
+from medexp.data.manifest import (
+    Case,
+    assign_splits,
+    missing_files,
+    read_manifest,
+    scan_drive,
+    scan_folder,
+    write_splits,
+)
+from medexp.data.paths import file_digest, listing, located
+from medexp.data.reading import CaseReader
 from medexp.utils.errors import MedexpError, user_error_message
 
 log = logging.getLogger(__name__)
 
 FILE_TASKS = ("binary", "multiclass", "segmentation")
-REQUIRED_COLUMNS = ("image", "label")
-OPTIONAL_COLUMNS = ("split", "patient_id", "roi", "site")
-# names a manifest may give its site column (the acquisition site or scanner of each image)
-SITE_COLUMNS = ("site", "scanner")
-# MONAI chooses PILReader by suffix only for png/jpg/jpeg/bmp: TIFF and GIF would reach the DICOM reader
-RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
-# files whose affine places them in space (a folder counts too: a DICOM series); other formats get a
-# default affine, so an image/mask geometry check compares only two of these
-GEOMETRY_SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom", ".nrrd", ".mha", ".mhd")
-SHOWN = 5  # offending entries quoted in one message; the rest are counted
-
-
-@dataclass(frozen=True)
-class Case:
-    """One image and its label: a class index, or a mask file for segmentation.
-
-    ``split`` is None until a split is assigned; ``where`` names the manifest line the case came
-    from (empty for folder layouts, where the path says it all). ``roi`` is an optional mask of
-    the region where segmentation metrics are computed (e.g. a retina's field of view).
-    ``site`` is the acquisition site or scanner (empty when the manifest has none).
-    """
-
-    image: Path
-    label: int | Path
-    split: str | None = None
-    patient_id: str = ""
-    where: str = ""
-    roi: Path | None = None
-    site: str = ""
-
-    def item(self) -> dict[str, Any]:
-        """The dict a MONAI dataset holds for this case (see :class:`CaseReader`)."""
-        label = str(self.label) if isinstance(self.label, Path) else self.label
-        item = {"image": str(self.image), "label": label, "where": self.where}
-        if self.site:
-            item["site"] = self.site
-        return item if self.roi is None else {**item, "roi": str(self.roi)}
-
-
-def _at(path: Any, where: str) -> str:
-    return f"{path} ({where})" if where else str(path)
-
-
-def _listing(entries: list[str]) -> str:
-    more = len(entries) - SHOWN
-    return "; ".join(entries[:SHOWN]) + (f"; and {more} more" if more > 0 else "")
-
-
-def _resolve(base: Path, text: str) -> Path:
-    path = Path(text).expanduser()
-    return path if path.is_absolute() else base / path
-
-
-def read_csv_rows(path: Path, required: Sequence[str], needs: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """The columns of a CSV manifest and its rows as ``(line number, {column: stripped value})``.
-
-    Raises:
-        MedexpError: naming the file, for columns in ``required`` that are missing (``needs``
-            says what the manifest must hold), text that is not CSV, or no rows.
-    """
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
-            reader = csv.DictReader(file)
-            columns = [name.strip() for name in reader.fieldnames or []]
-            missing = [name for name in required if name not in columns]
-            if missing:
-                raise MedexpError(f"{path}: missing column(s) {missing}; {needs} (found {columns})")
-            rows = [
-                (reader.line_num, {key.strip(): (value or "").strip() for key, value in row.items() if key is not None})
-                for row in reader
-            ]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise MedexpError(f"{path}: cannot read it as a CSV file ({exc})") from exc
-    if not rows:
-        raise MedexpError(f"{path}: the manifest lists no images")
-    return columns, rows
-
-
-def read_manifest(path: Path, task: str, num_classes: int, missing_ok: bool = False) -> list[Case]:
-    """Read a CSV manifest: columns ``image``, ``label`` and optionally ``split``, ``patient_id``,
-    ``roi`` and ``site`` (or ``scanner``: the acquisition site of each image, for per-site metrics
-    and leave-one-site-out folds).
-
-    Relative paths resolve against the manifest's folder. ``label`` is a class index, or a mask
-    path for ``task="segmentation"``. Other columns are ignored.
-
-    Args:
-        missing_ok: keep cases whose files do not exist (the data check then reports them, and
-            ``data.on_bad=skip`` leaves them out) instead of raising.
-
-    Raises:
-        MedexpError: for a missing or unreadable manifest, missing columns, unknown split values,
-            labels that are not class indices ``0..num_classes-1``, or listed files that do not
-            exist (every offending line is counted, the first few quoted).
-    """
-    if not path.is_file():
-        raise MedexpError(
-            f"manifest not found: {path}. Point data.manifest at a CSV file with columns "
-            f"{list(REQUIRED_COLUMNS)} (optional {list(OPTIONAL_COLUMNS)}), or use data.root=DIR for a folder layout"
-        )
-    columns, rows = read_csv_rows(
-        path, REQUIRED_COLUMNS, f"a manifest needs columns {list(REQUIRED_COLUMNS)} and may have {list(OPTIONAL_COLUMNS)}"
-    )
-
-    base = path.absolute().parent
-    site_column = next((name for name in SITE_COLUMNS if name in columns), None)
-    bad_splits, bad_labels, missing_files, cases = [], [], [], []
-    for line, row in rows:
-        split = row.get("split") if "split" in columns else None
-        if split is not None and split not in SPLITS:
-            bad_splits.append(f"line {line}: {split!r}")
-        image = _resolve(base, row["image"])
-        if not row["image"] or not image.exists():
-            missing_files.append(f"line {line}: image {row['image']!r}")
-        if task == "segmentation":
-            label: int | Path = _resolve(base, row["label"])
-            if not row["label"] or not label.exists():
-                missing_files.append(f"line {line}: mask {row['label']!r}")
-        else:
-            try:
-                label = int(row["label"])
-            except ValueError:
-                label = -1
-            if not 0 <= label < num_classes:
-                bad_labels.append(f"line {line}: {row['label']!r}")
-        roi = _resolve(base, row["roi"]) if row.get("roi") else None
-        if roi is not None and not roi.exists():
-            missing_files.append(f"line {line}: roi {row['roi']!r}")
-        site = row.get(site_column, "") if site_column else ""
-        cases.append(Case(image, label, split, row.get("patient_id", ""), f"{path} line {line}", roi, site))
-
-    unsited = [f"line {case.where.rsplit(' ', 1)[-1]}" for case in cases if site_column and not case.site]
-    if unsited:
-        raise MedexpError(
-            f"{path}: the {site_column} column is empty on {len(unsited)} line(s): {_listing(unsited)}; give every "
-            "image its site (or scanner), or drop the column"
-        )
-    if bad_splits:
-        raise MedexpError(
-            f"{path}: unknown split value(s) {_listing(bad_splits)}; expected one of {list(SPLITS)} "
-            "(or no split column, to split by data.split_seed)"
-        )
-    if bad_labels:
-        raise MedexpError(
-            f"{path}: labels must be class indices 0..{num_classes - 1} (data.num_classes={num_classes}, "
-            f"data.task={task}); {len(bad_labels)} are not: {_listing(bad_labels)}"
-        )
-    if missing_files and not missing_ok:
-        raise MedexpError(
-            f"{path}: {len(missing_files)} listed file(s) do not exist (relative paths resolve against "
-            f"{base}): {_listing(missing_files)}. Fix the paths, or set data.on_bad=skip to train without these cases"
-        )
-    return cases
-
-
-def _entries(folder: Path) -> list[Path]:
-    # every visible entry is a case (a folder may be a DICOM series); hidden ones are OS clutter
-    return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
-
-
-def _stem(path: Path) -> str:
-    return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
-
-
-def scan_folder(root: Path, task: str, num_classes: int) -> tuple[list[Case], list[str] | None]:
-    """Cases of a folder layout, and the class names (classification) in class-index order.
-
-    Segmentation: ``root/images/`` and ``root/masks/`` whose files match by name (extensions may
-    differ, e.g. ``a.jpg`` and ``a.png``). Classification: one sub-folder per class; sorted
-    folder names give the class indices.
-
-    Raises:
-        MedexpError: when the layout does not match ``task`` or ``num_classes``, a class folder is
-            empty, or images and masks do not pair up.
-    """
-    if not root.is_dir():
-        raise MedexpError(f"data.root={root} is not a folder; point it at the data, or use data.manifest=cases.csv")
-    if task == "segmentation":
-        return _scan_segmentation(root), None
-    folders = [path for path in _entries(root) if path.is_dir()]
-    names = [path.name for path in folders]
-    if {"images", "masks"} <= set(names):
-        raise MedexpError(f"{root} holds images/ and masks/, a segmentation layout; set data.task=segmentation")
-    if len(folders) != num_classes:
-        raise MedexpError(
-            f"{root}: {len(folders)} class folder(s) {names} but data.num_classes={num_classes}; "
-            "a classification folder has one sub-folder per class"
-        )
-    strays = [path.name for path in _entries(root) if not path.is_dir()]
-    if strays:
-        log.warning("%s: files outside the class folders are not used: %s", root, _listing(strays))
-    cases = []
-    for index, folder in enumerate(folders):
-        files = _entries(folder)
-        if not files:
-            raise MedexpError(f"{folder}: class folder {folder.name!r} holds no images")
-        cases += [Case(path, index) for path in files]
-    return cases, names
-
-
-def _scan_segmentation(root: Path) -> list[Case]:
-    images_dir, masks_dir = root / "images", root / "masks"
-    if not images_dir.is_dir() or not masks_dir.is_dir():
-        raise MedexpError(
-            f"{root}: a segmentation folder needs images/ and masks/ sub-folders with matching file names "
-            "(or list the pairs in data.manifest=cases.csv)"
-        )
-    by_stem: dict[str, dict[str, list[Path]]] = {}
-    for kind, folder in (("image", images_dir), ("mask", masks_dir)):
-        for path in _entries(folder):
-            by_stem.setdefault(_stem(path), {"image": [], "mask": []})[kind].append(path)
-    problems = []
-    for stem, found in sorted(by_stem.items()):
-        for kind, other in (("image", "mask"), ("mask", "image")):
-            if len(found[kind]) > 1:
-                problems.append(f"{[p.name for p in found[kind]]} are {kind}s with the same name {stem!r}")
-            elif found[kind] and not found[other]:
-                problems.append(f"{found[kind][0].relative_to(root)} has no {other}")
-    if problems:
-        raise MedexpError(f"{root}: images/ and masks/ do not pair up by file name: {_listing(problems)}")
-    if not by_stem:
-        raise MedexpError(f"{images_dir} holds no images")
-    return [Case(found["image"][0], found["mask"][0]) for _, found in sorted(by_stem.items())]
-
-
-def assign_splits(
-    cases: list[Case], seed: int, val_fraction: float, test_fraction: float, stratify: bool
-) -> list[Case]:
-    """Random train/val/test splits that keep each patient in one split.
-
-    Cases without a ``patient_id`` count as patients of their own. The fractions are of patients;
-    with ``stratify``, each class (a patient's most frequent label) is split in proportion, and
-    rounding carries over from one class to the next so the totals still match the fractions.
-    The same cases in the same order and the same seed give the same split.
-    """
-    groups: dict[str | int, list[int]] = {}
-    for index, case in enumerate(cases):
-        groups.setdefault(case.patient_id or index, []).append(index)
-    strata: dict[Any, list[str | int]] = {}
-    for key, members in groups.items():
-        stratum = Counter(cases[i].label for i in members).most_common(1)[0][0] if stratify else 0
-        strata.setdefault(stratum, []).append(key)
-
-    rng = np.random.default_rng(seed)
-    carry = {"test": 0.0, "val": 0.0}
-    split_of: dict[str | int, str] = {}
-    for stratum in sorted(strata):
-        keys = strata[stratum]
-        take = {}
-        for split, fraction in (("test", test_fraction), ("val", val_fraction)):
-            exact = len(keys) * fraction + carry[split]
-            take[split] = int(np.floor(exact + 0.5))
-            carry[split] = exact - take[split]
-        n_test = min(take["test"], len(keys))
-        n_val = min(take["val"], len(keys) - n_test)
-        for rank, position in enumerate(rng.permutation(len(keys))):
-            split_of[keys[position]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    return [replace(case, split=split_of[case.patient_id or index]) for index, case in enumerate(cases)]
-
-
-def write_splits(cases: dict[str, list[Case]], path: Path) -> None:
-    """Write the split used as a CSV (``image, label, split, patient_id, roi``, absolute paths;
-    and ``site`` where the cases have sites).
-
-    The file is itself a manifest: ``data.manifest=<it>`` reuses the split elsewhere.
-    """
-    sites = any(case.site for members in cases.values() for case in members)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["image", "label", "split", "patient_id", "roi", *(["site"] if sites else [])])
-        for split in SPLITS:
-            writer.writerows(
-                [c.image, c.label, split, c.patient_id, c.roi or "", *([c.site] if sites else [])] for c in cases[split]
-            )
-
-
-def _file_digest(path: Path) -> bytes:
-    if path.is_dir():  # a DICOM series
-        return b"".join(_file_digest(child) for child in sorted(path.iterdir()) if child.is_file())
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").digest()
-
-
-def _single_frame(image: Any) -> Any:
-    # PIL would read the first page of a TIFF stack or an animated GIF and drop the rest
-    frames = getattr(image, "n_frames", 1)
-    if frames > 1:
-        raise ValueError(f"it has {frames} frames; only single-frame images are read (store a stack as NIfTI)")
-    return image
-
-
-def missing_files(case: Case) -> list[Path]:
-    """The files of ``case`` (image, mask, roi) that do not exist."""
-    paths = [case.image, case.label if isinstance(case.label, Path) else None, case.roi]
-    return [path for path in paths if path is not None and not path.exists()]
-
-
-def _has_geometry(path: str) -> bool:
-    return path.lower().endswith(GEOMETRY_SUFFIXES) or Path(path).is_dir()
-
-
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    with path.open("rb") as file:  # a DICOM file's preamble: 128 bytes, then "DICM"
-        return file.read(132)[128:] == b"DICM"
-
-
-def _not_a_series(folder: Path) -> str | None:
-    """Why ``folder``, named where an image belongs, cannot be a DICOM series (a folder is read as
-    one), or None when it may be: it holds no files, or none of its first files is DICOM."""
-    files = [path for path in _entries(folder) if path.is_file()]
-    if not files:
-        return "a folder with no files, not an image (a folder is read as one DICOM series)"
-    if not any(_is_dicom(path) for path in files[:16]):
-        shown = ", ".join(path.name for path in files[:3]) + (", ..." if len(files) > 3 else "")
-        return (
-            f"a folder, not an image: a folder is read as one DICOM series, but it holds no DICOM files ({shown}); "
-            "list the image files themselves"
-        )
-    return None
-
-
-class UnreadableFile(MedexpError):
-    """A file that cannot be read as an image: ``name`` (the file and its manifest line) and why."""
-
-    def __init__(self, name: str, detail: str) -> None:
-        super().__init__(f"{name}: {detail}")
-        self.name, self.detail = name, detail
-
-
-class CaseReader(Transform):
-    """Load one case and check it, as the first (cached) transform of a file dataset.
-
-    Input ``{"image": path, "label": class index or mask path, "where": manifest line}``; output
-    ``{"image": (C, *spatial), "label": class index or (1, *spatial) mask}``, images and masks as
-    float32 MetaTensors carrying their file's affine and metadata. Without a ``label`` (prediction),
-    only the image is read.
-
-    Masks become class indices: with ``mask_threshold=None`` their values must already be
-    ``0..num_classes-1``; with a number ``t``, values above ``t`` become 1 and the rest 0 (binary
-    masks saved as 0/255 images: ``t=127``).
-
-    Raises:
-        MedexpError: naming the file (and manifest line) when it cannot be read, a mask has more
-            than one channel, its spatial shape differs from the image's, or its values are not
-            class indices. :meth:`inspect` lists these problems, and more, without raising.
-    """
-
-    def __init__(self, task: str, num_classes: int, mask_threshold: float | None = None) -> None:
-        self.task = task
-        self.num_classes = num_classes
-        self.mask_threshold = mask_threshold
-        # site name -> index (FileDataModule.site_names); a case's "site" is served as its index
-        self.site_index: dict[str, int] = {}
-        with warnings.catch_warnings():
-            # LoadImage registers MONAI's GPU DICOM decoder too, which warns wherever nvImageCodec is absent
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
-            self.loader = LoadImage(image_only=True, ensure_channel_first=True)
-        self.raster_reader = PILReader(converter=_single_frame)
-        # set by inspect(): the largest value of the case's mask as stored, and its file
-        self.inspected_mask_max: tuple[float, str] | None = None
-
-    def read(self, path: str, where: str = "") -> MetaTensor:
-        """One file as a ``(C, *spatial)`` MetaTensor.
-
-        Raises:
-            UnreadableFile: naming the file, its manifest line and the reader's complaint.
-        """
-        if Path(path).is_dir() and (reason := _not_a_series(Path(path))):
-            raise UnreadableFile(_at(path, where), reason)  # before MONAI's DICOM reader warns about every file
-        reader = self.raster_reader if path.lower().endswith(RASTER_SUFFIXES) else None
-        try:
-            return self.loader(path, reader=reader)
-        except Exception as exc:  # PIL, pydicom, nibabel and MONAI each raise their own types
-            reason = (str(exc).strip().splitlines() or [""])[0]
-            detail = f"cannot read it as an image ({type(exc).__name__}: {reason})"
-            raise UnreadableFile(_at(path, where), detail) from exc
-
-    def load(self, data: dict[str, Any]) -> dict[str, MetaTensor]:
-        """The files of a case as stored, unchecked: ``image``, and for segmentation the mask
-        (``label``) and ``roi`` where the case has them. Raises :class:`UnreadableFile`."""
-        where = data.get("where", "")
-        sample = {"image": self.read(data["image"], where)}
-        if "label" in data and self.task == "segmentation":
-            sample["label"] = self.read(data["label"], where)
-            if "roi" in data:
-                sample["roi"] = self.read(data["roi"], where)
-        return sample
-
-    def problems(self, data: dict[str, Any], sample: dict[str, MetaTensor]) -> list[tuple[str, str, str]]:
-        """What makes a loaded segmentation case unusable for training, as ``(kind, file, detail)``
-        (kinds of :data:`medexp.data.validation.KINDS`): a mask with several channels, masks or
-        roi whose shape differs from the image's, mask values that are not class indices."""
-        if "label" not in sample:
-            return []
-        where = data.get("where", "")
-        image, mask = sample["image"], sample["label"]
-        mask_name = _at(data["label"], where)
-        if mask.shape[0] != 1:
-            detail = (
-                f"the mask has {mask.shape[0]} channels; expected one channel of class indices (save it as a grey "
-                "image)"
-            )
-            return [("shape_mismatch", mask_name, detail)]
-        found = []
-        if mask.shape[1:] != image.shape[1:]:
-            detail = (
-                f"mask of spatial shape {tuple(mask.shape[1:])} does not match its image {data['image']} of "
-                f"spatial shape {tuple(image.shape[1:])}"
-            )
-            found.append(("shape_mismatch", mask_name, detail))
-        if "roi" in sample and sample["roi"].shape[1:] != image.shape[1:]:
-            detail = (
-                f"roi mask of spatial shape {tuple(sample['roi'].shape[1:])} does not match its image "
-                f"{data['image']} of spatial shape {tuple(image.shape[1:])}"
-            )
-            found.append(("shape_mismatch", _at(data["roi"], where), detail))
-        if self.mask_threshold is None:  # with a threshold every value becomes 0 or 1
-            detail = validation.mask_values_problem(torch.unique(mask.as_tensor()).numpy(), self.num_classes)
-            if detail:
-                found.append(("label_range", mask_name, detail))
-        return found
-
-    def inspect(self, data: dict[str, Any]) -> tuple[list[tuple[str, str, str]], MetaTensor | None]:
-        """Read a case as training does and list every problem found, without raising.
-
-        Besides :meth:`problems`: unreadable files, NaN/Inf values and constant images, and for
-        segmentation an image and mask that both carry geometry (NIfTI, DICOM, ...) but whose
-        affines differ. The mask's largest value as stored, with its file, is left in
-        :attr:`inspected_mask_max` (None without a mask), to tell whether ``mask_threshold``
-        empties every mask (:func:`medexp.data.validation.mask_threshold_problem`).
-
-        Returns:
-            ``(kind, file, detail)`` per problem, and the image as read (None when unreadable).
-        """
-        where = data.get("where", "")
-        self.inspected_mask_max = None
-        try:
-            sample = self.load(data)
-        except UnreadableFile as exc:
-            return [("unreadable", exc.name, exc.detail)], None
-        image = sample["image"]
-        image_name = _at(data["image"], where)
-        found = [
-            (kind, image_name, detail)
-            for _, kind, detail in validation.content_problems(image.as_tensor().numpy()[None])
-        ]
-        found += self.problems(data, sample)
-        mask = sample.get("label")
-        if mask is not None and mask.numel():
-            self.inspected_mask_max = (float(mask.as_tensor().max()), _at(data["label"], where))
-        if mask is not None and _has_geometry(str(data["image"])) and _has_geometry(str(data["label"])):
-            detail = validation.geometry_problem(image.affine, mask.affine, str(data["image"]))
-            if detail:
-                found.append(("geometry_mismatch", _at(data["label"], where), detail))
-        return found, image
-
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        sample = self.load(data)
-        if "site" in data:
-            sample["site"] = self.site_index[data["site"]]
-        if "label" not in data:  # an image to predict on
-            return sample
-        if self.task != "segmentation":
-            return {**sample, "label": data["label"]}
-        for _, name, detail in self.problems(data, sample)[:1]:
-            raise MedexpError(f"{name}: {detail}")
-        if "roi" in sample:
-            sample["roi"] = (sample["roi"][:1] > 0).to(sample["roi"].dtype)
-        if self.mask_threshold is not None:
-            mask = sample["label"]
-            sample["label"] = (mask > self.mask_threshold).to(mask.dtype)
-        return sample
-
-
-def scan_drive(root: Path, val_fraction: float, seed: int) -> list[Case]:
-    """Cases of the DRIVE retinal vessel dataset as distributed (Staal et al. 2004).
-
-    ``{training,test}/images/NN_{training,test}.tif`` with vessel masks
-    ``*/1st_manual/NN_manual1.gif`` and field-of-view masks ``*/mask/NN_*_mask.gif`` (the
-    ``roi``). The official test images are the test split; ``val_fraction`` of the training images,
-    drawn from ``seed``, are the validation split.
-    """
-    cases: list[Case] = []
-    for part in ("training", "test"):
-        images = sorted((root / part / "images").glob("*.tif"))
-        if not images:
-            raise MedexpError(
-                f"{root / part / 'images'}: no DRIVE images (*.tif); data.root should be the DRIVE folder holding "
-                "training/ and test/"
-            )
-        for image in images:
-            number = image.name.split("_")[0]
-            label = root / part / "1st_manual" / f"{number}_manual1.gif"
-            roi = root / part / "mask" / f"{number}_{part}_mask.gif"
-            missing = [str(p) for p in (label, roi) if not p.is_file()]
-            if missing:
-                raise MedexpError(f"{image}: DRIVE files missing: {missing}")
-            cases.append(Case(image, label, "test" if part == "test" else "train", f"drive-{part}-{number}", roi=roi))
-    training = [i for i, case in enumerate(cases) if case.split == "train"]
-    chosen = np.random.default_rng(seed).choice(training, size=max(1, round(val_fraction * len(training))), replace=False)
-    return [replace(case, split="val") if i in set(chosen.tolist()) else case for i, case in enumerate(cases)]
 
 
 class SealedPersistentDataset(PersistentDataset):
@@ -590,7 +95,7 @@ class FileDataModule(ArrayDataModule):
     listed in ``<output_dir>/skipped.csv``). Files outside the sample are first read in training
     (or when the cache is filled), where an unreadable one still stops the run.
 
-    Without a ``split`` column, splits are drawn from ``split_seed`` (see :func:`assign_splits`).
+    Without a ``split`` column, splits are drawn from ``split_seed`` (see :func:`~medexp.data.manifest.assign_splits`).
     :meth:`setup` writes the split used to ``<output_dir>/splits.csv``.
 
     With ``fold`` set (k-fold cross-validation), the training images are split into
@@ -607,14 +112,14 @@ class FileDataModule(ArrayDataModule):
         manifest: CSV with columns ``image``, ``label`` (class index or mask path), optional
             ``split`` (train/val/test), ``patient_id`` and ``site`` (or ``scanner``: sets
             ``site_names``, sorted, and batches carry each image's ``site`` index; see
-            :func:`read_manifest`).
-        root: instead of a manifest, a folder layout (see :func:`scan_folder`).
-        layout: how ``root`` is laid out: ``folders`` (see :func:`scan_folder`) or ``drive`` (the
-            DRIVE dataset as distributed, see :func:`scan_drive`).
+            :func:`~medexp.data.manifest.read_manifest`).
+        root: instead of a manifest, a folder layout (see :func:`~medexp.data.manifest.scan_folder`).
+        layout: how ``root`` is laid out: ``folders`` (see :func:`~medexp.data.manifest.scan_folder`) or ``drive`` (the
+            DRIVE dataset as distributed, see :func:`~medexp.data.manifest.scan_drive`).
         output_dir: where ``splits.csv`` (and ``skipped.csv``) is written; None writes nothing.
         split_seed: seed of the random split; val_fraction, test_fraction: its sizes, as
             fractions of patients (of images without ``patient_id``).
-        mask_threshold: how mask values become class indices (see :class:`CaseReader`).
+        mask_threshold: how mask values become class indices (see :class:`~medexp.data.reading.CaseReader`).
         cache: keep loaded cases (and the results of their transforms up to the first random
             one): ``memory`` (or true; ``monai.data.CacheDataset``, filled at setup), ``disk``
             (``monai.data.PersistentDataset`` in ``cache_dir``, filled as cases are first read
@@ -712,7 +217,7 @@ class FileDataModule(ArrayDataModule):
         shared = [f"{pid} in {sorted(splits)}" for pid, splits in splits_of.items() if len(splits) > 1]
         if shared:
             log.warning(
-                "%s: patients in more than one split (results may be optimistic): %s", self.source, _listing(shared)
+                "%s: patients in more than one split (results may be optimistic): %s", self.source, listing(shared)
             )
 
     def _split_folds(self) -> None:
@@ -750,7 +255,7 @@ class FileDataModule(ArrayDataModule):
 
     def _name(self, split: str, index: int) -> str:
         case = self.cases[split][index]
-        return _at(case.image, case.where)
+        return located(case.image, case.where)
 
     def _scan(self) -> None:
         """Check the cases (see :mod:`medexp.data.validation`) through the reader training uses;
@@ -772,7 +277,7 @@ class FileDataModule(ArrayDataModule):
             if self.on_bad == "skip":  # the manifest let missing files through (missing_ok); all are looked for
                 for index, case in enumerate(cases):
                     for path in missing_files(case):
-                        name = _at(path, case.where)
+                        name = located(path, case.where)
                         findings.append(validation.Finding("unreadable", split, index, name, "no such file"))
                         absent.add(index)
             for index in rows.tolist():
@@ -829,7 +334,9 @@ class FileDataModule(ArrayDataModule):
                     reason = (str(exc).strip().splitlines() or [""])[-1][:200]
                     chains[key] = f"data.transforms fail on an image of shape {shape} ({type(exc).__name__}: {reason})"
             if isinstance(chains[key], str):
-                failed.append(validation.Finding("shape_disagreement", split, index, self._name(split, index), chains[key]))
+                failed.append(
+                    validation.Finding("shape_disagreement", split, index, self._name(split, index), chains[key])
+                )
             else:
                 shapes[(split, index)] = chains[key]
         return failed + validation.shape_findings(shapes, *args)
@@ -843,7 +350,9 @@ class FileDataModule(ArrayDataModule):
             from monai.data.utils import json_hashing
 
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            return SealedPersistentDataset(items, transform, self.cache_dir, self.cache_key_env, hash_transform=json_hashing)
+            return SealedPersistentDataset(
+                items, transform, self.cache_dir, self.cache_key_env, hash_transform=json_hashing
+            )
         try:
             return CacheDataset(items, transform, progress=False)
         except RuntimeError as exc:  # MONAI wraps a transform's error; ours names the file
@@ -860,7 +369,7 @@ class FileDataModule(ArrayDataModule):
             case = self.cases["train"][0]
             expected = ", ".join([str(self.in_channels)] + ["S"] * self.spatial_dims)
             raise MedexpError(
-                f"{_at(case.image, case.where)}: the first training image has shape {shape} (channels, *spatial) "
+                f"{located(case.image, case.where)}: the first training image has shape {shape} (channels, *spatial) "
                 f"after data.transforms, but data.in_channels={self.in_channels} and "
                 f"data.spatial_dims={self.spatial_dims} expect ({expected}); set data.in_channels={shape[0]} "
                 f"data.spatial_dims={len(shape) - 1}, or add a transform that converts the images"
@@ -880,7 +389,7 @@ class FileDataModule(ArrayDataModule):
                 digest.update(f"{split}|{case.label if self.task != 'segmentation' else ''}|".encode())
                 for path in (case.image, case.label if self.task == "segmentation" else None, case.roi):
                     if path:
-                        digest.update(_file_digest(Path(path)))
+                        digest.update(file_digest(Path(path)))
         if self.generated is not None:
             self.generated.fingerprint(digest, self)
         return digest.hexdigest()

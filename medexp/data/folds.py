@@ -70,7 +70,9 @@ def split_by_fold(folds: np.ndarray, fold: int, what: str) -> np.ndarray:
     held_out = np.asarray(folds) == fold
     if not held_out.any() or held_out.all():
         part = "validate on" if not held_out.any() else "train on"
-        raise MedexpError(f"data.fold={fold} ({what}) leaves nothing to {part} in the training split ({len(held_out)} samples)")
+        raise MedexpError(
+            f"data.fold={fold} ({what}) leaves nothing to {part} in the training split ({len(held_out)} samples)"
+        )
     return held_out
 
 

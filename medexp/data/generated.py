@@ -84,7 +84,9 @@ class GeneratedImages:
             raise MedexpError(f"data.generated.labels={config['labels']!r}; expected one of {list(LABELS)}")
         ckpt = config.get("ckpt")
         if not ckpt or not Path(str(ckpt)).expanduser().is_file():
-            raise MedexpError(f"data.generated.ckpt={ckpt!r}: no such file; give a GAN checkpoint (model=gan model.conditional=true)")
+            raise MedexpError(
+                f"data.generated.ckpt={ckpt!r}: no such file; give a GAN checkpoint (model=gan model.conditional=true)"
+            )
         return cls(**{**config, "ckpt": str(Path(str(ckpt)).expanduser())})
 
     def dataset(self, datamodule: Any) -> GeneratedDataset:
@@ -94,19 +96,24 @@ class GeneratedImages:
         return self._dataset
 
     def _generate(self, datamodule: Any) -> GeneratedDataset:
-        from medexp.tasks.adversarial import load_generator
-        from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint
+        from medexp.checkpoints.checkpoint import Checkpoint
 
-        where = f"data.generated.ckpt={self.ckpt!r}"
         if datamodule.task not in ("binary", "multiclass"):
-            raise MedexpError(f"data.generated needs binary or multi-class data (class-conditional GANs); data.task={datamodule.task!r}")
-        checkpoint = load_checkpoint(self.ckpt)
-        gan = load_generator(checkpoint, where, self.allowed_targets)
+            raise MedexpError(
+                f"data.generated needs binary or multi-class data (class-conditional GANs); data.task={datamodule.task!r}"
+            )
+        checkpoint = Checkpoint(self.ckpt, self.allowed_targets, name="data.generated.ckpt")
+        where = checkpoint.where
+        gan = checkpoint.build_generator()
         if not gan.conditional:
-            raise MedexpError(f"{where}: an unconditional GAN; expected a class-conditional GAN (model=gan model.conditional=true)")
+            raise MedexpError(
+                f"{where}: an unconditional GAN; expected a class-conditional GAN (model=gan model.conditional=true)"
+            )
         if gan.num_classes != datamodule.num_classes:
-            raise MedexpError(f"{where}: the GAN generates {gan.num_classes} classes; data.num_classes={datamodule.num_classes}")
-        trained = checkpoint[CONFIG_KEY].get("data", {}).get("intensity_range")
+            raise MedexpError(
+                f"{where}: the GAN generates {gan.num_classes} classes; data.num_classes={datamodule.num_classes}"
+            )
+        trained = checkpoint.get("data.intensity_range")
         if datamodule.intensity_range is not None and [gan.low, gan.high] != datamodule.intensity_range:
             raise MedexpError(
                 f"{where}: the GAN makes images in {[gan.low, gan.high]} (its data.intensity_range={trained}); these data "
@@ -128,7 +135,11 @@ class GeneratedImages:
             )
         log.info(
             "GAN-augmented training: %d generated images (%s classes, ratio %g) join %d real ones, from %s",
-            n, self.labels, self.ratio, int(np.sum(counts)), self.ckpt,
+            n,
+            self.labels,
+            self.ratio,
+            int(np.sum(counts)),
+            self.ckpt,
         )
         return GeneratedDataset(images, torch.as_tensor(labels))
 

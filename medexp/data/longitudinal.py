@@ -29,15 +29,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms import Compose
-from torch.utils.data import Dataset
 
 from medexp.data import validation
 from medexp.data.base import SPLITS, ArrayDataModule
-from medexp.data.files import (
-    RASTER_SUFFIXES, Case, CaseReader, UnreadableFile, _listing, _resolve, assign_splits, read_csv_rows,
-)
 from medexp.data.folds import assign_folds, strata
-from medexp.data.synthetic import _blob
+from medexp.data.manifest import Case, assign_splits, read_csv_rows
+from medexp.data.paths import RASTER_SUFFIXES, listing, resolve_path
+from medexp.data.phantoms import make_series
+from medexp.data.reading import CaseReader, UnreadableFile
+from medexp.data.series import SequenceDataset, Series
 from medexp.utils.errors import MedexpError
 
 log = logging.getLogger(__name__)
@@ -47,85 +47,6 @@ SEQUENCE_TASKS = ("binary", "multiclass")
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-@dataclass
-class Series:
-    """The series of one split, padded to ``T`` steps.
-
-    Attributes:
-        images: ``(N, T, C, H, W)``; ``uint8`` (scaled to [0, 1] when served) or float32.
-            Steps ``>= lengths[n]`` are zeros.
-        lengths: ``(N,)`` int64 valid steps, in ``[1, T]``.
-        times: ``(N, T)`` float32 time of each step, ascending over the valid steps; 0 where padded.
-        labels: ``(N,)`` int64 class indices, one per series (patient).
-        ids: ``N`` patient names, as messages and CSV files name them.
-    """
-
-    images: np.ndarray
-    lengths: np.ndarray
-    times: np.ndarray
-    labels: np.ndarray
-    ids: list[str]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def take(self, rows: np.ndarray) -> Series:
-        """The series ``rows`` (positions or a boolean mask), in that order."""
-        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
-        return Series(
-            self.images[rows], self.lengths[rows], self.times[rows], self.labels[rows], [self.ids[i] for i in rows]
-        )
-
-
-class SequenceDataset(Dataset):
-    """Padded series served as ``{"image": (T, C, H, W), "length": (), "time": (T,), "label": ()}``.
-
-    ``transform`` (MONAI dictionary transforms, see :meth:`ArrayDataModule.transform`) sees the
-    valid frames of a series stacked along the channel axis, ``{"image": (L*C, H, W), "label"}``
-    with ``L = length``: spatial transforms (flips, rotations, resizing, random crops) apply the
-    same geometry to every visit, so a series stays aligned; intensity transforms treat the
-    series as one image (``channel_wise=True`` makes them per frame when ``C == 1``). Padding is
-    added after the transforms, so it stays zero and never enters their statistics. Transforms
-    must keep the ``L*C`` channels (they may change the spatial size).
-
-    Args:
-        series: the split (see :class:`Series`).
-        transform: applied to each series as above.
-    """
-
-    def __init__(self, series: Series, transform: Callable | None = None) -> None:
-        self.series = series
-        self.images = series.images
-        self.labels = torch.as_tensor(series.labels)
-        self.lengths = torch.as_tensor(series.lengths)
-        self.times = torch.as_tensor(series.times, dtype=torch.float32)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        length = int(self.lengths[index])
-        steps, channels = self.images.shape[1:3]
-        frames = torch.from_numpy(self.images[index, :length])
-        # a copy either way: a transform working in place must not change the series held in memory
-        frames = frames.float().div_(255) if frames.dtype == torch.uint8 else frames.float().clone()
-        sample = {"image": frames.reshape(length * channels, *frames.shape[2:]), "label": self.labels[index]}
-        if self.transform is not None:
-            sample = self.transform(sample)
-        stacked = sample["image"]
-        if stacked.shape[0] != length * channels:
-            raise MedexpError(
-                f"data.transforms turned a series of {length} visit(s) x {channels} channel(s), stacked as "
-                f"{length * channels} channels, into {stacked.shape[0]} channels; on sequences the transforms see the "
-                "valid frames stacked along the channel axis and must keep the channels (resizing, flips and "
-                "intensity transforms do)"
-            )
-        image = stacked.new_zeros((steps, channels, *stacked.shape[1:]))
-        image[:length] = stacked.reshape(length, channels, *stacked.shape[1:])
-        return {"image": image, "length": self.lengths[index], "time": self.times[index], "label": sample["label"]}
 
 
 class LongitudinalDataModule(ArrayDataModule):
@@ -266,6 +187,7 @@ class LongitudinalDataModule(ArrayDataModule):
                 validation.Finding("label_range", split, row, self.series_name(split, row), detail)
                 for row, detail in validation.label_problems(series.labels, self.task, self.num_classes)
             ]
+
         # frames, not whole series, are compared: one image filed under two patients is a leak too
         def name(split: str, code: int) -> str:
             return self.frame_name(split, *divmod(code, steps))
@@ -273,8 +195,13 @@ class LongitudinalDataModule(ArrayDataModule):
         duplicates = validation.duplicate_findings(hashes, name)
         findings += [replace(finding, index=finding.index // steps) for finding in duplicates]
         drop = validation.resolve(
-            findings, scanned, time.perf_counter() - start,
-            source=self.describe(), scan=self.scan, on_bad=self.on_bad, verb="checked",
+            findings,
+            scanned,
+            time.perf_counter() - start,
+            source=self.describe(),
+            scan=self.scan,
+            on_bad=self.on_bad,
+            verb="checked",
         )
         if not drop:
             return kept
@@ -317,100 +244,9 @@ class LongitudinalDataModule(ArrayDataModule):
         return digest.hexdigest()
 
 
-# --- synthetic series --------------------------------------------------------------------------
-
-
-def make_series(
-    n: int,
-    size: int,
-    min_visits: int,
-    max_visits: int,
-    max_length: int,
-    rng: np.random.Generator,
-    growth: tuple[float, float] = (0.12, 0.24),
-    gap_days: tuple[float, float] = (30.0, 300.0),
-    noise: float = 0.04,
-) -> tuple[Series, np.ndarray]:
-    """Generate ``n`` patients' series of 2D phantoms (see :mod:`medexp.data.synthetic`).
-
-    Each patient has a body-like ellipse with two lungs and a spine, the same at every visit but
-    for noise and a slight brightness change, and one bright lesion at a fixed place. Visits are
-    ``min_visits..max_visits`` irregular gaps of ``gap_days`` apart (the first at day 0). In
-    progressors (label 1) the lesion radius grows linearly with the days since the first visit
-    (``growth``: radius units per year, the image spanning [-1, 1]); in the others it keeps the
-    size a progressor with the same parameters has at one of the patient's own visits (drawn at
-    random). So a frame's lesion size alone says nothing of the class, the change over the
-    visits does.
-
-    Args:
-        n: patients; size: pixels per side.
-        min_visits, max_visits: the range of visits per patient (drawn uniformly).
-        max_length: ``T``, steps the series are padded to (at least ``max_visits``).
-        rng: the source of randomness; the same generator state gives the same series.
-        growth: range of the progressors' growth rates (radius per 365 days).
-        gap_days: range of the gaps between visits, in days.
-        noise: standard deviation of the per-visit pixel noise.
-
-    Returns:
-        The series (images ``(n, T, 1, size, size)`` uint8, lengths, times in days, labels
-        ``(n,)`` int64), and the lesion radius at each step ``(n, T)`` (0 where padded).
-    """
-    if not 1 <= min_visits <= max_visits <= max_length:
-        raise MedexpError(
-            f"data.min_visits={min_visits}, data.max_visits={max_visits}, data.max_length={max_length}; expected "
-            "1 <= min_visits <= max_visits <= max_length"
-        )
-    steps = max_length
-    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    grid = [axis.reshape(1, 1, -1, 1), axis.reshape(1, 1, 1, -1)]  # y, x, broadcastable to (n, T, H, W)
-    shape = (n, 1, 1, 1)
-
-    def draw(low: float, high: float, where: tuple[int, ...] = shape) -> np.ndarray:
-        return rng.uniform(low, high, size=where).astype(np.float32)
-
-    labels = rng.integers(0, 2, size=n).astype(np.int64)
-    lengths = rng.integers(min_visits, max_visits + 1, size=n).astype(np.int64)
-    valid = np.arange(steps) < lengths[:, None]
-    gaps = rng.uniform(*gap_days, size=(n, steps)).astype(np.float32)
-    gaps[:, 0] = 0.0
-    times = np.where(valid, np.cumsum(gaps, axis=1), 0.0).astype(np.float32)
-
-    # the patient's anatomy: drawn once, the same at every visit
-    body_c = [draw(-0.05, 0.05), draw(-0.05, 0.05)]
-    body_r = [draw(0.6, 0.75), draw(0.75, 0.9)]
-    anatomy = 0.05 + _blob(grid, body_c, body_r) * draw(0.4, 0.5)
-    for side in (-1.0, 1.0):
-        lung_c = [body_c[0] - 0.05, body_c[1] + side * draw(0.35, 0.42)]
-        anatomy -= _blob(grid, lung_c, [draw(0.3, 0.4), draw(0.2, 0.26)]) * draw(0.15, 0.22)
-    spine_c = [body_c[0] + body_r[0] * 0.7, body_c[1]]
-    anatomy += _blob(grid, spine_c, [draw(0.08, 0.12), draw(0.08, 0.12)]) * 0.35
-    anatomy += sum(draw(-0.05, 0.05) * g for g in grid)  # smooth bias field
-
-    # the lesion: a fixed place within 50% of the body's radii; radius per visit
-    direction = rng.normal(size=(2, *shape)).astype(np.float32)
-    direction /= np.linalg.norm(direction, axis=0, keepdims=True) + 1e-6
-    reach = np.sqrt(draw(0, 1)) * 0.5
-    lesion_c = [c + reach * r * d for c, r, d in zip(body_c, body_r, direction)]
-    start, rate = draw(0.07, 0.12)[:, 0, 0, 0], draw(*growth)[:, 0, 0, 0]
-    grown = start[:, None] + rate[:, None] * times / 365.0  # (n, T): a progressor's radius at each visit
-    # a stable lesion keeps the size a progressor has at one of the patient's visits (its own times)
-    pick = (rng.uniform(size=n) * lengths).astype(np.int64)
-    radii = np.where(labels[:, None] == 1, grown, grown[np.arange(n), pick][:, None])
-    radii = np.where(valid, np.minimum(radii, 0.4), 0.0).astype(np.float32)
-    contrast = draw(0.2, 0.3)
-    lesion = _blob(grid, lesion_c, [np.maximum(radii, 1e-3)[..., None, None]] * 2, soft=0.06) * contrast
-
-    image = anatomy + lesion + draw(-0.03, 0.03, (n, steps, 1, 1))  # a visit's overall brightness
-    image += rng.normal(0.0, noise, size=image.shape).astype(np.float32)
-    images = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
-    images[~valid] = 0
-    ids = [f"patient {i}" for i in range(n)]
-    return Series(images[:, :, None], lengths, times, labels, ids), radii
-
-
 class SyntheticLongitudinalDataModule(LongitudinalDataModule):
     """Series of phantom images over time, generated deterministically from ``seed`` (see
-    :func:`make_series`): binary, "does the lesion grow". Held in memory as ``uint8``.
+    :func:`~medexp.data.phantoms.make_series`): binary, "does the lesion grow". Held in memory as ``uint8``.
 
     Args:
         image_size: pixels per side.
@@ -465,8 +301,14 @@ class SyntheticLongitudinalDataModule(LongitudinalDataModule):
     def load_series(self, split: str) -> Series:
         rng = np.random.default_rng([self.seed, SPLITS.index(split)])
         series, _ = make_series(
-            self.num_patients[split], self.image_size, self.min_visits, self.max_visits, self.max_length, rng,
-            growth=self.growth, gap_days=self.gap_days,
+            self.num_patients[split],
+            self.image_size,
+            self.min_visits,
+            self.max_visits,
+            self.max_length,
+            rng,
+            growth=self.growth,
+            gap_days=self.gap_days,
         )
         return series
 
@@ -511,7 +353,8 @@ def read_visits(path: Path, num_classes: int, missing_ok: bool = False) -> list[
             "(optional ['split']), one row per visit"
         )
     columns, rows = read_csv_rows(
-        path, MANIFEST_COLUMNS,
+        path,
+        MANIFEST_COLUMNS,
         f"a longitudinal manifest needs columns {list(MANIFEST_COLUMNS)} (one row per visit) and may have ['split']",
     )
 
@@ -540,7 +383,7 @@ def read_visits(path: Path, num_classes: int, missing_ok: bool = False) -> list[
         split = row.get("split") if "split" in columns else None
         if split is not None and split not in SPLITS:
             problem("split", f"line {line}: {split!r}")
-        image = _resolve(base, row["image"])
+        image = resolve_path(base, row["image"])
         if not row["image"] or (not image.exists() and not missing_ok):
             problem("missing", f"line {line}: {row['image']!r}")
         visits.append(Visit(row["patient_id"], when, image, label, split, line))
@@ -554,7 +397,7 @@ def read_visits(path: Path, num_classes: int, missing_ok: bool = False) -> list[
         "missing": f"listed image(s) do not exist (relative paths resolve against {base}): {{}}",
     }
     if problems:
-        found = [messages[kind].format(f"{len(entries)}: {_listing(entries)}") for kind, entries in problems.items()]
+        found = [messages[kind].format(f"{len(entries)}: {listing(entries)}") for kind, entries in problems.items()]
         raise MedexpError(f"{path}: " + " | ".join(found))
 
     by_patient: dict[str, list[Visit]] = {}
@@ -568,7 +411,7 @@ def read_visits(path: Path, num_classes: int, missing_ok: bool = False) -> list[
         ]
         if conflicts:
             raise MedexpError(
-                f"{path}: patients whose rows disagree on their {attribute} ({len(conflicts)}): {_listing(conflicts)}; "
+                f"{path}: patients whose rows disagree on their {attribute} ({len(conflicts)}): {listing(conflicts)}; "
                 f"{kind} are per patient: give every row of a patient the same {attribute}"
             )
     duplicates = []
@@ -581,7 +424,7 @@ def read_visits(path: Path, num_classes: int, missing_ok: bool = False) -> list[
         ]
     if duplicates:
         raise MedexpError(
-            f"{path}: {len(duplicates)} duplicate (patient_id, time) visit(s): {_listing(duplicates)}; each patient "
+            f"{path}: {len(duplicates)} duplicate (patient_id, time) visit(s): {listing(duplicates)}; each patient "
             "has one image per time: remove the repeats or correct their times"
         )
     return visits
@@ -600,7 +443,7 @@ class FileLongitudinalDataModule(LongitudinalDataModule):
     resolve against the manifest's folder), ``label`` (the patient's class index, the same on all
     its rows) and optionally ``split`` (train/val/test, the same on all rows of a patient).
     Without ``split``, patients are split at random from ``split_seed``, stratified by class (see
-    :func:`medexp.data.files.assign_splits`); :meth:`setup` writes the split used to
+    :func:`medexp.data.manifest.assign_splits`); :meth:`setup` writes the split used to
     ``<output_dir>/splits.csv``, itself a manifest that reproduces it.
 
     Every image is read in :meth:`setup` (MONAI ``LoadImage``, channel first), scaled to [0, 1]
@@ -663,7 +506,7 @@ class FileLongitudinalDataModule(LongitudinalDataModule):
             over = [f"{pid} ({len(members)} visits)" for pid, members in patients.items() if len(members) > max_length]
             raise MedexpError(
                 f"{self.source}: data.max_length={max_length} but {len(over)} patient(s) have more visits: "
-                f"{_listing(over)}; set data.max_length={longest} or null (the longest series)"
+                f"{listing(over)}; set data.max_length={longest} or null (the longest series)"
             )
         self.max_length = max_length or longest
         if visits[0].split is None:
@@ -690,7 +533,10 @@ class FileLongitudinalDataModule(LongitudinalDataModule):
         self._shape: tuple[int, ...] | None = None
         log.info(
             "%s: %s patients, %d visits, up to %d per patient",
-            self.source, "/".join(f"{len(self.patients[s])} {s}" for s in SPLITS), len(visits), longest,
+            self.source,
+            "/".join(f"{len(self.patients[s])} {s}" for s in SPLITS),
+            len(visits),
+            longest,
         )
 
     def describe(self) -> str:
@@ -749,7 +595,7 @@ class FileLongitudinalDataModule(LongitudinalDataModule):
             listed = [f"{self._where(visit)}: {odd_shape[1:]}" for visit, odd_shape in odd]
             raise MedexpError(
                 f"{self.source}: images of different shapes: {len(odd)} differ from the {shape[1:]} (H, W) of the "
-                f"others: {_listing(listed)}. Set data.resize=[H, W] to resize every image on loading"
+                f"others: {listing(listed)}. Set data.resize=[H, W] to resize every image on loading"
             )
         n, steps = len(members), self.max_length
         images = np.zeros((n, steps, *shape), dtype=np.float32)

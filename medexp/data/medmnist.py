@@ -55,7 +55,13 @@ class MedMNISTDataModule(ArrayDataModule):
     """
 
     def __init__(
-        self, name: str, root: str | Path, size: int = 28, download: bool = False, image_size: int | None = None, **kwargs
+        self,
+        name: str,
+        root: str | Path,
+        size: int = 28,
+        download: bool = False,
+        image_size: int | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         # a derived property, named as on the synthetic data, for models that need the input shape (a VAE)

@@ -21,7 +21,10 @@ Licence: CC BY 4.0, except DermaMNIST, which is CC BY-NC 4.0 (see ``LICENSE_EXCE
 Task codes: ``"binary"`` (official "binary-class"), ``"multiclass"`` ("multi-class"),
 ``"multilabel"`` ("multi-label, binary-class"), ``"ordinal"`` ("ordinal-regression").
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 ZENODO_RECORD = "10519652"
 ZENODO_URL = "https://zenodo.org/records/10519652/files/{file}?download=1"
@@ -391,3 +394,18 @@ def dataset_info(name: str, dims: int | None = None) -> dict:
         kind = f"{dims}D " if dims else ""
         raise ValueError(f"data.name={name!r} is not a MedMNIST {kind}dataset; expected one of {valid}")
     return MEDMNIST[name]
+
+
+def medmnist_property(name: str, field: str) -> Any:
+    """A property of a MedMNIST dataset from its metadata: ``task``, ``num_classes`` or ``channels``."""
+    info = dataset_info(name)
+    match field:
+        case "task":
+            # ordinal regression (RetinaMNIST) is evaluated as multi-class, as in MedMNIST v2
+            return {"ordinal": "multiclass"}.get(info["task"], info["task"])
+        case "num_classes":
+            return len(info["labels"])
+        case "channels":
+            return info["channels"]
+        case _:
+            raise ValueError(f"medmnist field {field!r}; expected one of ['task', 'num_classes', 'channels']")

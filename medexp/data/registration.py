@@ -4,12 +4,12 @@ A sample is ``{"fixed": (C, *spatial), "moving": (C, *spatial)}`` float32, plus
 ``"fixed_label"`` and ``"moving_label"`` ``(1, *spatial)`` float32 masks (1 foreground, 0
 elsewhere) where the data have them. Two sources:
 
-- :class:`SyntheticRegistrationDataModule`: phantoms of :mod:`medexp.data.synthetic` (moving) and
+- :class:`SyntheticRegistrationDataModule`: phantoms of :mod:`medexp.data.phantoms` (moving) and
   the same phantoms warped by random smooth deformations drawn from a seed (fixed), 2D or 3D, so
   the deformation a model should recover is known; the lesion masks are the labels;
 - :class:`FileRegistrationDataModule`: image files listed in a CSV manifest (columns ``fixed``,
   ``moving``, optional ``fixed_label``, ``moving_label``, ``split``, ``patient_id``), read with
-  the file reader of :mod:`medexp.data.files`.
+  the file reader of :mod:`medexp.data.reading`.
 
 Registration works in voxel space: the images of a pair must share one grid (spatial shape),
 as after resampling both to a common space.
@@ -20,28 +20,24 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import CacheDataset, DataLoader
 from monai.data import Dataset as MonaiDataset
 from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityRanged, Transform
 from torch.utils.data import Dataset
 
 from medexp.data import validation
-from medexp.data.base import SPLITS, monai_chain
-from medexp.data.files import (
-    Case, CaseReader, _at, _file_digest, _has_geometry, _listing, _resolve, assign_splits, read_csv_rows,
-)
-from medexp.data.sampling import EpochShuffleSampler
-from medexp.data.synthetic import make_phantoms
+from medexp.data.base import SPLITS, DataModule, monai_chain
+from medexp.data.manifest import Case, assign_splits, read_csv_rows
+from medexp.data.paths import file_digest, has_geometry, listing, located, resolve_path
+from medexp.data.phantoms import make_phantoms, random_ddf, warp_arrays
+from medexp.data.reading import CaseReader
 from medexp.utils.errors import MedexpError, find_user_error
 
 log = logging.getLogger(__name__)
@@ -50,38 +46,6 @@ PAIR_KEYS = ("fixed", "moving")
 LABEL_KEYS = ("fixed_label", "moving_label")
 KEYS = (*PAIR_KEYS, *LABEL_KEYS)
 OPTIONAL_COLUMNS = (*LABEL_KEYS, "split", "patient_id")
-
-
-def random_ddf(
-    n: int, size: int, spatial_dims: int, max_displacement: float, control_points: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Random smooth displacement fields: displacements drawn uniformly in
-    ``[-max_displacement, max_displacement]`` voxels on a grid of ``control_points`` per axis
-    (corners included), interpolated (bi/trilinear) to every voxel.
-
-    With the displacement well below the spacing of the control points (``size /
-    (control_points - 1)``), the transforms are smooth and, in practice, fold nowhere.
-
-    Returns:
-        ``(n, spatial_dims, *[size] * spatial_dims)`` float32, in voxels (see
-        :mod:`medexp.metrics.registration` for the convention).
-    """
-    shape = (n, spatial_dims, *[control_points] * spatial_dims)
-    coarse = rng.uniform(-max_displacement, max_displacement, size=shape).astype(np.float32)
-    mode = "bilinear" if spatial_dims == 2 else "trilinear"
-    return F.interpolate(torch.from_numpy(coarse), size=(size,) * spatial_dims, mode=mode, align_corners=True).numpy()
-
-
-def warp_arrays(images: np.ndarray, ddf: np.ndarray, mode: str = "bilinear") -> np.ndarray:
-    """``(N, C, *spatial)`` arrays warped by ``(N, D, *spatial)`` displacements with MONAI's
-    ``Warp`` (border padding), as float32; ``mode="nearest"`` keeps mask values."""
-    from monai.networks.blocks import Warp
-
-    with warnings.catch_warnings():
-        # MONAI notes that it uses torch's grid_sample, its compiled extension being optional
-        warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample", category=UserWarning)
-        warp = Warp(mode=mode, padding_mode="border")
-    return warp(torch.from_numpy(images).float(), torch.from_numpy(ddf)).numpy()
 
 
 class PairDataset(Dataset):
@@ -172,27 +136,34 @@ def read_pairs(path: Path, labels: bool = True) -> list[Pair]:
             if not row.get(key):
                 (no_masks if key in LABEL_KEYS else missing).append(f"line {line}: no {key}")
                 continue
-            files[key] = _resolve(base, row[key])
+            files[key] = resolve_path(base, row[key])
             if not files[key].exists():
                 missing.append(f"line {line}: {key} {row[key]!r}")
         split = row.get("split") if labels and "split" in columns else None
         if split is not None and split not in SPLITS:
             bad_splits.append(f"line {line}: {split!r}")
-        pairs.append(Pair(
-            files.get("fixed", Path()), files.get("moving", Path()), files.get("fixed_label"),
-            files.get("moving_label"), split, row.get("patient_id", ""), f"{path} line {line}",
-        ))
+        pairs.append(
+            Pair(
+                files.get("fixed", Path()),
+                files.get("moving", Path()),
+                files.get("fixed_label"),
+                files.get("moving_label"),
+                split,
+                row.get("patient_id", ""),
+                f"{path} line {line}",
+            )
+        )
     if bad_splits:
-        raise MedexpError(f"{path}: unknown split value(s) {_listing(bad_splits)}; expected one of {list(SPLITS)}")
+        raise MedexpError(f"{path}: unknown split value(s) {listing(bad_splits)}; expected one of {list(SPLITS)}")
     if no_masks:
         raise MedexpError(
-            f"{path}: {len(no_masks)} mask cell(s) are empty: {_listing(no_masks)}; pairs in one batch must all "
+            f"{path}: {len(no_masks)} mask cell(s) are empty: {listing(no_masks)}; pairs in one batch must all "
             "have masks or none, so fill them or drop the fixed_label/moving_label columns"
         )
     if missing:
         raise MedexpError(
             f"{path}: {len(missing)} listed file(s) do not exist (relative paths resolve against {base}): "
-            f"{_listing(missing)}"
+            f"{listing(missing)}"
         )
     return pairs
 
@@ -223,24 +194,24 @@ class PairReader(Transform):
         sample = {key: self.reader.read(data[key], where) for key in KEYS if key in data}
         for key in PAIR_KEYS:
             for _, _, detail in validation.content_problems(sample[key].as_tensor().numpy()[None]):
-                raise MedexpError(f"{_at(data[key], where)}: the {key} image is unusable: {detail}")
+                raise MedexpError(f"{located(data[key], where)}: the {key} image is unusable: {detail}")
         fixed, moving = sample["fixed"], sample["moving"]
         if moving.shape != fixed.shape:
             raise MedexpError(
-                f"{_at(data['moving'], where)}: moving image of shape {tuple(moving.shape)} (channels, *spatial) but its "
+                f"{located(data['moving'], where)}: moving image of shape {tuple(moving.shape)} (channels, *spatial) but its "
                 f"fixed image {data['fixed']} has {tuple(fixed.shape)}; a pair must share channels and grid (resample "
                 "both to one space first)"
             )
         for label_key, image_key in zip(LABEL_KEYS, PAIR_KEYS):
             if label_key not in sample:
                 continue
-            mask, image, name = sample[label_key], sample[image_key], _at(data[label_key], where)
+            mask, image, name = sample[label_key], sample[image_key], located(data[label_key], where)
             if mask.shape[0] != 1 or mask.shape[1:] != image.shape[1:]:
                 raise MedexpError(
                     f"{name}: mask of shape {tuple(mask.shape)} (channels, *spatial); expected one channel of its "
                     f"{image_key} image's spatial shape {tuple(image.shape[1:])}"
                 )
-            if _has_geometry(data[label_key]) and _has_geometry(data[image_key]):
+            if has_geometry(data[label_key]) and has_geometry(data[image_key]):
                 problem = validation.geometry_problem(image.affine, mask.affine, data[image_key])
                 if problem:
                     raise MedexpError(f"{name}: {problem}")
@@ -248,10 +219,11 @@ class PairReader(Transform):
         return sample
 
 
-class RegistrationDataModule(L.LightningDataModule):
-    """Base of the registration data modules: their shared arguments, sample chain and loaders.
+class RegistrationDataModule(DataModule):
+    """Base of the registration data modules: their shared arguments and sample chain.
 
-    Subclasses fill ``self.datasets`` (``train``, ``val``, ``test``) in :meth:`setup`.
+    Subclasses fill ``self.datasets`` (``train``, ``val``, ``test``) in :meth:`setup` and implement
+    :meth:`predict_transform` and :meth:`fingerprint` (see :class:`~medexp.data.base.DataModule`).
 
     Args:
         task: must be ``registration`` (model configs read it, as every data module's).
@@ -276,24 +248,22 @@ class RegistrationDataModule(L.LightningDataModule):
         transforms: Sequence[Callable] = (),
         intensity_range: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
         if task != "registration":
             raise MedexpError(f"data.task={task!r}; registration data serve data.task=registration")
         if spatial_dims not in (2, 3):
             raise MedexpError(f"data.spatial_dims={spatial_dims}; registration data are 2D or 3D")
         if num_classes != 2:
-            raise MedexpError(f"data.num_classes={num_classes}; registration masks are binary (background, foreground): 2")
+            raise MedexpError(
+                f"data.num_classes={num_classes}; registration masks are binary (background, foreground): 2"
+            )
         if in_channels < 1 or batch_size < 1 or num_workers < 0:
             raise MedexpError(
                 f"data.in_channels={in_channels}, data.batch_size={batch_size}, data.num_workers={num_workers}; "
                 "expected positive channels and batch size, and workers >= 0"
             )
-        self.task, self.num_classes = task, num_classes
-        self.in_channels, self.spatial_dims = in_channels, spatial_dims
-        self.batch_size, self.num_workers = batch_size, num_workers
+        super().__init__(task, num_classes, in_channels, spatial_dims, batch_size, num_workers)
         self.transforms = list(transforms)
         self.intensity_range = None if intensity_range is None else [float(v) for v in intensity_range]
-        self.datasets: dict[str, Dataset] = {}
 
     def transform(self, head: Sequence[Callable] = (), predict: bool = False) -> Compose:
         """The per-sample chain: ``head`` (e.g. a file reader), ``transforms``, then plain float32
@@ -301,44 +271,17 @@ class RegistrationDataModule(L.LightningDataModule):
         ensure = EnsureTyped(keys=list(KEYS), dtype=torch.float32, track_meta=predict, allow_missing_keys=True)
         return monai_chain([*head, *self.transforms, ensure], predict)
 
-    def predict_transform(self) -> Compose:
-        """The chain that turns ``{"fixed": path, "moving": path}`` into model inputs, as the test
-        split prepares its pairs (used by ``medexp predict``)."""
-        raise NotImplementedError
-
-    def _loader(self, split: str) -> DataLoader:
-        dataset = self.datasets[split]
-        sampler = None
-        if split == "train":
-            # shuffled from (run seed, epoch) as in-memory arrays are, so a resumed run sees the
-            # same batches; the epoch is set now, as workers draw indices before Lightning's set_epoch
-            sampler = EpochShuffleSampler(dataset, int(torch.initial_seed() % 2**32))
-            sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
-        return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def describe(self) -> str:
-        """A short name of the data for messages."""
-        return type(self).__name__
+    def _loader_type(self, dataset: Dataset) -> tuple[type[DataLoader], dict[str, Any]]:
+        # MONAI's loader seeds the random transforms of each worker
+        return DataLoader, {}
 
 
 class SyntheticRegistrationDataModule(RegistrationDataModule):
     """Phantom pairs generated deterministically from ``seed``.
 
-    Each moving image is a phantom of :func:`~medexp.data.synthetic.make_phantoms` (with 0-3
+    Each moving image is a phantom of :func:`~medexp.data.phantoms.make_phantoms` (with 0-3
     lesions, whose mask is its label); its fixed image is the same phantom warped by a random
-    smooth deformation (:func:`random_ddf`), its mask warped alike (bilinear, above 0.5). The deformation is
+    smooth deformation (:func:`~medexp.data.phantoms.random_ddf`), its mask warped alike (bilinear, above 0.5). The deformation is
     kept as the datasets' ``true_ddf``: the displacement a perfect model outputs.
 
     Args:
@@ -347,7 +290,7 @@ class SyntheticRegistrationDataModule(RegistrationDataModule):
         max_displacement: the largest displacement of a control point, as a fraction of
             ``image_size``.
         control_points: control points of the deformation per axis (at least 2; more: less smooth).
-        lesion_contrast: see :func:`~medexp.data.synthetic.make_phantoms`.
+        lesion_contrast: see :func:`~medexp.data.phantoms.make_phantoms`.
         seed: data seed, independent of the training seed.
         **kwargs: see :class:`RegistrationDataModule`.
     """
@@ -420,11 +363,11 @@ class SyntheticRegistrationDataModule(RegistrationDataModule):
 class FileRegistrationDataModule(RegistrationDataModule):
     """Pairs of image files from a CSV manifest (see :func:`read_pairs`).
 
-    Files are read with the reader of :mod:`medexp.data.files` (PNG, JPEG, BMP, TIFF, GIF,
+    Files are read with the reader of :mod:`medexp.data.reading` (PNG, JPEG, BMP, TIFF, GIF,
     DICOM, NIfTI) and checked as they are loaded (:class:`PairReader`); :meth:`setup` loads the
     first training pair, so a broken manifest stops the run before training. Without a
     ``split`` column, pairs are split at random from ``split_seed``, keeping each patient's pairs
-    in one split (see :func:`~medexp.data.files.assign_splits`); :meth:`setup` writes the split
+    in one split (see :func:`~medexp.data.manifest.assign_splits`); :meth:`setup` writes the split
     used to ``<output_dir>/splits.csv``, itself a manifest.
 
     Args:
@@ -474,7 +417,10 @@ class FileRegistrationDataModule(RegistrationDataModule):
             # assign_splits groups Cases by patient; a pair's fixed image stands for it
             cases = assign_splits(
                 [Case(pair.fixed, 0, patient_id=pair.patient_id) for pair in pairs],
-                split_seed, val_fraction, test_fraction, stratify=False,
+                split_seed,
+                val_fraction,
+                test_fraction,
+                stratify=False,
             )
             pairs = [replace(pair, split=case.split) for pair, case in zip(pairs, cases)]
         self.pairs = {split: [pair for pair in pairs if pair.split == split] for split in SPLITS}
@@ -491,8 +437,10 @@ class FileRegistrationDataModule(RegistrationDataModule):
         if self.image_size is None:
             return [self.reader]
         resize = Resized(
-            keys=list(KEYS), spatial_size=[self.image_size] * self.spatial_dims,
-            mode=["area", "area", "nearest", "nearest"], allow_missing_keys=True,
+            keys=list(KEYS),
+            spatial_size=[self.image_size] * self.spatial_dims,
+            mode=["area", "area", "nearest", "nearest"],
+            allow_missing_keys=True,
         )
         return [self.reader, resize]
 
@@ -503,7 +451,9 @@ class FileRegistrationDataModule(RegistrationDataModule):
         try:
             for split in SPLITS:
                 items = [pair.item() for pair in self.pairs[split]]
-                self.datasets[split] = CacheDataset(items, transform, progress=False) if self.cache else MonaiDataset(items, transform)
+                self.datasets[split] = (
+                    CacheDataset(items, transform, progress=False) if self.cache else MonaiDataset(items, transform)
+                )
             self._check_first_pair()
         except RuntimeError as exc:  # MONAI wraps a transform's error; ours names the file
             error = find_user_error(exc)
@@ -518,7 +468,7 @@ class FileRegistrationDataModule(RegistrationDataModule):
         if len(shape) != 1 + self.spatial_dims or shape[0] != self.in_channels:
             pair = self.pairs["train"][0]
             raise MedexpError(
-                f"{_at(pair.fixed, pair.where)}: the first training pair has images of shape {shape} (channels, "
+                f"{located(pair.fixed, pair.where)}: the first training pair has images of shape {shape} (channels, "
                 f"*spatial) after data.transforms, but data.in_channels={self.in_channels} and "
                 f"data.spatial_dims={self.spatial_dims}; set data.in_channels={shape[0]} data.spatial_dims={len(shape) - 1}"
             )
@@ -546,7 +496,7 @@ class FileRegistrationDataModule(RegistrationDataModule):
                 digest.update(split.encode())
                 for path in (pair.fixed, pair.moving, pair.fixed_label, pair.moving_label):
                     if path is not None:
-                        digest.update(_file_digest(path))
+                        digest.update(file_digest(path))
         return digest.hexdigest()
 
     def describe(self) -> str:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sized
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from medexp.callbacks.seed import epoch_seed
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for ``epoch`` of a run seeded with ``seed``; runs with nearby seeds do not share
+    streams (as ``seed + epoch`` would: seed 1 epoch 1 = seed 2 epoch 0)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 class EpochShuffleSampler(Sampler[int]):

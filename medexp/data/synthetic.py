@@ -1,9 +1,5 @@
-"""Built-in phantom images and volumes with lesions: offline data a model has to learn.
-
-Each image is a body-like ellipse (an ellipsoid in 3D) with two darker "lungs" and a bright
-"spine" under a smooth bias field and noise. Lesions are small round blobs inside the body; the
-label says whether, how many, or which kind are present, or is the lesion mask itself.
-"""
+"""Built-in phantom images and volumes with lesions, served as a DataModule: offline data a model
+has to learn (the phantoms are drawn by :func:`~medexp.data.phantoms.make_phantoms`)."""
 
 from __future__ import annotations
 
@@ -13,118 +9,13 @@ from typing import Any
 import numpy as np
 
 from medexp.data.base import SPLITS, ArrayDataModule
+from medexp.data.phantoms import make_phantoms
 from medexp.data.sites import apply_site, check_train_sites, deal_sites, parse_sites
 from medexp.utils.errors import MedexpError
 
 
-def _blob(grid: list[np.ndarray], centre: list[np.ndarray], radii: list[np.ndarray], soft: float = 0.04) -> np.ndarray:
-    """Soft-edged ellipses/ellipsoids ``(n, *spatial)``: one per sample.
-
-    ``grid`` holds one coordinate array in [-1, 1] per axis (broadcastable to the image shape);
-    ``centre`` and ``radii`` one ``(n, 1, ..., 1)`` array per axis.
-    """
-    r = np.sqrt(sum(((g - c) / rad) ** 2 for g, c, rad in zip(grid, centre, radii)))
-    return 1.0 / (1.0 + np.exp(np.minimum((r - 1.0) / soft, 50.0)))
-
-
-def make_phantoms(
-    n: int,
-    size: int,
-    task: str,
-    num_classes: int,
-    rng: np.random.Generator,
-    lesion_contrast: float = 1.0,
-    spatial_dims: int = 2,
-    class_fractions: Sequence[float] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Generate ``n`` phantom images (2D) or volumes (3D).
-
-    Args:
-        n: number of images; size: pixels (voxels) per side.
-        task: ``binary`` (a bright lesion present or not), ``multiclass`` (number of bright
-            lesions, 0..num_classes-1), ``multilabel`` (bright lesion present, dark lesion present)
-            or ``segmentation`` (0-3 bright lesions, class 1; with ``num_classes=3`` also 0-2 dark
-            lesions, class 2; the label is the mask).
-        num_classes: classes (segmentation: including background), or labels for ``multilabel``.
-        rng: the source of randomness; the same generator state gives the same images.
-        lesion_contrast: scales the lesions' intensity difference; lower is harder to learn.
-        spatial_dims: 2 for ``(size, size)`` images, 3 for ``(size, size, size)`` volumes.
-        class_fractions: binary/multi-class: the probability of each class (summing to 1), for
-            imbalanced data; None: classes equally likely.
-
-    Returns:
-        images ``(n, 1, *spatial)`` uint8; labels: ``(n,)`` int64, ``(n, 2)`` for multi-label, or
-        the masks for segmentation; masks ``(n, 1, *spatial)`` uint8 of lesion classes
-        (1 bright, 2 dark, 0 elsewhere).
-    """
-    if spatial_dims not in (2, 3):
-        raise MedexpError(f"data.spatial_dims={spatial_dims}; synthetic data are 2D or 3D")
-    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    # one coordinate array per axis, broadcastable to (n, *spatial); axes (z,) y, x
-    grid = [axis.reshape([1] + [-1 if d == i else 1 for d in range(spatial_dims)]) for i in range(spatial_dims)]
-    shape = (n,) + (1,) * spatial_dims
-
-    def draw(low, high):
-        return rng.uniform(low, high, size=shape).astype(np.float32)
-
-    # per axis (z,) y, x: body centre and radii; the z extent is long (a stack of slices)
-    body_c = [draw(-0.05, 0.05) for _ in range(spatial_dims)]
-    body_r = ([draw(0.7, 0.85)] if spatial_dims == 3 else []) + [draw(0.6, 0.75), draw(0.75, 0.9)]
-    image = 0.05 + _blob(grid, body_c, body_r) * draw(0.4, 0.5)
-    z_c, z_r = body_c[:-2], ([np.full(shape, 0.6, np.float32)] if spatial_dims == 3 else [])
-    for side in (-1.0, 1.0):
-        lung_c = [*z_c, body_c[-2] - 0.05, body_c[-1] + side * draw(0.35, 0.42)]
-        image -= _blob(grid, lung_c, [*z_r, draw(0.3, 0.4), draw(0.2, 0.26)]) * draw(0.15, 0.22)
-    spine_r = [np.full(shape, 0.9, np.float32)] if spatial_dims == 3 else []
-    spine_c = [*z_c, body_c[-2] + body_r[-2] * 0.7, body_c[-1]]
-    image += _blob(grid, spine_c, [*spine_r, draw(0.08, 0.12), draw(0.08, 0.12)]) * 0.35
-    image += sum(draw(-0.05, 0.05) * g for g in grid)  # smooth bias field
-
-    zeros = np.zeros(n, dtype=np.int64)
-    match task:
-        case "binary" | "multiclass" if class_fractions is not None:
-            bright, dark = rng.choice(num_classes, size=n, p=np.asarray(class_fractions, dtype=np.float64)), zeros
-            labels = bright
-        case "binary":
-            bright, dark = rng.integers(0, 2, size=n), zeros
-            labels = bright
-        case "multiclass":
-            bright, dark = rng.integers(0, num_classes, size=n), zeros
-            labels = bright
-        case "multilabel":
-            bright, dark = rng.integers(0, 2, size=n), rng.integers(0, 2, size=n)
-            labels = np.stack([bright, dark], axis=1)
-        case "segmentation":
-            bright = rng.integers(0, 4, size=n)
-            dark = rng.integers(0, 3, size=n) if num_classes == 3 else zeros
-            labels = None
-        case _:
-            raise MedexpError(
-                f"data.task={task!r}; expected one of ['binary', 'multiclass', 'multilabel', 'segmentation']"
-            )
-
-    mask = np.zeros((n,) + (size,) * spatial_dims, dtype=np.uint8)
-    for lesion_class, count, contrast in ((1, bright, (0.12, 0.3)), (2, dark, (-0.3, -0.12))):
-        for k in range(int(count.max(initial=0))):
-            # lesions lie inside the body: uniform within 60% of its radii
-            direction = rng.normal(size=(spatial_dims, *shape)).astype(np.float32)
-            direction /= np.linalg.norm(direction, axis=0, keepdims=True) + 1e-6
-            radius = draw(0, 1) ** (1 / spatial_dims) * 0.6
-            centre = [c + radius * r * d for c, r, d in zip(body_c, body_r, direction)]
-            # larger in 3D, where a 2D-sized lesion would cover a few voxels of a small volume
-            size_ = draw(0.1, 0.17) if spatial_dims == 2 else draw(0.16, 0.26)
-            blob = _blob(grid, centre, [size_] * spatial_dims, soft=0.08) * (k < count).reshape(shape)
-            image += blob * draw(*contrast) * lesion_contrast
-            mask[blob > 0.5] = lesion_class
-
-    image += rng.normal(0.0, 0.05, size=image.shape).astype(np.float32)
-    images = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)[:, None]
-    masks = mask[:, None]
-    return images, masks if labels is None else labels.astype(np.int64), masks
-
-
 class SyntheticDataModule(ArrayDataModule):
-    """Phantom images generated deterministically from ``seed`` (see :func:`make_phantoms`).
+    """Phantom images generated deterministically from ``seed`` (see :func:`~medexp.data.phantoms.make_phantoms`).
 
     Classification tasks also serve each validation and test image's lesion mask as
     ``sample["mask"]``, ``(1, *spatial)`` ``uint8`` (1 bright, 2 dark lesion, 0 elsewhere), to
@@ -134,7 +25,7 @@ class SyntheticDataModule(ArrayDataModule):
     Args:
         image_size: pixels (voxels) per side.
         num_samples: images per split, e.g. ``{"train": 2000, "val": 500, "test": 500}``.
-        lesion_contrast: difficulty knob, see :func:`make_phantoms`.
+        lesion_contrast: difficulty knob, see :func:`~medexp.data.phantoms.make_phantoms`.
         seed: data seed, independent of the training seed so sweeps over seeds see the same data.
         class_fractions: binary/multi-class: the frequency of each class, e.g. ``[0.9, 0.1]``
             for imbalanced data; None: equally frequent.
@@ -174,8 +65,10 @@ class SyntheticDataModule(ArrayDataModule):
             raise MedexpError(f"data.image_size={image_size}; expected at least 16 pixels")
         if class_fractions is not None:
             fractions = np.asarray(class_fractions, dtype=np.float64)
-            if self.task not in ("binary", "multiclass") or fractions.shape != (self.num_classes,) or (
-                not (fractions > 0).all() or abs(fractions.sum() - 1) > 1e-6
+            if (
+                self.task not in ("binary", "multiclass")
+                or fractions.shape != (self.num_classes,)
+                or (not (fractions > 0).all() or abs(fractions.sum() - 1) > 1e-6)
             ):
                 raise MedexpError(
                     f"data.class_fractions={list(class_fractions)}; expected {self.num_classes} positive numbers "

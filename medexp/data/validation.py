@@ -10,7 +10,7 @@ whatever ``on_bad`` says: it would empty every mask (:func:`mask_threshold_probl
 
 The functions here are pure: they look at arrays and return problems or :class:`Finding` lists.
 The data modules read the cases (in-memory arrays: vectorised, :mod:`medexp.data.base`; files:
-through the reader training uses, :mod:`medexp.data.files`) in ``setup()``, and
+through the reader training uses, :mod:`medexp.data.reading`) in ``setup()``, and
 :func:`resolve` reports what was found: one INFO line, then either one
 :class:`~medexp.utils.errors.MedexpError` listing every problem (``on_bad="fail"``) or the cases
 to leave out (``on_bad="skip"``), which :func:`write_skipped` records in ``skipped.csv``;
@@ -317,12 +317,17 @@ def shape_findings(
         if form(case) == form(example):
             continue
         (channels, dims), (ref_channels, ref_dims) = form(case), form(example)
-        expected = " as data.in_channels and data.spatial_dims expect" if form(example) == (in_channels, spatial_dims) else ""
+        expected = (
+            " as data.in_channels and data.spatial_dims expect" if form(example) == (in_channels, spatial_dims) else ""
+        )
         hint = (
-            f"a {dims}D image among {ref_dims}D ones" if dims != ref_dims
+            f"a {dims}D image among {ref_dims}D ones"
+            if dims != ref_dims
             else f"{channels} channel(s), not {ref_channels}: store all images with one number of channels and set data.in_channels to it"
         )
-        detail = f"shape {shapes[case]} (channels, *spatial), but {name(*example)} has {shapes[example]}{expected}: {hint}"
+        detail = (
+            f"shape {shapes[case]} (channels, *spatial), but {name(*example)} has {shapes[example]}{expected}: {hint}"
+        )
         findings.append(Finding("shape_disagreement", *case, name(*case), detail))
     if batch_size > 1:
         for split in dict.fromkeys(split for split, _ in cases):
@@ -409,7 +414,9 @@ def resolve(
         )
     log.warning(
         "data check of %s: skipping %d bad case(s) (data.on_bad=skip; listed in skipped.csv in the run directory): %s",
-        source, len(bad_cases), summary(errors),
+        source,
+        len(bad_cases),
+        summary(errors),
     )
     return bad_cases
 

@@ -20,21 +20,19 @@ _MONAI_INDEXING = r"Using a non-tuple sequence for multidimensional indexing"
 
 
 def check_explainable(model: Any) -> None:
-    """Refuse models whose maps :class:`SaliencyMaps` cannot make: anything but a classifier
-    of single images.
+    """Refuse models whose maps :class:`SaliencyMaps` cannot make: a task that does not declare
+    itself ``explainable`` (classifiers do), or a net that takes more than one image.
 
     Raises:
         MedexpError: naming the model's kind and what is supported.
     """
-    from medexp.tasks.classification import ClassificationTask
-
-    if not isinstance(model, ClassificationTask):
+    if not getattr(model, "explainable", False):  # what its task declares
         kind = type(model).__name__
         raise MedexpError(
             f"medexp explain explains classifiers (ClassificationTask); this checkpoint holds a {kind}. "
             "Segmentation models already show where they look: medexp predict writes their masks"
         )
-    extra = getattr(model.net, "extra_inputs", ())
+    extra = model.extra_inputs
     if extra:
         raise MedexpError(
             f"medexp explain needs a net that takes one image; {type(model.net).__name__} also takes {list(extra)}"
@@ -177,7 +175,9 @@ class SaliencyMaps:
         if method not in METHODS:
             raise MedexpError(f"method={method!r}; expected one of {list(METHODS)}")
         if occlusion_mode not in ("gaussian", "mean_img", "mean_patch"):
-            raise MedexpError(f"occlusion.mode={occlusion_mode!r}; expected one of ['gaussian', 'mean_img', 'mean_patch']")
+            raise MedexpError(
+                f"occlusion.mode={occlusion_mode!r}; expected one of ['gaussian', 'mean_img', 'mean_patch']"
+            )
         if not 0.0 <= overlap < 1.0:
             raise MedexpError(f"occlusion.overlap={overlap}; expected a value in [0, 1)")
         if patch is not None and patch < 1:
@@ -249,8 +249,13 @@ class SaliencyMaps:
         side = min(images.shape[2:]) / (8 if images.ndim == 4 else 4)
         patch = self.patch or max(3, round(side) // 2 * 2 + 1)
         occlusion = OcclusionSensitivity(
-            nn_module=self.net, mask_size=min(patch, *images.shape[2:]), n_batch=self.occlusion_batch,
-            verbose=False, mode=self.occlusion_mode, overlap=self.overlap, activate=self.model.postprocess,
+            nn_module=self.net,
+            mask_size=min(patch, *images.shape[2:]),
+            n_batch=self.occlusion_batch,
+            verbose=False,
+            mode=self.occlusion_mode,
+            overlap=self.overlap,
+            activate=self.model.postprocess,
         )
         before = self.probabilities(images)
         maps = []
@@ -340,7 +345,11 @@ def _view(image: np.ndarray, saliency: np.ndarray, mask: np.ndarray | None):
 
 
 def overlay_picture(
-    image: torch.Tensor, saliency: torch.Tensor, mask: torch.Tensor | None = None, min_side: int = 192, alpha: float = 0.5
+    image: torch.Tensor,
+    saliency: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    min_side: int = 192,
+    alpha: float = 0.5,
 ) -> np.ndarray:
     """``uint8`` RGB picture ``(H, 2 W + 4, 3)``: the image (scaled by its own range; grey, or
     RGB for 3 channels) next to it with the map in the ``jet`` colours blended over it (``alpha``),

@@ -40,9 +40,13 @@ def federated_average(
         ValueError: when the states do not have the same names, or the weights are not positive.
     """
     if len(site_states) != len(weights) or not site_states:
-        raise ValueError(f"{len(site_states)} site states for {len(weights)} weights; expected one weight per site, at least one site")
+        raise ValueError(
+            f"{len(site_states)} site states for {len(weights)} weights; expected one weight per site, at least one site"
+        )
     if any(w <= 0 for w in weights):
-        raise ValueError(f"site weights {list(weights)}; expected positive numbers (sites without samples do not train)")
+        raise ValueError(
+            f"site weights {list(weights)}; expected positive numbers (sites without samples do not train)"
+        )
     for index, state in enumerate(site_states):
         if state.keys() != global_state.keys():
             different = sorted(set(state) ^ set(global_state))

@@ -26,7 +26,11 @@ def check_federated(config: dict[str, Any]) -> list[str]:
             "each site trains federated.local_epochs epochs per round (federated.rounds rounds); set those instead"
         )
     # sites are simulated one after the other in this process, each on one device
-    if trainer.get("devices") not in (1, "1") or trainer.get("num_nodes", 1) != 1 or "ddp" in str(trainer.get("strategy", "")):
+    if (
+        trainer.get("devices") not in (1, "1")
+        or trainer.get("num_nodes", 1) != 1
+        or "ddp" in str(trainer.get("strategy", ""))
+    ):
         problems.append(
             f"trainer.devices={trainer.get('devices')}, trainer.num_nodes={trainer.get('num_nodes', 1)}, "
             f"trainer.strategy={trainer.get('strategy', 'auto')}: medexp federate simulates the sites one after the "
@@ -45,5 +49,7 @@ def check_federated(config: dict[str, Any]) -> list[str]:
             "medexp federate trains on real data only (data.generated=null)"
         )
     if (config.get("model") or {}).get("calibrate"):
-        problems.append("model.calibrate=true is not available in medexp federate (no best checkpoint to calibrate); set it to false")
+        problems.append(
+            "model.calibrate=true is not available in medexp federate (no best checkpoint to calibrate); set it to false"
+        )
     return problems

@@ -34,7 +34,9 @@ class FedProx(L.Callback):
         # the weights this local update starts from are the global model of the round
         self.anchor = {name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         # only the parameters this optimiser steps (a GAN has two optimisers, stepped in turn)
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         with torch.no_grad():

@@ -67,7 +67,9 @@ def quiet_trainers() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def evaluate_sites(trainer: L.Trainer, model: L.LightningModule, datamodule: Any, plan: SitePlan, split: str) -> tuple[dict[str, float], dict[str, dict[str, float] | None]]:
+def evaluate_sites(
+    trainer: L.Trainer, model: L.LightningModule, datamodule: Any, plan: SitePlan, split: str
+) -> tuple[dict[str, float], dict[str, dict[str, float] | None]]:
     """Metrics of ``model`` on the whole ``split`` (``val`` or ``test``) and on each site's part.
 
     Returns:
@@ -130,10 +132,15 @@ def simulate(
             states, trained = [], []
             for site, indices in enumerate(plan.indices["train"]):
                 set_weights(model, start)
-                trained.append(local_update(
-                    model, local_trainer, partial(datamodule.subset_loader, "train", indices, shuffle=True),
-                    seed=local_seed(seed, round_, site), mu=mu if algorithm == "fedprox" else None,
-                ))
+                trained.append(
+                    local_update(
+                        model,
+                        local_trainer,
+                        partial(datamodule.subset_loader, "train", indices, shuffle=True),
+                        seed=local_seed(seed, round_, site),
+                        mu=mu if algorithm == "fedprox" else None,
+                    )
+                )
                 states.append(model_weights(model))
             set_weights(model, federated_average(start, states, weights))
             overall, per_site = evaluate_sites(eval_trainer, model, datamodule, plan, "val")
@@ -169,6 +176,10 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _log_round(round_: int, rounds: int, monitor: str, overall: dict[str, float], per_site: dict[str, dict[str, float] | None]) -> None:
+def _log_round(
+    round_: int, rounds: int, monitor: str, overall: dict[str, float], per_site: dict[str, dict[str, float] | None]
+) -> None:
     sites = ", ".join(f"{name} {m[monitor]:.4f}" if m and monitor in m else f"{name} -" for name, m in per_site.items())
-    log.info("round %d/%d: global %s %.4f; sites: %s", round_, rounds, monitor, overall.get(monitor, float("nan")), sites)
+    log.info(
+        "round %d/%d: global %s %.4f; sites: %s", round_, rounds, monitor, overall.get(monitor, float("nan")), sites
+    )

@@ -47,7 +47,9 @@ class SitePlan:
         return [len(rows) for rows in self.indices[split]]
 
 
-def site_shares(keys: Sequence[Any], num_sites: int, method: str, alpha: float, rng: np.random.Generator) -> dict[Any, np.ndarray]:
+def site_shares(
+    keys: Sequence[Any], num_sites: int, method: str, alpha: float, rng: np.random.Generator
+) -> dict[Any, np.ndarray]:
     """The share of each site in the samples of each stratum.
 
     Args:
@@ -178,7 +180,9 @@ def _plan_by_shares(datamodule: Any, num_sites: int, method: str, alpha: float, 
             "(segmentation masks read from files); use federated.split=iid"
         )
     # no labels (iid only): one stratum
-    groups = {split: np.zeros(len(datamodule.datasets[split]), np.int64) if g is None else g for split, g in groups.items()}
+    groups = {
+        split: np.zeros(len(datamodule.datasets[split]), np.int64) if g is None else g for split, g in groups.items()
+    }
     keys = set().union(*(np.unique(g).tolist() for g in groups.values()))
     shares = site_shares(sorted(keys), num_sites, method, alpha, np.random.default_rng([seed, 0]))
     indices = {}

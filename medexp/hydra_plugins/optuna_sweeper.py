@@ -160,7 +160,9 @@ class OptunaSweeper(Sweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         space, fixed = search_space(parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + arguments))
         if not space:
-            raise ValueError("nothing to search: give hydra.sweeper.params or sweep overrides such as 'optimizer.lr=interval(1e-4,1e-1)'")
+            raise ValueError(
+                "nothing to search: give hydra.sweeper.params or sweep overrides such as 'optimizer.lr=interval(1e-4,1e-1)'"
+            )
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +178,13 @@ class OptunaSweeper(Sweeper):
             study_name=self.study_name, storage=self.storage, sampler=self._sampler(done), pruner=self.pruner
         )
         if done:
-            log.info("study %r in %s: %d trials finished, %d to go", self.study_name, self.storage, done, max(0, self.n_trials - done))
+            log.info(
+                "study %r in %s: %d trials finished, %d to go",
+                self.study_name,
+                self.storage,
+                done,
+                max(0, self.n_trials - done),
+            )
         folds = self.cv_folds or 1
         while done < self.n_trials:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
@@ -221,7 +229,9 @@ class OptunaSweeper(Sweeper):
         if pruned:
             study.tell(trial, state=TrialState.PRUNED)
         elif any(value is None for value in values):
-            log.warning("trial %d: optimized_metric %r was not logged", trial.number, self.config.get("optimized_metric"))
+            log.warning(
+                "trial %d: optimized_metric %r was not logged", trial.number, self.config.get("optimized_metric")
+            )
             study.tell(trial, state=TrialState.FAIL)
         elif len(values) > 1:
             from medexp.utils.stats import pool
@@ -247,7 +257,9 @@ class OptunaSweeper(Sweeper):
         if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             best = study.best_trial
             summary.update(best_trial=best.number, best_value=best.value, best_params=best.params)
-            log.info("best trial %d: %s = %s with %s", best.number, summary["optimized_metric"], best.value, best.params)
+            log.info(
+                "best trial %d: %s = %s with %s", best.number, summary["optimized_metric"], best.value, best.params
+            )
         OmegaConf.save(OmegaConf.create(summary), sweep_dir / "optimization_results.yaml")
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             raise RuntimeError(f"no trial of study {self.study_name!r} completed; see the jobs' logs in {sweep_dir}")

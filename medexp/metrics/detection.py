@@ -139,7 +139,9 @@ class DetectionMetrics(Metric):
         self.targets = torch.cat(rows_t)
         self.images += len(detections)
 
-    def _rows(self, key: float, labels: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    def _rows(
+        self, key: float, labels: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
         columns = [torch.full_like(labels, key, dtype=torch.float64), labels.to(torch.float64)]
         if scores is not None:
             columns.append(scores.to(torch.float64))
@@ -163,8 +165,11 @@ class DetectionMetrics(Metric):
         # COCOMetric evaluates the union of its iou_list and iou_range: make both our thresholds
         low, high = thresholds[0], thresholds[-1]
         coco = COCOMetric(
-            classes=[str(c) for c in range(self.num_classes)], iou_list=thresholds,
-            iou_range=(low, high, (high - low) or 1.0), max_detection=(self.max_detections,), per_class=True,
+            classes=[str(c) for c in range(self.num_classes)],
+            iou_list=thresholds,
+            iou_range=(low, high, (high - low) or 1.0),
+            max_detection=(self.max_detections,),
+            per_class=True,
             verbose=False,
         )
         iou_thresholds = list(coco.get_iou_thresholds())
@@ -176,10 +181,14 @@ class DetectionMetrics(Metric):
         gt = [per_image(truth, key) for key in keys]
         width = 2 * self.spatial_dims
         matched = matching_batch(
-            iou_fn=box_iou, iou_thresholds=iou_thresholds,
-            pred_boxes=[p[:, 3 : 3 + width] for p in pred], pred_classes=[p[:, 1].astype(int) for p in pred],
-            pred_scores=[p[:, 2] for p in pred], gt_boxes=[g[:, 2 : 2 + width] for g in gt],
-            gt_classes=[g[:, 1].astype(int) for g in gt], max_detections=self.max_detections,
+            iou_fn=box_iou,
+            iou_thresholds=iou_thresholds,
+            pred_boxes=[p[:, 3 : 3 + width] for p in pred],
+            pred_classes=[p[:, 1].astype(int) for p in pred],
+            pred_scores=[p[:, 2] for p in pred],
+            gt_boxes=[g[:, 2 : 2 + width] for g in gt],
+            gt_classes=[g[:, 1].astype(int) for g in gt],
+            max_detections=self.max_detections,
         )
         values: dict[str, float] = {}
         stats = coco(matched)[0] if len(truth) else {}
@@ -196,8 +205,10 @@ class DetectionMetrics(Metric):
                 scores.append(result["dtScores"][counted])
                 hits.append(result["dtMatches"][froc_index][counted].astype(bool))
         fps, sensitivity = froc_curve(
-            np.concatenate(scores) if scores else np.zeros(0), np.concatenate(hits) if hits else np.zeros(0, bool),
-            len(truth), int(self.images),
+            np.concatenate(scores) if scores else np.zeros(0),
+            np.concatenate(hits) if hits else np.zeros(0, bool),
+            len(truth),
+            int(self.images),
         )
         at_rates = sensitivity_at(fps, sensitivity, self.froc_rates)
         values["froc"] = float(at_rates.mean())
@@ -219,9 +230,13 @@ def count_matches(
 
     keep = found["labels_scores"] >= min_score
     result = matching_batch(
-        iou_fn=box_iou, iou_thresholds=[iou], pred_boxes=[found["boxes"][keep].double().cpu().numpy()],
-        pred_classes=[found["labels"][keep].cpu().numpy()], pred_scores=[found["labels_scores"][keep].double().cpu().numpy()],
-        gt_boxes=[truth["boxes"].double().cpu().numpy()], gt_classes=[truth["labels"].cpu().numpy()],
+        iou_fn=box_iou,
+        iou_thresholds=[iou],
+        pred_boxes=[found["boxes"][keep].double().cpu().numpy()],
+        pred_classes=[found["labels"][keep].cpu().numpy()],
+        pred_scores=[found["labels_scores"][keep].double().cpu().numpy()],
+        gt_boxes=[truth["boxes"].double().cpu().numpy()],
+        gt_classes=[truth["labels"].cpu().numpy()],
         max_detections=int(keep.sum()) or 1,
     )[0]
     hits = int(sum((r["dtMatches"][0] > 0).sum() for r in result.values()))

@@ -55,15 +55,14 @@ class DomainFeatures(nn.Module):
             MedexpError: when the checkpoint cannot be loaded safely, names untrusted targets, is
                 not a classifier's, or was trained on another intensity range.
         """
-        from medexp.tasks.classification import ClassificationTask
-        from medexp.utils.checkpoint import CONFIG_KEY, load_checkpoint, rebuild_model
+        from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
 
-        checkpoint = load_checkpoint(path)
-        # loss weights from class_weights=auto are counted at setup; features do not depend on them
-        model = rebuild_model(checkpoint, {"class_weights": None})
-        if not isinstance(model, ClassificationTask):
-            raise MedexpError(f"feature_ckpt={str(path)!r}: a {type(model).__name__} checkpoint; expected a classifier's")
-        trained = checkpoint[CONFIG_KEY].get("data", {}).get("intensity_range")
+        checkpoint = Checkpoint(path, name="feature_ckpt")
+        if not getattr(checkpoint.task_class, "measures_features", False):
+            name = checkpoint.model_target.rsplit(".", 1)[-1] or "non-medexp"
+            raise MedexpError(f"feature_ckpt={str(path)!r}: a {name} checkpoint; expected a classifier's")
+        model = checkpoint.build_model(INFERENCE)
+        trained = checkpoint.get("data.intensity_range")
         if low is not None and trained is not None and [float(v) for v in trained] != [low, high]:
             raise MedexpError(
                 f"feature_ckpt={str(path)!r}: the classifier saw images in {list(trained)}, but these are in "

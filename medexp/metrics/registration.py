@@ -28,7 +28,9 @@ def jacobian_determinant(ddf: torch.Tensor) -> torch.Tensor:
     """
     dims = ddf.shape[1]
     if ddf.ndim != dims + 2 or dims not in (2, 3):
-        raise ValueError(f"expected a (B, D, *spatial) field with D = 2 or 3 spatial dims, got shape {tuple(ddf.shape)}")
+        raise ValueError(
+            f"expected a (B, D, *spatial) field with D = 2 or 3 spatial dims, got shape {tuple(ddf.shape)}"
+        )
     # gradients[i][:, j] = d ddf_j / d x_i; every spatial axis needs 2 voxels for a difference
     gradients = torch.gradient(ddf.float(), dim=tuple(range(2, ddf.ndim)))
     # (B, *spatial, j, i): row j of the Jacobian holds the derivatives of component j

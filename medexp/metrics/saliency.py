@@ -181,4 +181,3 @@ def deletion_insertion(
         "deletion_curve": curves["deletion"],
         "insertion_curve": curves["insertion"],
     }
-

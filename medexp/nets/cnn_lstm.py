@@ -59,8 +59,12 @@ class CNNLSTM(nn.Module):
         sequence_axis: int | None = None,
     ) -> None:
         super().__init__()
-        sizes = {"feature_size": feature_size, "out_channels": out_channels, "hidden_size": hidden_size,
-                 "num_layers": num_layers}
+        sizes = {
+            "feature_size": feature_size,
+            "out_channels": out_channels,
+            "hidden_size": hidden_size,
+            "num_layers": num_layers,
+        }
         for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} should be a positive integer, got {value}.")
@@ -84,13 +88,18 @@ class CNNLSTM(nn.Module):
         self.sequence_axis = sequence_axis
         # PyTorch warns about (and ignores) inter-layer dropout on a single layer
         self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[rnn](
-            feature_size + (2 if time_features else 0), hidden_size, num_layers=num_layers,
-            batch_first=True, dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional,
+            feature_size + (2 if time_features else 0),
+            hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+            bidirectional=bidirectional,
         )
         width = hidden_size * (2 if bidirectional else 1)
         self.attention = (
             nn.Sequential(nn.Linear(width, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 1, bias=False))
-            if pooling == "attention" else None
+            if pooling == "attention"
+            else None
         )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, out_channels))
 

@@ -39,7 +39,9 @@ class ResNetFeaturePyramid(nn.Module):
         super().__init__()
         layers = list(returned_layers)
         if not layers or layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] > 4:
-            raise MedexpError(f"model.net.feature_extractor.returned_layers={layers}; expected increasing stages in 1..4")
+            raise MedexpError(
+                f"model.net.feature_extractor.returned_layers={layers}; expected increasing stages in 1..4"
+            )
         if out_channels < 8 or out_channels % 8:
             raise MedexpError(
                 f"model.net.feature_extractor.out_channels={out_channels}; expected a multiple of 8 (RetinaNet's "

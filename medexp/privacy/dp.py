@@ -9,7 +9,7 @@ of the training split. ``train/epsilon`` is logged after every training epoch.
 How it fits Lightning (after Opacus's own Lightning example): the net is made Opacus-compatible
 when the model is built (:func:`compatible_net`: BatchNorm -> GroupNorm, via
 ``ModuleValidator.fix``), so the optimiser, checkpoints and every later rebuild
-(:func:`medexp.utils.checkpoint.rebuild`) see the same layers. When fit starts,
+(:meth:`medexp.checkpoints.checkpoint.Checkpoint.build`) see the same layers. When fit starts,
 :class:`DifferentialPrivacy` hands the net, the task's optimiser and the training loader to
 ``PrivacyEngine.make_private``: per-sample gradient hooks on the net itself (its parameter names
 and checkpoints stay those of the plain net), a ``DPOptimizer`` in place of the optimiser, and a
@@ -65,7 +65,11 @@ def check_config(config: dict[str, Any]) -> list[str]:
     problems = []
     if (problem := _budget_problem(privacy.get("target_epsilon"), privacy.get("noise_multiplier"))) is not None:
         problems.append(problem)
-    devices, nodes, strategy = trainer.get("devices", 1), trainer.get("num_nodes", 1), str(trainer.get("strategy", "auto"))
+    devices, nodes, strategy = (
+        trainer.get("devices", 1),
+        trainer.get("num_nodes", 1),
+        str(trainer.get("strategy", "auto")),
+    )
     if devices not in (1, "1", [0]) or nodes != 1 or "ddp" in strategy or "fsdp" in strategy or "deepspeed" in strategy:
         problems.append(
             f"privacy=dp with trainer.devices={devices}, trainer.num_nodes={nodes}, trainer.strategy={strategy}: "
@@ -95,7 +99,7 @@ def compatible_net(net: nn.Module) -> nn.Module:
     GroupNorm with gcd(32, channels) groups, LSTM -> DPLSTM, ...): ``ModuleValidator.fix``.
 
     Deterministic, so a checkpoint of a DP-trained net loads into ``compatible_net`` of the net its
-    config builds (see :func:`medexp.utils.checkpoint.rebuild`)."""
+    config builds (see :meth:`medexp.checkpoints.checkpoint.Checkpoint.build`)."""
     from opacus.validators import ModuleValidator
 
     return ModuleValidator.fix(net)
@@ -185,7 +189,9 @@ class DifferentialPrivacy(L.Callback):
             )
         replaced = sorted(before - {type(m).__name__ for m in model.net.modules()})
         if replaced:
-            log.info("privacy=dp: replaced %s in the net by Opacus-compatible layers (e.g. GroupNorm)", ", ".join(replaced))
+            log.info(
+                "privacy=dp: replaced %s in the net by Opacus-compatible layers (e.g. GroupNorm)", ", ".join(replaced)
+            )
         return model
 
     # ------------------------------------------------------------------ fit
@@ -195,7 +201,9 @@ class DifferentialPrivacy(L.Callback):
             return
         datamodule = trainer.datamodule
         if datamodule is None:
-            raise MedexpError("privacy=dp needs a data module (trainer.fit(model, datamodule=...)) to sample batches from")
+            raise MedexpError(
+                "privacy=dp needs a data module (trainer.fit(model, datamodule=...)) to sample batches from"
+            )
         # Lightning asks for the training loader after on_fit_start, where the Poisson-sampling
         # loader is built; the data module serves it for this fit (restored in teardown)
         self._datamodule = datamodule
@@ -210,7 +218,9 @@ class DifferentialPrivacy(L.Callback):
         from opacus import PrivacyEngine
 
         if len(trainer.optimizers) != 1:
-            raise MedexpError(f"privacy=dp needs exactly one optimiser; {type(pl_module).__name__} has {len(trainer.optimizers)}")
+            raise MedexpError(
+                f"privacy=dp needs exactly one optimiser; {type(pl_module).__name__} has {len(trainer.optimizers)}"
+            )
         # the data module's own loader (its batch size gives the sampling rate), built once
         loader = type(self._datamodule).train_dataloader(self._datamodule)
         seed = self.noise_seed if self.noise_seed is not None else secrets.randbits(63)
@@ -220,7 +230,9 @@ class DifferentialPrivacy(L.Callback):
         noise = torch.Generator(device=pl_module.device).manual_seed(noise_seed)
         # the hooks on the first layer fire although its input (the images) needs no gradient:
         # they read the output gradients, which is all per-sample gradients of its weights take
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+        warnings.filterwarnings(
+            "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
+        )
         with warnings.catch_warnings():
             # secure_mode needs torchcsprng; the noise seed above is drawn from the OS instead
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -239,12 +251,16 @@ class DifferentialPrivacy(L.Callback):
         )
         if self.target_epsilon is not None:
             if trainer.max_epochs is None or trainer.max_epochs < 1:
-                raise MedexpError(f"privacy.target_epsilon needs trainer.max_epochs (got {trainer.max_epochs}) to spread the budget over")
+                raise MedexpError(
+                    f"privacy.target_epsilon needs trainer.max_epochs (got {trainer.max_epochs}) to spread the budget over"
+                )
             self._hooks, optimizer, self._loader = self._engine.make_private_with_epsilon(
                 **common, target_epsilon=self.target_epsilon, target_delta=self.delta, epochs=trainer.max_epochs
             )
         else:
-            self._hooks, optimizer, self._loader = self._engine.make_private(**common, noise_multiplier=self.noise_multiplier)
+            self._hooks, optimizer, self._loader = self._engine.make_private(
+                **common, noise_multiplier=self.noise_multiplier
+            )
         # per-sample gradients in training steps only: a backward pass elsewhere (e.g. Grad-CAM in
         # a validation callback) has no activations captured for them
         self._hooks.disable_hooks()
@@ -253,21 +269,34 @@ class DifferentialPrivacy(L.Callback):
         sample_rate = 1 / len(self._loader)
         log.info(
             "privacy=dp: DP-SGD with noise multiplier %.4g, per-sample clipping at %g, Poisson sampling rate %.4g "
-            "(%d steps per epoch), delta %g%s", optimizer.noise_multiplier, self.max_grad_norm, sample_rate,
-            len(self._loader), self.delta,
+            "(%d steps per epoch), delta %g%s",
+            optimizer.noise_multiplier,
+            self.max_grad_norm,
+            sample_rate,
+            len(self._loader),
+            self.delta,
             f"; target epsilon {self.target_epsilon} after {trainer.max_epochs} epochs" if self.target_epsilon else "",
         )
         n = len(loader.dataset)
         if self.delta >= 1 / n:
-            log.warning("privacy.delta=%g is not below 1/N = %.3g for N=%d training samples: the guarantee is weak", self.delta, 1 / n, n)
+            log.warning(
+                "privacy.delta=%g is not below 1/N = %.3g for N=%d training samples: the guarantee is weak",
+                self.delta,
+                1 / n,
+                n,
+            )
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         image = batch.get(getattr(pl_module, "input_key", "image")) if isinstance(batch, dict) else None
         self._empty_batch = isinstance(image, torch.Tensor) and image.shape[0] == 0
         if self._hooks is not None:
             self._hooks.enable_hooks()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._hooks is not None:
             self._hooks.disable_hooks()
 

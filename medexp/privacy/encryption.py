@@ -152,7 +152,9 @@ def decrypt_bytes(data: bytes, where: str) -> bytes:
     position, index = 0, 0
     try:
         while len(body) - position > chunk_size + _TAG:
-            parts.append(cipher.decrypt(_nonce(prefix, index, False), body[position : position + chunk_size + _TAG], header))
+            parts.append(
+                cipher.decrypt(_nonce(prefix, index, False), body[position : position + chunk_size + _TAG], header)
+            )
             position, index = position + chunk_size + _TAG, index + 1
         parts.append(cipher.decrypt(_nonce(prefix, index, True), body[position:], header))
     except InvalidTag:

@@ -36,7 +36,9 @@ def probabilities(logits: torch.Tensor, task: str, temperature: float = 1.0) -> 
     return scaled.sigmoid() if task == "multilabel" else scaled.softmax(dim=1)
 
 
-def nll(logits: torch.Tensor, targets: torch.Tensor, task: str, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+def nll(
+    logits: torch.Tensor, targets: torch.Tensor, task: str, temperature: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """Mean negative log-likelihood of the targets under ``logits / temperature``: cross-entropy,
     or for multi-label tasks binary cross-entropy averaged over samples and labels."""
     scaled = logits / temperature
@@ -64,7 +66,9 @@ def ece(probs: torch.Tensor, targets: torch.Tensor, task: str, n_bins: int = N_B
     return float(multiclass_calibration_error(probs, targets.long(), probs.shape[1], n_bins=n_bins))
 
 
-def reliability_bins(probs: torch.Tensor, targets: torch.Tensor, task: str, n_bins: int = N_BINS) -> dict[str, list[float]]:
+def reliability_bins(
+    probs: torch.Tensor, targets: torch.Tensor, task: str, n_bins: int = N_BINS
+) -> dict[str, list[float]]:
     """The reliability diagram behind :func:`ece`: per equal-width confidence bin, the mean
     confidence, the accuracy (the fraction of positives for multi-label) and the count.
 
@@ -121,6 +125,31 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, task: str, max_
     return temperature
 
 
+def collect_logits(trainer: Any, model: Any, loader: Any, max_batches: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classifier's ``(N, C)`` logits (before its temperature) and targets over ``loader``."""
+    logits, _, targets, _ = collect_classification(trainer, model, loader, max_batches)
+    return logits, targets
+
+
+def collect_classification(
+    trainer: Any, model: Any, loader: Any, max_batches: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Logits, probabilities, targets and, where batches carry them, site indices ``(N,)``."""
+    logits, probs, targets, sites = [], [], [], []
+
+    def visit(outputs: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        logits.append(outputs.float().cpu())
+        probs.append(p.float().cpu())
+        targets.append(batch[model.target_key].cpu())
+        if "site" in batch:
+            sites.append(batch["site"].cpu())
+
+    from medexp.inference.loop import prediction_pass
+
+    prediction_pass(trainer, model, loader, max_batches, visit)
+    return torch.cat(logits), torch.cat(probs), torch.cat(targets), torch.cat(sites) if sites else None
+
+
 def calibration_record(logits: torch.Tensor, targets: torch.Tensor, task: str, temperature: float) -> dict[str, float]:
     """ECE and NLL of ``logits`` before (``T = 1``) and after temperature scaling."""
     with torch.no_grad():
@@ -147,7 +176,7 @@ def calibrate_checkpoint(
         ``{"split": "val", "n", "temperature", "nll_before", "nll_after", "ece_before",
         "ece_after", "ece_kind", "n_bins"}``.
     """
-    from medexp.reports.evaluation import batch_limit, collect_logits
+    from medexp.inference.loop import batch_limit
 
     task = model.task
     if ckpt_path:
@@ -176,11 +205,16 @@ def calibrate_checkpoint(
     if temperature in T_RANGE:
         log.warning(
             "model.calibrate: the temperature reached its bound (%g): on the validation split the scores carry "
-            "little information (or the model is far from calibrated); check the model before trusting it", temperature,
+            "little information (or the model is far from calibrated); check the model before trusting it",
+            temperature,
         )
     log.info(
         "temperature scaling on the validation split: T=%.4g, NLL %.4f -> %.4f, ECE %.4f -> %.4f",
-        temperature, record["nll_before"], record["nll_after"], record["ece_before"], record["ece_after"],
+        temperature,
+        record["nll_before"],
+        record["nll_after"],
+        record["ece_before"],
+        record["ece_after"],
     )
     if ckpt_path:
         if trainer is None or trainer.is_global_zero:

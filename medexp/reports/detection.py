@@ -26,12 +26,16 @@ def collect_detection(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The report's numbers of a :class:`~medexp.tasks.detection.DetectionTask` over ``loader``,
     and its ``worst`` cases as ``{case, image (2D), true_boxes, found_boxes, scores, counts}`` for the overlays."""
+    from medexp.inference.loop import prediction_pass
     from medexp.metrics.detection import DetectionMetrics, count_matches
-    from medexp.reports.evaluation import prediction_pass
 
     hp = model.hparams
     metric = DetectionMetrics(
-        model.num_classes, model.spatial_dims, map_iou=hp.map_iou, froc_iou=hp.froc_iou, froc_rates=hp.froc_rates,
+        model.num_classes,
+        model.spatial_dims,
+        map_iou=hp.map_iou,
+        froc_iou=hp.froc_iou,
+        froc_rates=hp.froc_rates,
         max_detections=hp.detections_per_image,
     )
     per_case: list[dict[str, Any]] = []
@@ -46,8 +50,16 @@ def collect_detection(
             counts = count_matches(f, t, hp.froc_iou, SHOWN_SCORE)
             per_case.append({"case": len(per_case), **counts})
             shown = f["labels_scores"] >= SHOWN_SCORE
-            cases.append({"case": per_case[-1]["case"], "image": image, "true_boxes": t["boxes"].numpy(),
-                          "found_boxes": f["boxes"][shown].numpy(), "scores": f["labels_scores"][shown].numpy(), **counts})
+            cases.append(
+                {
+                    "case": per_case[-1]["case"],
+                    "image": image,
+                    "true_boxes": t["boxes"].numpy(),
+                    "found_boxes": f["boxes"][shown].numpy(),
+                    "scores": f["labels_scores"][shown].numpy(),
+                    **counts,
+                }
+            )
             # keep the worst so far only: images are held until the pass ends
             cases.sort(key=lambda c: (-(c["missed"] + c["false_positives"]), c["case"]))
             del cases[worst:]
@@ -62,7 +74,9 @@ def collect_detection(
         "shown_score": SHOWN_SCORE,
         "totals": totals,
         "per_case": per_case,
-        "worst_cases": [{key: c[key] for key in ("case", "lesions", "found", "missed", "false_positives")} for c in cases],
+        "worst_cases": [
+            {key: c[key] for key in ("case", "lesions", "found", "missed", "false_positives")} for c in cases
+        ],
         "notes": (
             f"map_<iou>: COCO-style AP at that IoU; froc: mean sensitivity at {list(hp.froc_rates)} false positives "
             f"per image, a hit at IoU >= {hp.froc_iou}; per-case counts and overlays: detections scoring >= "
@@ -88,17 +102,22 @@ def _flatten(case: dict[str, Any], dims: int) -> dict[str, Any]:
     def crossing(b: np.ndarray) -> np.ndarray:
         return (b[:, 0] <= index) & (index < b[:, 3])
 
-    return {**case, "image": case["image"][index], "true_boxes": truth[crossing(truth)][:, [1, 2, 4, 5]],
-            "found_boxes": found[crossing(found)][:, [1, 2, 4, 5]], "scores": case["scores"][crossing(found)]}
+    return {
+        **case,
+        "image": case["image"][index],
+        "true_boxes": truth[crossing(truth)][:, [1, 2, 4, 5]],
+        "found_boxes": found[crossing(found)][:, [1, 2, 4, 5]],
+        "scores": case["scores"][crossing(found)],
+    }
 
 
 def detection_figures(out: Path, report: dict[str, Any], cases: list[dict[str, Any]]) -> list[Path]:
     """``froc.png`` and, when there are cases, ``worst_cases.png``."""
     from matplotlib.patches import Rectangle
 
-    from medexp.reports.render import _pyplot, _save
+    from medexp.reports.figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     curve = report["froc_curve"]
     figure, axis = plt.subplots(figsize=(5, 4))
     axis.step(np.maximum(curve["fps_per_image"], 1e-3), curve["sensitivity"], where="post", color="tab:blue")
@@ -111,7 +130,7 @@ def detection_figures(out: Path, report: dict[str, Any], cases: list[dict[str, A
     axis.set_xlabel("false positives per image")
     axis.set_ylabel("sensitivity")
     axis.legend(loc="lower right")
-    figures = [_save(figure, out / "froc.png")]
+    figures = [save_figure(figure, out / "froc.png")]
     if not cases:
         return figures
     figure, axes = plt.subplots(1, len(cases), figsize=(3 * len(cases), 3.4), squeeze=False)
@@ -119,32 +138,50 @@ def detection_figures(out: Path, report: dict[str, Any], cases: list[dict[str, A
         axis.imshow(case["image"], cmap="gray")
         for boxes, colour in ((case["true_boxes"], "lime"), (case["found_boxes"], "red")):
             for box in boxes:  # [min_row, min_col, max_row, max_col]: pixel k spans k - 0.5 .. k + 0.5 on screen
-                axis.add_patch(Rectangle((box[1] - 0.5, box[0] - 0.5), box[3] - box[1], box[2] - box[0], fill=False,
-                                         edgecolor=colour, linewidth=1))
+                axis.add_patch(
+                    Rectangle(
+                        (box[1] - 0.5, box[0] - 0.5),
+                        box[3] - box[1],
+                        box[2] - box[0],
+                        fill=False,
+                        edgecolor=colour,
+                        linewidth=1,
+                    )
+                )
         for box, score in zip(case["found_boxes"], case["scores"]):
             axis.text(box[1] - 0.5, box[0] - 1.5, f"{score:.2f}", color="red", fontsize=7)
         axis.set_title(f"case {case['case']}: {case['missed']} missed, {case['false_positives']} FP", fontsize=9)
         axis.set_axis_off()
     figure.suptitle(f"worst cases (truth: green, detections >= {report['shown_score']}: red)", fontsize=9)
-    figures.append(_save(figure, out / "worst_cases.png"))
+    figures.append(save_figure(figure, out / "worst_cases.png"))
     return figures
 
 
 def detection_blocks(report: dict[str, Any], images: dict[str, str], recorded: Any) -> list[tuple]:
     """The report's sections after its title (see :func:`medexp.reports.render._blocks`)."""
-    from medexp.reports.render import _f
+    from medexp.reports.tables import number_text
 
     metrics, totals = report["metrics"], report["totals"]
     return [
         ("h2", "Summary"),
-        ("table", ["metric", "value", "metrics.json"], [[name, _f(value), recorded(name)] for name, value in metrics.items()]),
-        ("p", f"At score >= {report['shown_score']}: {totals['found']} of {totals['lesions']} lesions found, "
-              f"{totals['missed']} missed, {totals['false_positives']} false positives in {report['n']} images."),
+        (
+            "table",
+            ["metric", "value", "metrics.json"],
+            [[name, number_text(value), recorded(name)] for name, value in metrics.items()],
+        ),
+        (
+            "p",
+            f"At score >= {report['shown_score']}: {totals['found']} of {totals['lesions']} lesions found, "
+            f"{totals['missed']} missed, {totals['false_positives']} false positives in {report['n']} images.",
+        ),
         ("p", report["notes"]),
         ("h2", "FROC"),
         ("img", images.get("froc"), "FROC curve"),
         ("h2", "Worst cases"),
-        ("table", ["case", "lesions", "found", "missed", "false positives"],
-         [[c["case"], c["lesions"], c["found"], c["missed"], c["false_positives"]] for c in report["worst_cases"]]),
+        (
+            "table",
+            ["case", "lesions", "found", "missed", "false positives"],
+            [[c["case"], c["lesions"], c["found"], c["missed"], c["false_positives"]] for c in report["worst_cases"]],
+        ),
         ("img", images.get("worst_cases"), "worst cases"),
     ]

@@ -47,13 +47,13 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from medexp.inference.loop import batch_limit
 from medexp.reports import calibration as cal
 
 log = logging.getLogger("medexp")
@@ -61,86 +61,6 @@ log = logging.getLogger("medexp")
 N_BOOT = 1000
 BOOT_SEED = 0
 WORST_CASES = 4
-
-
-# --------------------------------------------------------------------------------------------
-# the prediction pass
-
-
-def batch_limit(trainer: Any, split: str, loader: Any) -> int | None:
-    """How many batches of ``split`` the trainer's own loop evaluates (``limit_test_batches``)."""
-    if trainer is None:
-        return None
-    stage = {"test": "test", "val": "val"}[split]
-    counted = getattr(trainer, f"num_{stage}_batches", None)
-    if trainer.world_size == 1 and counted:
-        return int(counted[0])
-    limit = getattr(trainer, f"limit_{stage}_batches", 1.0)
-    if isinstance(limit, int):
-        return limit
-    if limit is None or float(limit) >= 1.0:
-        return None
-    return max(1, int(len(loader) * float(limit)))
-
-
-def prediction_pass(
-    trainer: Any,
-    model: Any,
-    loader: Any,
-    max_batches: int | None,
-    visit: Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None],
-) -> None:
-    """Run ``model`` over ``loader`` as its test step does (``prepare_batch``, ``infer`` and
-    ``postprocess`` under the trainer's precision, on the trainer's device, in eval mode, no
-    gradients) and call ``visit(outputs, probabilities, batch)`` for each batch. The model goes
-    back to its device and mode afterwards."""
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
-    device = trainer.strategy.root_device if trainer is not None else model.device
-    precision = trainer.precision_plugin if trainer is not None else None
-    context = precision.test_step_context if precision is not None else contextlib.nullcontext
-    convert = precision.convert_input if precision is not None else (lambda data: data)  # e.g. 16-true: half inputs
-    original_device, was_training = model.device, model.training
-    model.to(device).eval()
-    model.on_test_epoch_start()  # e.g. the seed of evaluation randomness
-    try:
-        with torch.no_grad():
-            for index, batch in enumerate(loader):
-                if max_batches is not None and index >= max_batches:
-                    break
-                batch = model.prepare_batch(move_data_to_device(convert(batch), device), "test")
-                with context():
-                    outputs = model.infer(batch[model.input_key], **model.net_extras(batch))
-                    probs = model.postprocess(outputs)
-                visit(outputs, probs, batch)
-    finally:
-        model.to(original_device)
-        model.train(was_training)
-
-
-def collect_logits(
-    trainer: Any, model: Any, loader: Any, max_batches: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A classifier's ``(N, C)`` logits (before its temperature) and targets over ``loader``."""
-    logits, _, targets, _ = _collect_classification(trainer, model, loader, max_batches)
-    return logits, targets
-
-
-def _collect_classification(
-    trainer: Any, model: Any, loader: Any, max_batches: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Logits, probabilities, targets and, where batches carry them, site indices ``(N,)``."""
-    logits, probs, targets, sites = [], [], [], []
-
-    def visit(outputs: torch.Tensor, p: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        logits.append(outputs.float().cpu())
-        probs.append(p.float().cpu())
-        targets.append(batch[model.target_key].cpu())
-        if "site" in batch:
-            sites.append(batch["site"].cpu())
-
-    prediction_pass(trainer, model, loader, max_batches, visit)
-    return torch.cat(logits), torch.cat(probs), torch.cat(targets), torch.cat(sites) if sites else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +181,11 @@ def _classification_numbers(
     n_classes = probs.shape[1]
     t = targets.long()
     # torchmetrics' task-generic functions; binary tasks are two-class softmax outputs here
-    kind = {"task": "multilabel", "num_labels": n_classes} if task == "multilabel" else {"task": "multiclass", "num_classes": n_classes}
+    kind = (
+        {"task": "multilabel", "num_labels": n_classes}
+        if task == "multilabel"
+        else {"task": "multiclass", "num_classes": n_classes}
+    )
 
     def metric(name: str, **kwargs: Any) -> Any:
         return getattr(tmf, name)(probs, t, **kind, **kwargs)
@@ -358,7 +282,9 @@ def site_numbers(
             continue
         metrics.reset()
         metrics.update(probs[chosen], targets[chosen])
-        rows.append({"site": name, "n": int(chosen.sum()), **{key: float(value) for key, value in metrics.compute().items()}})
+        rows.append(
+            {"site": name, "n": int(chosen.sum()), **{key: float(value) for key, value in metrics.compute().items()}}
+        )
     return rows
 
 
@@ -392,7 +318,12 @@ def _collect_segmentation(
             preds = torch.where(inside, preds, torch.zeros_like(preds))
             target = torch.where(inside, target, torch.zeros_like(target))
         dice = dice_score(
-            preds, target, n_classes, include_background=False, average="macro", input_format="index",
+            preds,
+            target,
+            n_classes,
+            include_background=False,
+            average="macro",
+            input_format="index",
             aggregation_level="samplewise",
         ).cpu()
         preds_cpu, target_cpu = preds.cpu(), target.cpu()
@@ -419,12 +350,16 @@ def _collect_segmentation(
             elif item[:2] > heap[0][:2]:
                 heapq.heapreplace(heap, item)
 
+    from medexp.inference.loop import prediction_pass
+
     prediction_pass(trainer, model, loader, max_batches, visit)
     cases = sorted(((-item[0], item[2], *item[3:]) for item in heap), key=lambda case: (case[0], case[1]))
     return dice_all, hd_sum, hd_count, cases
 
 
-def segmentation_numbers(dice: list[float], hd_sum: list[float], hd_count: list[int], cases: list[tuple]) -> dict[str, Any]:
+def segmentation_numbers(
+    dice: list[float], hd_sum: list[float], hd_count: list[int], cases: list[tuple]
+) -> dict[str, Any]:
     dice_np = np.asarray(dice, dtype=np.float64)
     hd_case = [s / c if c else float("nan") for s, c in zip(hd_sum, hd_count)]
     finite = dice_np[np.isfinite(dice_np)]
@@ -435,7 +370,11 @@ def segmentation_numbers(dice: list[float], hd_sum: list[float], hd_count: list[
         if values.size == 0:
             return {"n": 0}
         q = np.percentile(values, [0, 25, 50, 75, 100])
-        return {"n": int(values.size), "mean": float(values.mean()), **dict(zip(("min", "q1", "median", "q3", "max"), map(float, q)))}
+        return {
+            "n": int(values.size),
+            "mean": float(values.mean()),
+            **dict(zip(("min", "q1", "median", "q3", "max"), map(float, q))),
+        }
 
     return {
         "n": len(dice),
@@ -461,8 +400,17 @@ def segmentation_numbers(dice: list[float], hd_sum: list[float], hd_count: list[
 
 
 # the report's numbers that the task's test metrics also compute: report name -> metric name
-AGREEING = {"accuracy": "accuracy", "auroc": "auroc", "balanced_accuracy": "balanced_accuracy", "f1_macro": "f1",
-            "dice": "dice", "hd95": "hd95", "map_10": "map_10", "map_50": "map_50", "froc": "froc"}
+AGREEING = {
+    "accuracy": "accuracy",
+    "auroc": "auroc",
+    "balanced_accuracy": "balanced_accuracy",
+    "f1_macro": "f1",
+    "dice": "dice",
+    "hd95": "hd95",
+    "map_10": "map_10",
+    "map_50": "map_50",
+    "froc": "froc",
+}
 
 
 def _agreement(numbers: dict[str, Any], metrics: dict[str, Any] | None, split: str) -> dict[str, Any]:
@@ -485,7 +433,10 @@ def _agreement(numbers: dict[str, Any], metrics: dict[str, Any] | None, split: s
         if metrics.get(key) is not None:
             recorded = float(metrics[key])
             agreement[f"site_{row['site']}/auroc"] = {
-                "metric": key, "report": row["auroc"], "metrics": recorded, "abs_diff": _difference(row["auroc"], recorded),
+                "metric": key,
+                "report": row["auroc"],
+                "metrics": recorded,
+                "abs_diff": _difference(row["auroc"], recorded),
             }
     return agreement
 
@@ -537,11 +488,9 @@ def write_report(
         The contents of ``report.json``, or None for tasks without a report (reconstruction, GANs).
     """
     from medexp.reports import render
-    from medexp.tasks.classification import ClassificationTask
-    from medexp.tasks.detection import DetectionTask
-    from medexp.tasks.segmentation import SegmentationTask
 
-    if not isinstance(model, (ClassificationTask, SegmentationTask, DetectionTask)):
+    kind = getattr(model, "report_kind", None)  # what the task declares
+    if kind not in ("classification", "segmentation", "detection"):
         log.info("no evaluation report for %s (classification, segmentation and detection only)", type(model).__name__)
         return None
     start = time.perf_counter()
@@ -551,9 +500,9 @@ def write_report(
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
     limit = batch_limit(trainer, split, loader)
     report: dict[str, Any] = {"split": split, "checkpoint": checkpoint, "model": type(model).__name__}
-    if isinstance(model, ClassificationTask):
+    if kind == "classification":
         with _test_time_adaptation(trainer, model, split):
-            logits, probs, targets, sites = _collect_classification(trainer, model, loader, limit)
+            logits, probs, targets, sites = cal.collect_classification(trainer, model, loader, limit)
         temperature = float(model.temperature)
         names = _names(datamodule, model.num_classes)
         numbers, curves = classification_numbers(probs, logits, targets, model.task, names, temperature, n_boot, seed)
@@ -566,7 +515,7 @@ def write_report(
         if calibration:
             report["calibration"]["fit"] = calibration
         figures = render.classification_figures(out, report, curves)
-    elif isinstance(model, DetectionTask):
+    elif kind == "detection":
         from medexp.reports.detection import collect_detection, detection_figures
 
         numbers, cases = collect_detection(trainer, model, loader, limit, worst)

@@ -12,25 +12,8 @@ from typing import Any
 
 import numpy as np
 
-DPI = 100
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on training machines
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure: Any, path: Path) -> Path:
-    plt = _pyplot()
-    figure.tight_layout()
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
-    return path
-
+from medexp.reports.figures import pyplot, save_figure
+from medexp.reports.tables import number_text
 
 # --------------------------------------------------------------------------------------------
 # figures
@@ -42,71 +25,87 @@ def _shown_classes(report: dict[str, Any]) -> list[int]:
 
 
 def confusion_figure(path: Path, report: dict[str, Any]) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(report["confusion_matrix"])
     names = report["classes"]
     if report["task"] == "multilabel":
         cols = min(len(names), 5)
         rows = math.ceil(len(names) / cols)
         figure, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
-        for axis in axes.flat[len(names):]:
+        for axis in axes.flat[len(names) :]:
             axis.set_axis_off()
         for axis, name, m in zip(axes.flat, names, matrix):
             axis.imshow(m, cmap="Blues")
             for (i, j), value in np.ndenumerate(m):
-                axis.text(j, i, str(value), ha="center", va="center", fontsize=8,
-                          color="white" if value > m.max() / 2 else "black")
+                axis.text(
+                    j,
+                    i,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if value > m.max() / 2 else "black",
+                )
             axis.set_xticks([0, 1], ["0", "1"], fontsize=7)
             axis.set_yticks([0, 1], ["0", "1"], fontsize=7)
             axis.set_title(name, fontsize=8)
         figure.suptitle("confusion per label (rows: true, columns: predicted at 0.5)", fontsize=9)
-        return _save(figure, path)
+        return save_figure(figure, path)
     size = min(10.0, 2.5 + 0.5 * len(names))
     figure, axis = plt.subplots(figsize=(size, size))
     image = axis.imshow(matrix, cmap="Blues")
     if len(names) <= 20:
         for (i, j), value in np.ndenumerate(matrix):
-            axis.text(j, i, str(value), ha="center", va="center", fontsize=8,
-                      color="white" if value > matrix.max() / 2 else "black")
+            axis.text(
+                j,
+                i,
+                str(value),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if value > matrix.max() / 2 else "black",
+            )
     axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     axis.set_yticks(range(len(names)), names, fontsize=8)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     axis.set_title("confusion matrix")
     figure.colorbar(image, ax=axis, fraction=0.046)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def roc_figure(path: Path, report: dict[str, Any], curves: dict[str, Any]) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 4.5))
     for c in _shown_classes(report):
         fpr, tpr = curves["roc"][c]
         row = report["per_class"][c]
-        axis.plot(fpr, tpr, lw=1.2, label=f"{row['class']} (AUC {_f(row['auroc'], 3)})")
+        axis.plot(fpr, tpr, lw=1.2, label=f"{row['class']} (AUC {number_text(row['auroc'], 3)})")
     axis.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     axis.set_xlabel("false positive rate (1 - specificity)")
     axis.set_ylabel("true positive rate (sensitivity)")
     auroc = report["metrics"]["auroc"]
     if report["task"] == "binary":
-        title = f"ROC of the positive class; AUROC {_f(auroc['value'], 3)}"
+        title = f"ROC of the positive class; AUROC {number_text(auroc['value'], 3)}"
     else:
         kind = "one-vs-rest" if report["task"] == "multiclass" else "per label"
-        title = f"ROC, {kind}; macro AUROC {_f(auroc['value'], 3)}"
+        title = f"ROC, {kind}; macro AUROC {number_text(auroc['value'], 3)}"
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=7, loc="lower right")
     axis.set_xlim(0, 1)
     axis.set_ylim(0, 1.01)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def pr_figure(path: Path, report: dict[str, Any], curves: dict[str, Any]) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 4.5))
     for c in _shown_classes(report):
         recall, precision = curves["pr"][c]
         row = report["per_class"][c]
-        (line,) = axis.plot(recall, precision, lw=1.2, label=f"{row['class']} (AP {_f(row['average_precision'], 3)})")
+        (line,) = axis.plot(
+            recall, precision, lw=1.2, label=f"{row['class']} (AP {number_text(row['average_precision'], 3)})"
+        )
         axis.axhline(curves["prevalence"][c], color=line.get_color(), lw=0.6, ls=":")
     axis.set_xlabel("recall (sensitivity)")
     axis.set_ylabel("precision (PPV)")
@@ -114,25 +113,38 @@ def pr_figure(path: Path, report: dict[str, Any], curves: dict[str, Any]) -> Pat
     axis.legend(fontsize=7, loc="lower left")
     axis.set_xlim(0, 1)
     axis.set_ylim(0, 1.01)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def reliability_figure(path: Path, report: dict[str, Any]) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     calibration = report["calibration"]
     panels = [("T = 1", calibration["reliability_uncalibrated"], calibration["ece_uncalibrated"])]
     if calibration["temperature"] != 1.0:
         panels.append((f"T = {calibration['temperature']:.3g}", calibration["reliability"], calibration["ece"]))
     what = "confidence of the predicted class" if report["task"] != "multilabel" else "label probability (pooled)"
-    figure, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 5), squeeze=False,
-                                gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    figure, axes = plt.subplots(
+        2,
+        len(panels),
+        figsize=(4.2 * len(panels), 5),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]},
+        sharex=True,
+    )
     for col, (title, bins, value) in enumerate(panels):
         edges = np.asarray(bins["edges"])
         centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
         accuracy = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
         confidence = np.asarray(bins["confidence"], dtype=float)
         top, bottom = axes[0][col], axes[1][col]
-        top.bar(centres, accuracy, width=width, edgecolor="black", lw=0.5, label="accuracy" if report["task"] != "multilabel" else "fraction positive")
+        top.bar(
+            centres,
+            accuracy,
+            width=width,
+            edgecolor="black",
+            lw=0.5,
+            label="accuracy" if report["task"] != "multilabel" else "fraction positive",
+        )
         gap = np.where(np.isfinite(confidence), confidence - accuracy, 0.0)
         top.bar(centres, gap, bottom=accuracy, width=width, color="red", alpha=0.3, label="gap to confidence")
         top.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
@@ -143,7 +155,7 @@ def reliability_figure(path: Path, report: dict[str, Any]) -> Path:
         bottom.bar(centres, bins["count"], width=width, color="grey")
         bottom.set_xlabel(what, fontsize=8)
         bottom.set_ylabel("count", fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def classification_figures(out: Path, report: dict[str, Any], curves: dict[str, Any]) -> list[Path]:
@@ -156,7 +168,7 @@ def classification_figures(out: Path, report: dict[str, Any], curves: dict[str, 
 
 
 def distribution_figure(path: Path, report: dict[str, Any]) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     dice = np.array([row["dice"] for row in report["per_case"]], dtype=float)
     hd95 = np.array([row["hd95"] for row in report["per_case"]], dtype=float)
     figure, axes = plt.subplots(2, 2, figsize=(8, 4.5), gridspec_kw={"height_ratios": [1, 3]}, sharex="col")
@@ -170,11 +182,11 @@ def distribution_figure(path: Path, report: dict[str, Any]) -> Path:
         box.set_title(f"{name} per case (n={values.size})", fontsize=10)
         hist.set_xlabel(name)
         hist.set_ylabel("cases")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def worst_cases_figure(path: Path, cases: list[tuple]) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(cases), figsize=(3 * len(cases), 3.3), squeeze=False)
     for axis, (dice, index, image, truth, prediction) in zip(axes[0], cases):
         axis.imshow(image, cmap="gray")
@@ -184,7 +196,7 @@ def worst_cases_figure(path: Path, cases: list[tuple]) -> Path:
         axis.set_title(f"case {index}: Dice {dice:.3f}", fontsize=9)
         axis.set_axis_off()
     figure.suptitle("worst cases by Dice (truth: green outline, prediction: red)", fontsize=9)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def segmentation_figures(out: Path, report: dict[str, Any], cases: list[tuple]) -> list[Path]:
@@ -198,26 +210,12 @@ def segmentation_figures(out: Path, report: dict[str, Any], cases: list[tuple]) 
 # documents: a list of blocks rendered as Markdown and as HTML
 
 
-def _f(value: Any, digits: int = 4) -> str:
-    """A number as the documents show it: ``-`` for none, ``undefined`` for NaN (e.g. the AUROC
-    of a class absent from the split), never a made-up 0."""
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isnan(value):
-        return "undefined"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _interval(value: dict[str, Any]) -> str:
     """``low - high``, or ``undefined`` when either end is (an undefined metric has no interval)."""
     low, high = value["ci_low"], value["ci_high"]
     if any(end is None or math.isnan(end) for end in (low, high)):
         return "undefined"
-    return f"{_f(low)} - {_f(high)}"
+    return f"{number_text(low)} - {number_text(high)}"
 
 
 def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
@@ -231,17 +229,17 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
 
     def recorded(name: str) -> str:
         entry = agreement.get(name)
-        return _f(entry["metrics"]) if entry else "-"
+        return number_text(entry["metrics"]) if entry else "-"
 
     if report["task"] == "detection":
         from medexp.reports.detection import detection_blocks
 
         return blocks + detection_blocks(report, images, recorded)
     if report["task"] == "segmentation":
-        rows = [[name, _f(report["metrics"][name]), recorded(name)] for name in ("dice", "hd95")]
+        rows = [[name, number_text(report["metrics"][name]), recorded(name)] for name in ("dice", "hd95")]
         blocks += [("h2", "Summary"), ("table", ["metric", "value", "metrics.json"], rows)]
         rows = [
-            [name, *(_f(summary.get(key), 3) for key in ("n", "mean", "min", "q1", "median", "q3", "max"))]
+            [name, *(number_text(summary.get(key), 3) for key in ("n", "mean", "min", "q1", "median", "q3", "max"))]
             for name, summary in (("Dice", report["dice_summary"]), ("HD95", report["hd95_summary"]))
         ]
         blocks += [
@@ -250,39 +248,74 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
             ("p", report["notes"]),
             ("img", images.get("case_metrics"), "per-case Dice and HD95"),
             ("h2", "Worst cases"),
-            ("table", ["case", "Dice", "HD95"], [[c["case"], _f(c["dice"]), _f(c["hd95"], 2)] for c in report["worst_cases"]]),
+            (
+                "table",
+                ["case", "Dice", "HD95"],
+                [[c["case"], number_text(c["dice"]), number_text(c["hd95"], 2)] for c in report["worst_cases"]],
+            ),
             ("img", images.get("worst_cases"), "worst cases"),
         ]
         return blocks
     metrics = report["metrics"]
     boot = report["bootstrap"]
-    rows = [[name, _f(metrics[name]["value"]), _interval(metrics[name]), recorded(name)] for name in ("accuracy", "auroc")]
-    rows += [[name, _f(metrics[name]), "", recorded(name)] for name in metrics if name not in ("accuracy", "auroc")]
+    rows = [
+        [name, number_text(metrics[name]["value"]), _interval(metrics[name]), recorded(name)]
+        for name in ("accuracy", "auroc")
+    ]
+    rows += [
+        [name, number_text(metrics[name]), "", recorded(name)] for name in metrics if name not in ("accuracy", "auroc")
+    ]
     blocks += [
         ("h2", "Summary"),
         ("table", ["metric", "value", "95% CI", "metrics.json"], rows),
-        ("p", f"Confidence intervals: percentile bootstrap, {boot['n_resamples']} resamples of the cases (seed "
-              f"{boot['seed']}). AUROC: macro over {'labels' if report['task'] == 'multilabel' else 'classes, one-vs-rest'}."),
+        (
+            "p",
+            f"Confidence intervals: percentile bootstrap, {boot['n_resamples']} resamples of the cases (seed "
+            f"{boot['seed']}). AUROC: macro over {'labels' if report['task'] == 'multilabel' else 'classes, one-vs-rest'}.",
+        ),
     ]
     if report.get("per_site"):
         columns = [key for key in ("accuracy", "balanced_accuracy", "auroc", "f1") if key in report["per_site"][0]]
         blocks += [
             ("h2", "Per site"),
-            ("table", ["site", "cases", *columns, "auroc in metrics.json"],
-             [[r["site"], r["n"], *(_f(r[key]) for key in columns), recorded(f"site_{r['site']}/auroc")]
-              for r in report["per_site"]]),
+            (
+                "table",
+                ["site", "cases", *columns, "auroc in metrics.json"],
+                [
+                    [r["site"], r["n"], *(number_text(r[key]) for key in columns), recorded(f"site_{r['site']}/auroc")]
+                    for r in report["per_site"]
+                ],
+            ),
         ]
     blocks += [
         ("h2", "Per class" if report["task"] != "multilabel" else "Per label"),
-        ("table", ["class", "precision", "recall", "F1", "support", "AUROC", "AP"],
-         [[r["class"], _f(r["precision"]), _f(r["recall"]), _f(r["f1"]), r["support"], _f(r["auroc"]),
-           _f(r["average_precision"])] for r in report["per_class"]]),
+        (
+            "table",
+            ["class", "precision", "recall", "F1", "support", "AUROC", "AP"],
+            [
+                [
+                    r["class"],
+                    number_text(r["precision"]),
+                    number_text(r["recall"]),
+                    number_text(r["f1"]),
+                    r["support"],
+                    number_text(r["auroc"]),
+                    number_text(r["average_precision"]),
+                ]
+                for r in report["per_class"]
+            ],
+        ),
         ("h2", "Confusion matrix"),
     ]
     if report["task"] != "multilabel":
         names = report["classes"]
-        blocks.append(("table", ["true \\ predicted", *names],
-                       [[name, *row] for name, row in zip(names, report["confusion_matrix"])]))
+        blocks.append(
+            (
+                "table",
+                ["true \\ predicted", *names],
+                [[name, *row] for name, row in zip(names, report["confusion_matrix"])],
+            )
+        )
     blocks += [
         ("img", images.get("confusion_matrix"), "confusion matrix"),
         ("h2", "ROC and precision-recall curves"),
@@ -290,17 +323,22 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
         ("img", images.get("precision_recall"), "precision-recall curves"),
     ]
     c = report["calibration"]
-    rows = [["T = 1 (uncalibrated)", _f(c["ece_uncalibrated"]), _f(c["nll_uncalibrated"])]]
+    rows = [["T = 1 (uncalibrated)", number_text(c["ece_uncalibrated"]), number_text(c["nll_uncalibrated"])]]
     if c["temperature"] != 1.0:
-        rows.append([f"T = {c['temperature']:.4g} (temperature scaling)", _f(c["ece"]), _f(c["nll"])])
-    text = (f"ECE: {c['ece_kind']}, {c['n_bins']} equal-width bins (torchmetrics); NLL: mean "
-            f"{'binary cross-entropy over labels' if report['task'] == 'multilabel' else 'cross-entropy'}.")
+        rows.append([f"T = {c['temperature']:.4g} (temperature scaling)", number_text(c["ece"]), number_text(c["nll"])])
+    text = (
+        f"ECE: {c['ece_kind']}, {c['n_bins']} equal-width bins (torchmetrics); NLL: mean "
+        f"{'binary cross-entropy over labels' if report['task'] == 'multilabel' else 'cross-entropy'}."
+    )
     blocks += [("h2", "Calibration"), ("table", ["", "ECE", "NLL"], rows), ("p", text)]
     fit = c.get("fit")
     if fit:
         blocks += [
-            ("p", f"Temperature fitted on the {fit['split']} split ({fit['n']} cases): "
-                  f"ECE {_f(fit['ece_before'])} -> {_f(fit['ece_after'])}, NLL {_f(fit['nll_before'])} -> {_f(fit['nll_after'])}."),
+            (
+                "p",
+                f"Temperature fitted on the {fit['split']} split ({fit['n']} cases): "
+                f"ECE {number_text(fit['ece_before'])} -> {number_text(fit['ece_after'])}, NLL {number_text(fit['nll_before'])} -> {number_text(fit['nll_after'])}.",
+            ),
         ]
     blocks.append(("img", images.get("reliability"), "reliability diagram"))
     return blocks

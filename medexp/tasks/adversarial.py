@@ -21,6 +21,11 @@ log = logging.getLogger("medexp")
 COLLAPSE_REAL, COLLAPSE_FAKE, COLLAPSE_EPOCHS = 0.95, 0.05, 2
 
 
+# model overrides that rebuild a GAN for generating alone: without the classifier that measured
+# its samples (which may not be on this machine) and the metric that selected its checkpoints
+GENERATE_ONLY = {"feature_ckpt": None, "monitor": "val/loss"}
+
+
 class AdversarialTask(BaseTask):
     """A GAN: ``net`` (the generator) maps latent codes to images, ``discriminator`` tells
     real images from generated ones; both are trained with Lightning's manual optimisation,
@@ -62,6 +67,13 @@ class AdversarialTask(BaseTask):
     injected = (*BaseTask.injected, "discriminator", "d_optimizer")
     # two backward passes per batch, each reaching one net: DDP must look for unused parameters
     ddp_strategy = "ddp_find_unused_parameters_true"
+    generator_overrides = GENERATE_ONLY
+    # what it does besides training (see BaseTask): it generates images, it has none to predict on
+    not_predicted = "a GAN generates images rather than predicting on them: use `medexp sample ckpt_path=...`"
+    not_exported = (
+        "cannot export a GAN ({target}): it generates images from random codes and has no image input to predict "
+        "on; generate images with: medexp sample ckpt_path=... Exportable: {supported}"
+    )
 
     def __init__(
         self,
@@ -134,7 +146,11 @@ class AdversarialTask(BaseTask):
 
     @torch.no_grad()
     def sample(
-        self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None, batch_size: int = 256
+        self,
+        n: int,
+        labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int = 256,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``n`` generated images ``(n, C, *spatial)`` on the CPU, and their classes.
 
@@ -236,7 +252,10 @@ class AdversarialTask(BaseTask):
             log.warning(
                 "the discriminator wins outright (val D(x)=%.3f, D(G(z))=%.3f for %d epochs): the generator gets "
                 "almost no gradient; try a lower discriminator learning rate (model.d_optimizer), "
-                "model.real_label=0.9, or a smaller discriminator", real, fake, COLLAPSE_EPOCHS,
+                "model.real_label=0.9, or a smaller discriminator",
+                real,
+                fake,
+                COLLAPSE_EPOCHS,
             )
 
     def on_train_epoch_end(self) -> None:
@@ -253,25 +272,7 @@ class AdversarialTask(BaseTask):
             return [g_optimizer, d_optimizer]
         schedulers = [self.scheduler_factory(optimizer=g_optimizer), self.scheduler_factory(optimizer=d_optimizer)]
         if isinstance(schedulers[0], torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise MedexpError("scheduler=plateau does not fit a GAN (no single loss to watch); use cosine, multistep or none")
+            raise MedexpError(
+                "scheduler=plateau does not fit a GAN (no single loss to watch); use cosine, multistep or none"
+            )
         return [g_optimizer, d_optimizer], schedulers
-
-
-# model overrides that rebuild a GAN for generating alone (see load_generator)
-GENERATE_ONLY = {"feature_ckpt": None, "monitor": "val/loss"}
-
-
-def load_generator(checkpoint: dict[str, Any], where: str, allowed_targets: Sequence[str] = ()) -> AdversarialTask:
-    """The GAN of a loaded medexp checkpoint (see :func:`medexp.utils.checkpoint.load_checkpoint`),
-    rebuilt only to generate: without the classifier that measured its samples (which may not be
-    on this machine) and the metric that selected its checkpoints.
-
-    Raises:
-        MedexpError: naming ``where`` (e.g. ``ckpt_path=...``) when the checkpoint is not a GAN's.
-    """
-    from medexp.utils.checkpoint import CONFIG_KEY, rebuild_model
-
-    target = str(checkpoint[CONFIG_KEY].get("model", {}).get("_target_", ""))
-    if target != f"{AdversarialTask.__module__}.{AdversarialTask.__name__}":
-        raise MedexpError(f"{where}: a {target.rsplit('.', 1)[-1] or 'non-medexp'} checkpoint; expected a GAN's (model=gan)")
-    return rebuild_model(checkpoint, GENERATE_ONLY, allowed_targets)

@@ -41,6 +41,35 @@ class BaseTask(L.LightningModule):
     eval_seed = 12345
     # values (predictions) pending before the metrics are fed (see :meth:`feed_metrics`)
     metric_chunk = 2**20
+    # a task that generates images from random codes names the model overrides that rebuild it
+    # for generating alone (see Checkpoint.build_generator); None: it does not generate
+    generator_overrides: dict[str, Any] | None = None
+    # a task whose net's features can measure images (FID/KID of generated ones, see
+    # medexp.metrics.domain): a classifier
+    measures_features = False
+
+    # What the task can do besides training. Commands, reports and callbacks ask these (never
+    # the task's class), so a new task type declares them here rather than editing each command.
+    # How `medexp predict` writes predictions (medexp.inference.writers.prediction_writer):
+    # "table" (class probabilities per image), "masks", "boxes", "registration"; None: it does
+    # not predict, for the reason `not_predicted` ("{name}": the class, "{ckpt}": the checkpoint)
+    prediction_writer: str | None = None
+    not_predicted = "medexp predict does not write the predictions of a {name}"
+    # what one prediction reads: "images" (a file each) or "pairs" (a CSV of fixed and moving)
+    prediction_inputs = "images"
+    # uncertainty=mc_dropout|tta: class probabilities averaged over several passes
+    sampled_predictions = False
+    # the evaluation report (medexp.reports.evaluation): "classification", "segmentation",
+    # "detection"; None: no report
+    report_kind: str | None = None
+    # `medexp export`: None where the prediction (`postprocess(infer(x))`) exports as one graph,
+    # else why not ("{name}": the class, "{target}": the recorded model target, "{supported}":
+    # what exports); instances may refuse more (:meth:`export_problem`)
+    not_exported: str | None = "cannot export a {name}; exportable: {supported}"
+    # the prediction is a class probability per pixel (voxel) rather than per image
+    pixel_classes = False
+    # saliency maps of its predictions (medexp explain, callbacks.saliency)
+    explainable = False
 
     def __init__(
         self,
@@ -80,7 +109,9 @@ class BaseTask(L.LightningModule):
         """What callbacks may monitor (checked before training, see
         :func:`medexp.utils.validation.check_monitors`): each epoch's ``train/`` and ``val/``
         loss and metrics, and ``<monitor>_best``."""
-        return sorted({"train/loss", "val/loss", *self.train_metrics.keys(), *self.val_metrics.keys(), f"{self.monitor}_best"})
+        return sorted(
+            {"train/loss", "val/loss", *self.train_metrics.keys(), *self.val_metrics.keys(), f"{self.monitor}_best"}
+        )
 
     def compute_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The training objective for a batch of network outputs."""
@@ -93,10 +124,25 @@ class BaseTask(L.LightningModule):
     def forward(self, x: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         return self.net(x, **extra)
 
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """The batch entries the net takes besides its input (its ``extra_inputs``, e.g. a
+        sequence model's ``length`` and ``time``); empty for a net of single images."""
+        return tuple(getattr(self.net, "extra_inputs", ()))
+
     def net_extras(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch entries the net takes besides its input, by the names in its
-        ``extra_inputs`` (e.g. a sequence model's ``length`` and ``time``)."""
-        return {key: batch[key] for key in getattr(self.net, "extra_inputs", ()) if key in batch}
+        """The batch entries of :attr:`extra_inputs` present in ``batch``."""
+        return {key: batch[key] for key in self.extra_inputs if key in batch}
+
+    def export_problem(self) -> str | None:
+        """Why this model (its net, its options) cannot be exported although its task can
+        (``"{supported}"``: what exports), or None."""
+        if self.extra_inputs:
+            return (
+                f"cannot export {type(self.net).__name__}: a sequence model that takes {list(self.extra_inputs)} "
+                "besides the images (series of frames over time); exportable: single-image {supported}"
+            )
+        return None
 
     def eval_rng(self, device: torch.device) -> torch.Generator:
         """The random generator of evaluation on ``device``: seeded with :attr:`eval_seed` at the

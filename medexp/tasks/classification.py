@@ -119,6 +119,13 @@ class ClassificationTask(BaseTask):
 
     # the data.task values this task trains on (checked before anything is built)
     data_tasks = ("binary", "multiclass", "multilabel")
+    measures_features = True
+    # what it does besides training (see BaseTask)
+    prediction_writer = "table"
+    sampled_predictions = True
+    report_kind = "classification"
+    not_exported = None
+    explainable = True
 
     def __init__(
         self,
@@ -134,7 +141,9 @@ class ClassificationTask(BaseTask):
         **kwargs: Any,
     ) -> None:
         if task == "segmentation":
-            raise MedexpError("data.task=segmentation needs a segmentation model, e.g. model=unet; this model classifies")
+            raise MedexpError(
+                "data.task=segmentation needs a segmentation model, e.g. model=unet; this model classifies"
+            )
         if task not in TASKS:
             raise MedexpError(f"model.task={task!r}; expected one of {list(TASKS)}")
         if num_classes < 2 or (task == "binary" and num_classes != 2):
@@ -148,7 +157,9 @@ class ClassificationTask(BaseTask):
         if loss not in LOSSES:
             raise MedexpError(f"model.loss={loss!r}; expected one of {list(LOSSES)} for a classifier")
         if isinstance(focal_gamma, bool) or not isinstance(focal_gamma, int | float) or focal_gamma < 0:
-            raise MedexpError(f"model.focal_gamma={focal_gamma!r}; expected a number >= 0 (2 is usual, 0 is cross-entropy)")
+            raise MedexpError(
+                f"model.focal_gamma={focal_gamma!r}; expected a number >= 0 (2 is usual, 0 is cross-entropy)"
+            )
         self.task, self.num_classes = task, num_classes
         super().__init__(net, monitor=monitor, **kwargs)
         # not in hparams: BaseTask leaves "loss" out (other tasks inject loss modules there)
@@ -230,9 +241,14 @@ class ClassificationTask(BaseTask):
         self.site_names = [str(name) for name in names]
         # keyed by index: ModuleDict keys cannot hold the dots a site name may have
         self.test_site_metrics = nn.ModuleDict(
-            {str(i): self.configure_metrics().clone(prefix=f"test/site_{name}/") for i, name in enumerate(self.site_names)}
+            {
+                str(i): self.configure_metrics().clone(prefix=f"test/site_{name}/")
+                for i, name in enumerate(self.site_names)
+            }
         ).to(self.device)
-        self.test_site_counts = nn.ModuleDict({str(i): SumMetric() for i in range(len(self.site_names))}).to(self.device)
+        self.test_site_counts = nn.ModuleDict({str(i): SumMetric() for i in range(len(self.site_names))}).to(
+            self.device
+        )
 
     def prepare_batch(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         self.current_sites = batch.get("site")
@@ -283,7 +299,9 @@ class ClassificationTask(BaseTask):
     def _warn_undefined(self, metrics: MetricCollection, where: str, name: str) -> Any:
         """Warn (once per ``where`` and set of classes) about the classes whose AUROC the last
         compute() of ``metrics`` left out; returns its AUROC metric (None if it has none)."""
-        auroc = next((m for m in metrics.values() if isinstance(m, (MulticlassDefinedAUROC, MultilabelDefinedAUROC))), None)
+        auroc = next(
+            (m for m in metrics.values() if isinstance(m, (MulticlassDefinedAUROC, MultilabelDefinedAUROC))), None
+        )
         if auroc is None or not auroc.undefined or self.trainer.sanity_checking:
             return auroc
         key = (where, tuple(sorted(auroc.undefined)))
@@ -291,7 +309,11 @@ class ClassificationTask(BaseTask):
             self._undefined_warned.add(key)
             classes = ", ".join(f"class {c} ({why})" for c, why in sorted(auroc.undefined.items()))
             defined = [str(c) for c in range(auroc.num_columns) if c not in auroc.undefined]
-            rest = f"{name} is the mean over the others ({', '.join(defined)})" if defined else f"{name} is undefined (NaN)"
+            rest = (
+                f"{name} is the mean over the others ({', '.join(defined)})"
+                if defined
+                else f"{name} is undefined (NaN)"
+            )
             log.warning("%s: AUROC is undefined for %s; %s", where, classes, rest)
         return auroc
 

@@ -100,6 +100,9 @@ class DetectionTask(BaseTask):
     """
 
     data_tasks = ("detection",)
+    # what it does besides training (see BaseTask)
+    prediction_writer = "boxes"
+    report_kind = "detection"
     # the batch entries of the true boxes and their classes (lists, one tensor per image)
     target_keys = ("boxes", "labels")
 
@@ -134,14 +137,18 @@ class DetectionTask(BaseTask):
         self.detector = self._build_detector(anchor_shapes, feature_map_scales)
 
     def _check_arguments(self, net: nn.Module, args: dict[str, Any]) -> None:
-        missing = [name for name in ("spatial_dims", "num_classes", "num_anchors", "size_divisible") if not hasattr(net, name)]
+        missing = [
+            name for name in ("spatial_dims", "num_classes", "num_anchors", "size_divisible") if not hasattr(net, name)
+        ]
         if missing:
             raise MedexpError(
                 f"model.net ({type(net).__name__}) lacks {missing}; DetectionTask takes a RetinaNet network "
                 "(monai.apps.detection.networks.retinanet_network.RetinaNet)"
             )
         if net.num_classes != self.num_classes:
-            raise MedexpError(f"model.net.num_classes={net.num_classes} but model.num_classes={self.num_classes}; they must match")
+            raise MedexpError(
+                f"model.net.num_classes={net.num_classes} but model.num_classes={self.num_classes}; they must match"
+            )
         problems = []
         shapes, scales = list(args["anchor_shapes"]), list(args["feature_map_scales"])
         if len(shapes) != net.num_anchors:
@@ -171,7 +178,10 @@ class DetectionTask(BaseTask):
                 f"{list(coarsest)}; set model.net.size_divisible={max(coarsest)}"
             )
         ranges = {
-            "positive_fraction": (0.0, 1.0), "score_threshold": (0.0, 1.0), "nms_threshold": (0.0, 1.0), "froc_iou": (0.0, 1.0),
+            "positive_fraction": (0.0, 1.0),
+            "score_threshold": (0.0, 1.0),
+            "nms_threshold": (0.0, 1.0),
+            "froc_iou": (0.0, 1.0),
         }
         for name, (low, high) in ranges.items():
             if not low < args[name] <= high:
@@ -181,7 +191,9 @@ class DetectionTask(BaseTask):
                 problems.append(f"model.map_iou entry {iou}; expected IoU thresholds in (0, 1]")
         names = [map_name(iou) for iou in args["map_iou"]]
         if not names or len(set(names)) < len(names):
-            problems.append(f"model.map_iou={list(args['map_iou'])}; expected distinct IoUs in steps of 0.01 (names {names})")
+            problems.append(
+                f"model.map_iou={list(args['map_iou'])}; expected distinct IoUs in steps of 0.01 (names {names})"
+            )
         if not args["froc_rates"] or min(args["froc_rates"]) <= 0:
             problems.append(f"model.froc_rates={list(args['froc_rates'])}; expected positive false-positive rates")
         for name in ("atss_candidates", "sampled_anchors", "min_negatives", "topk_per_level", "detections_per_image"):
@@ -204,12 +216,16 @@ class DetectionTask(BaseTask):
         hp = self.hparams
         detector.set_atss_matcher(num_candidates=hp.atss_candidates, center_in_gt=hp.center_in_gt)
         detector.set_hard_negative_sampler(
-            batch_size_per_image=hp.sampled_anchors, positive_fraction=hp.positive_fraction,
-            min_neg=hp.min_negatives, pool_size=hp.pool_size,
+            batch_size_per_image=hp.sampled_anchors,
+            positive_fraction=hp.positive_fraction,
+            min_neg=hp.min_negatives,
+            pool_size=hp.pool_size,
         )
         detector.set_box_selector_parameters(
-            score_thresh=hp.score_threshold, topk_candidates_per_level=hp.topk_per_level,
-            nms_thresh=hp.nms_threshold, detections_per_img=hp.detections_per_image,
+            score_thresh=hp.score_threshold,
+            topk_candidates_per_level=hp.topk_per_level,
+            nms_thresh=hp.nms_threshold,
+            detections_per_img=hp.detections_per_image,
         )
         # kept off the module tree: the detector holds self.net, whose weights would otherwise be
         # stored twice in every checkpoint (net.* and detector.network.*)
@@ -218,7 +234,11 @@ class DetectionTask(BaseTask):
     def configure_metrics(self) -> MetricCollection:
         hp = self.hparams
         metrics = DetectionMetrics(
-            self.num_classes, self.spatial_dims, map_iou=hp.map_iou, froc_iou=hp.froc_iou, froc_rates=hp.froc_rates,
+            self.num_classes,
+            self.spatial_dims,
+            map_iou=hp.map_iou,
+            froc_iou=hp.froc_iou,
+            froc_rates=hp.froc_rates,
             max_detections=hp.detections_per_image,
         )
         # one metric computing several values: MetricCollection flattens its dict under the stage prefix
@@ -262,7 +282,7 @@ class DetectionTask(BaseTask):
     def targets(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         """The batch's true boxes per image, as the detector and the metrics take them."""
         boxes, labels = self.target_keys
-        return [{"boxes": b.float(), "labels": l.long()} for b, l in zip(batch[boxes], batch[labels])]
+        return [{"boxes": b.float(), "labels": labels_.long()} for b, labels_ in zip(batch[boxes], batch[labels])]
 
     def batch_loss(self, outputs: DetectorOutputs, batch: dict[str, Any]) -> torch.Tensor:
         """Classification plus box-regression loss, as MONAI's detector computes them."""
@@ -270,8 +290,11 @@ class DetectionTask(BaseTask):
 
         detector = self.detector.module
         targets = check_training_targets(
-            list(batch[self.input_key]), self.targets(batch), detector.spatial_dims,
-            detector.target_label_key, detector.target_box_key,
+            list(batch[self.input_key]),
+            self.targets(batch),
+            detector.spatial_dims,
+            detector.target_label_key,
+            detector.target_box_key,
         )
         matched = self._match(outputs.anchors, targets, outputs.anchors_per_level)
         cls_loss = detector.compute_cls_loss(outputs.head[detector.cls_key], targets, matched)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from medexp.tasks.classification import ClassificationTask
 from medexp.utils.errors import MedexpError
+
+if TYPE_CHECKING:
+    from medexp.checkpoints.checkpoint import Checkpoint
 
 # data properties a teacher must share with the student's data (the teacher's outputs must mean
 # the same classes, on images of the same kind)
@@ -53,14 +56,14 @@ def last_linear(net: nn.Module, role: str) -> nn.Linear:
     return heads[-1]
 
 
-def load_teacher_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_teacher_checkpoint(path: str | Path) -> Checkpoint:
     """The checkpoint ``model.teacher_ckpt`` names, loaded safely (see
-    :func:`~medexp.utils.checkpoint.load_checkpoint`).
+    :class:`~medexp.checkpoints.checkpoint.Checkpoint`).
 
     Raises:
         MedexpError: naming ``model.teacher_ckpt`` when it is unset, missing or not loadable.
     """
-    from medexp.utils.checkpoint import load_checkpoint
+    from medexp.checkpoints.checkpoint import Checkpoint
 
     if path is None:
         raise MedexpError(
@@ -69,23 +72,17 @@ def load_teacher_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if not Path(path).expanduser().is_file():
         raise MedexpError(f"model.teacher_ckpt={str(path)!r}: no such file")
-    try:
-        return load_checkpoint(path)
-    except MedexpError as exc:  # not loadable safely, or not a medexp checkpoint
-        raise MedexpError(f"model.teacher_ckpt: {exc}") from None
+    return Checkpoint(path, name="model.teacher_ckpt")
 
 
-def teacher_problems(checkpoint: dict[str, Any], data: Mapping[str, Any], path: str | Path) -> list[str]:
+def teacher_problems(checkpoint: Checkpoint, data: Mapping[str, Any], path: str | Path) -> list[str]:
     """Why the teacher in ``checkpoint`` cannot teach on ``data`` (a data config, or a data
     module's properties), one message per problem; empty when it can.
 
     Compared: that the teacher is a classifier, and the data properties :data:`MATCHED`.
     """
-    from medexp.utils.checkpoint import CONFIG_KEY, model_class
-
-    stored = checkpoint[CONFIG_KEY]
-    target = str(stored.get("model", {}).get("_target_", ""))
-    found = model_class(stored)  # None when not importable: rebuilding it would fail the same way
+    target = checkpoint.model_target
+    found = checkpoint.task_class  # None when not importable: rebuilding it would fail the same way
     is_classifier = found is not None and issubclass(found, ClassificationTask)
     if not is_classifier:
         return [
@@ -93,7 +90,7 @@ def teacher_problems(checkpoint: dict[str, Any], data: Mapping[str, Any], path: 
             "must be a classifier trained by medexp (e.g. model=resnet18)"
         ]
     problems = []
-    trained = stored.get("data", {})
+    trained = checkpoint.get("data", {})
     for key in MATCHED:
         if key not in trained or data.get(key) is None:
             continue
@@ -144,11 +141,15 @@ class DistillationTask(ClassificationTask):
         **kwargs: Any,
     ) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise MedexpError(f"model.alpha={alpha!r}; expected a number in [0, 1] (the weight of the distillation term)")
+            raise MedexpError(
+                f"model.alpha={alpha!r}; expected a number in [0, 1] (the weight of the distillation term)"
+            )
         if isinstance(kd_temperature, bool) or not isinstance(kd_temperature, (int, float)) or not kd_temperature > 0:
             raise MedexpError(f"model.kd_temperature={kd_temperature!r}; expected a number > 0")
         if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or not feature_weight >= 0:
-            raise MedexpError(f"model.feature_weight={feature_weight!r}; expected a number >= 0 (0: no feature matching)")
+            raise MedexpError(
+                f"model.feature_weight={feature_weight!r}; expected a number >= 0 (0: no feature matching)"
+            )
         super().__init__(net, task=task, num_classes=num_classes, **kwargs)
         parts = ["ce_loss", "kd_loss", "teacher_agreement", *(["feature_loss"] if feature_weight > 0 else [])]
         self.distill_metrics = MetricCollection({name: MeanMetric() for name in parts}, prefix="train/")
@@ -188,7 +189,7 @@ class DistillationTask(ClassificationTask):
         Raises:
             MedexpError: naming ``model.teacher_ckpt`` and every mismatch.
         """
-        from medexp.utils.checkpoint import rebuild_model
+        from medexp.checkpoints.checkpoint import INFERENCE
 
         path = self.hparams.teacher_ckpt
         checkpoint = load_teacher_checkpoint(path)
@@ -197,8 +198,7 @@ class DistillationTask(ClassificationTask):
         problems = teacher_problems(checkpoint, ours, path)
         if problems:
             raise MedexpError("; ".join(problems))
-        # loss weights from class_weights=auto are counted at setup; the teacher only predicts
-        teacher = rebuild_model(checkpoint, {"class_weights": None}).requires_grad_(False)
+        teacher = checkpoint.build_model(INFERENCE).requires_grad_(False)
         head = None
         if self.hparams.feature_weight > 0:
             head = last_linear(teacher.net, "teacher")
@@ -279,9 +279,16 @@ class DistillationTask(ClassificationTask):
         if self.task == "multilabel":
             soft = torch.sigmoid(teacher / t)
             # BCE against soft targets minus their entropy: the Bernoulli KL, 0 at a perfect match
-            kd = F.binary_cross_entropy_with_logits(student / t, soft) - F.binary_cross_entropy_with_logits(teacher / t, soft)
+            kd = F.binary_cross_entropy_with_logits(student / t, soft) - F.binary_cross_entropy_with_logits(
+                teacher / t, soft
+            )
         else:
-            kd = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean", log_target=True)
+            kd = F.kl_div(
+                F.log_softmax(student / t, dim=1),
+                F.log_softmax(teacher / t, dim=1),
+                reduction="batchmean",
+                log_target=True,
+            )
         return ce, kd * t * t
 
     def agreement(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ def corrupt(
     1 has a relative standard deviation of ``std`` (negative intensities count as 0);
     ``blur``: a Gaussian blur of ``std`` pixels (deterministic: deblurring).
     """
+
     def normal() -> torch.Tensor:
         return torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
 
@@ -95,6 +96,14 @@ class ReconstructionTask(BaseTask):
     net_outputs = "in_channels"
     # prepare_batch keeps the clean image here and puts the corrupted one under "image"
     target_key = "clean"
+    # what it does besides training (see BaseTask)
+    not_predicted = (
+        "medexp predict writes class probabilities and masks; it does not write reconstructions yet. "
+        "Evaluate the reconstruction model with: medexp eval ckpt_path={ckpt}"
+    )
+    not_exported = (
+        "cannot export a reconstruction model ({name}: autoencoder, VAE, denoiser) yet; exportable: {supported}"
+    )
 
     def __init__(
         self,
@@ -222,4 +231,3 @@ class ReconstructionTask(BaseTask):
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``(B,)`` KL divergence of ``N(mu, exp(logvar))`` from ``N(0, 1)``, mean over latent units."""
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).flatten(1).mean(dim=1)
-

@@ -106,6 +106,9 @@ class RegistrationTask(BaseTask):
     data_tasks = ("registration",)
     # the net outputs one displacement channel per spatial axis
     net_outputs = "spatial_dims"
+    # what it does besides training (see BaseTask)
+    prediction_writer = "registration"
+    prediction_inputs = "pairs"
     # images stacked into the net's input (moving, fixed): its in_channels = 2 * data.in_channels
     net_input_images = 2
     # prepare_batch stacks the pair here; the fixed image is what the warped moving one must match
@@ -138,7 +141,9 @@ class RegistrationTask(BaseTask):
             if not value >= 0:
                 raise MedexpError(f"model.{key}={value}; expected a number >= 0")
         if output == "dvf" and integration_steps < 1:
-            raise MedexpError(f"model.integration_steps={integration_steps}; expected an integer >= 1 with model.output=dvf")
+            raise MedexpError(
+                f"model.integration_steps={integration_steps}; expected an integer >= 1 with model.output=dvf"
+            )
         super().__init__(net, monitor=monitor, **kwargs)
         self.image_loss = similarity_loss(similarity, spatial_dims, kernel_size, num_bins)
         self.regularizer = regularizer(regularization)

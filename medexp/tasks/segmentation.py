@@ -98,6 +98,11 @@ class SegmentationTask(BaseTask):
 
     # the data.task values this task trains on (checked before anything is built)
     data_tasks = ("segmentation",)
+    # what it does besides training (see BaseTask)
+    prediction_writer = "masks"
+    report_kind = "segmentation"
+    not_exported = None
+    pixel_classes = True
 
     roi_key = "roi"
 
@@ -173,6 +178,17 @@ class SegmentationTask(BaseTask):
     def compute_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss(outputs, target)
 
+    def export_problem(self) -> str | None:
+        """Sliding windows (``roi_size``) and their blending live outside the network."""
+        roi_size = self.hparams.get("roi_size")
+        if roi_size is not None and not self.extra_inputs:
+            return (
+                f"cannot export a segmentation model that infers by sliding windows (model.roi_size={list(roi_size)}): "
+                "the windows and their blending are not part of the network; segmentation models are exported with "
+                "model.roi_size=null (one pass over the whole image)"
+            )
+        return super().export_problem()
+
     def postprocess(self, outputs: torch.Tensor) -> torch.Tensor:
         """``(B, C, *spatial)`` logits -> class probabilities."""
         return outputs.softmax(dim=1)
@@ -187,7 +203,9 @@ class SegmentationTask(BaseTask):
             if roi_size is None:
                 return self.net(inputs)
             if len(roi_size) != inputs.ndim - 2:
-                raise MedexpError(f"model.roi_size={list(roi_size)} has {len(roi_size)} dims; the data have {inputs.ndim - 2}")
+                raise MedexpError(
+                    f"model.roi_size={list(roi_size)} has {len(roi_size)} dims; the data have {inputs.ndim - 2}"
+                )
             return sliding_window_inference(
                 inputs, roi_size, self.hparams.sw_batch_size, self.net, overlap=self.hparams.overlap
             )

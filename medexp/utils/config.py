@@ -31,23 +31,6 @@ def epoch_fraction(fraction: float, max_epochs: int) -> int:
     return max(1, int(fraction * max_epochs))
 
 
-def medmnist_property(name: str, field: str) -> Any:
-    """A property of a MedMNIST dataset from its metadata: ``task``, ``num_classes`` or ``channels``."""
-    from medexp.data.medmnist_info import dataset_info
-
-    info = dataset_info(name)
-    match field:
-        case "task":
-            # ordinal regression (RetinaMNIST) is evaluated as multi-class, as in MedMNIST v2
-            return {"ordinal": "multiclass"}.get(info["task"], info["task"])
-        case "num_classes":
-            return len(info["labels"])
-        case "channels":
-            return info["channels"]
-        case _:
-            raise ValueError(f"medmnist field {field!r}; expected one of ['task', 'num_classes', 'channels']")
-
-
 def gpus_per_node(accelerator: str, devices: Any, local: bool = False) -> Any:
     """The GPUs a launcher asks for, per node, for a job of this trainer (``hydra/launcher``).
 
@@ -94,27 +77,30 @@ def repeat(value: Any, times: int) -> list[Any]:
     return [value] * int(times)
 
 
-def register_resolvers() -> None:
-    """Register medexp's OmegaConf resolvers (idempotent). Every command calls this before Hydra
-    composes its config, so it also has Hydra report a config file's YAML syntax error in one line
+def install_resolvers(resolvers: dict[str, Any]) -> None:
+    """Register OmegaConf resolvers (idempotent); every command calls this (through
+    :func:`medexp.resolvers.register_resolvers`) before Hydra composes its config, so it also has
+    Hydra report a config file's YAML syntax error in one line
     (:func:`medexp.utils.errors.report_config_files_briefly`)."""
     from medexp.utils.errors import report_config_files_briefly
 
     report_config_files_briefly()
-    resolvers = {
-        "medmnist": medmnist_property,
-        "epoch_fraction": epoch_fraction,
-        "monitor_mode": metric_mode,
-        "gpus_per_node": gpus_per_node,
-        "span": span,
-        "plus_if": plus_if,
-        "floordiv": floordiv,
-        "slice_axis": slice_axis,
-        "repeat": repeat,
-    }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+# the resolvers of the config glue; medexp.resolvers adds the data's (MedMNIST metadata)
+RESOLVERS = {
+    "epoch_fraction": epoch_fraction,
+    "monitor_mode": metric_mode,
+    "gpus_per_node": gpus_per_node,
+    "span": span,
+    "plus_if": plus_if,
+    "floordiv": floordiv,
+    "slice_axis": slice_axis,
+    "repeat": repeat,
+}
 
 
 def check_config(cfg: DictConfig) -> dict[str, Any]:

@@ -88,3 +88,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(clean(data), indent=2) + "\n")
+
+
+def lookup_metric(metrics: dict[str, Any], name: str | None) -> float | None:
+    """The value of ``name`` (e.g. ``val/auroc_best``) in any section of ``metrics``."""
+    for section in ("fit", "val", "test"):
+        if name in metrics.get(section, {}):
+            return metrics[section][name]
+    return None

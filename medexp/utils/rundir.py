@@ -85,7 +85,9 @@ class CsvHistory:
     """
 
     def __init__(self, loggers: list[Any]) -> None:
-        self.files = [Path(logger.log_dir) / "metrics.csv" for logger in loggers if type(logger).__name__ == "CSVLogger"]
+        self.files = [
+            Path(logger.log_dir) / "metrics.csv" for logger in loggers if type(logger).__name__ == "CSVLogger"
+        ]
         self.rows: dict[Path, list[dict[str, str]]] = {}
 
     def read(self) -> None:

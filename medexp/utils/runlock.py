@@ -68,10 +68,15 @@ class RunDirLock:
                 holder = _read(fd)
                 os.close(fd)
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    raise MedexpError(f"{self.run_dir} is in use by another run ({_describe(holder)}); wait for it "
-                                      "to end, or give this run another directory (hydra.run.dir=...)") from None
-                log.warning("cannot lock %s (%s): nothing stops another run from using it at the same time",
-                            self.path, exc.strerror or exc)
+                    raise MedexpError(
+                        f"{self.run_dir} is in use by another run ({_describe(holder)}); wait for it "
+                        "to end, or give this run another directory (hydra.run.dir=...)"
+                    ) from None
+                log.warning(
+                    "cannot lock %s (%s): nothing stops another run from using it at the same time",
+                    self.path,
+                    exc.strerror or exc,
+                )
                 return
             # its holder may have ended and removed the file between our open and flock
             with contextlib.suppress(OSError):
@@ -81,12 +86,22 @@ class RunDirLock:
         holder = _read(fd)
         if holder and holder.get("host") != socket.gethostname():
             os.close(fd)
-            raise MedexpError(f"{self.run_dir} is locked by a run on another host ({_describe(holder)}); if that run "
-                              f"has ended, delete {self.path}, or give this run another directory (hydra.run.dir=...)")
+            raise MedexpError(
+                f"{self.run_dir} is locked by a run on another host ({_describe(holder)}); if that run "
+                f"has ended, delete {self.path}, or give this run another directory (hydra.run.dir=...)"
+            )
         if holder:
-            log.warning("%s: taking over the lock left by %s, which no process holds any more (that run ended "
-                        "without releasing it, or the directory was copied)", self.run_dir, _describe(holder))
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now().isoformat(timespec="seconds")}
+            log.warning(
+                "%s: taking over the lock left by %s, which no process holds any more (that run ended "
+                "without releasing it, or the directory was copied)",
+                self.run_dir,
+                _describe(holder),
+            )
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": dt.datetime.now().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self.fd = fd

@@ -14,7 +14,9 @@ def tidy_library_output() -> None:
     # torch >= 2.10 deprecates a pytree API that Lightning 2.6 still calls on every batch
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
     # HD95 treats empty masks explicitly (see medexp.tasks.segmentation.HausdorffDistance95)
-    warnings.filterwarnings("ignore", message=r"the (prediction|ground truth) of class \d+ is all 0", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"the (prediction|ground truth) of class \d+ is all 0", category=UserWarning
+    )
     # MONAI 1.5+ deprecates an argument its own Hausdorff distance still passes
     warnings.filterwarnings("ignore", message=r".*always_return_as_numpy", category=FutureWarning)
     # with pydicom installed, MONAI logs that the optional GPU decoder is missing for every loader

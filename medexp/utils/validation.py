@@ -75,7 +75,9 @@ class Rule:
         kind = {"int": "an integer", "number": "a number"}.get(str(self.kind), str(self.kind))
         if self.sequence:
             count, order = f"{self.length} " if self.length else "", "non-decreasing " if self.increasing else ""
-            kind = f"a list of {count}{order}" + {"int": "integers", "number": "numbers"}.get(str(self.kind), str(self.kind))
+            kind = f"a list of {count}{order}" + {"int": "integers", "number": "numbers"}.get(
+                str(self.kind), str(self.kind)
+            )
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
             bounds = f" in {left}{self.low:g}, {self.high:g}{right}"
@@ -88,7 +90,22 @@ class Rule:
         return kind + bounds + (" or null" if self.optional else "")
 
 
-PRECISIONS = (64, 32, 16, "64", "32", "16", "bf16", "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine")
+PRECISIONS = (
+    64,
+    32,
+    16,
+    "64",
+    "32",
+    "16",
+    "bf16",
+    "64-true",
+    "32-true",
+    "16-true",
+    "bf16-true",
+    "16-mixed",
+    "bf16-mixed",
+    "transformer-engine",
+)
 TASKS = ("binary", "multiclass", "multilabel", "segmentation", "registration", "detection")
 
 RULES: tuple[Rule, ...] = (
@@ -168,11 +185,19 @@ _GAMMA = Rule("scheduler.gamma", "number", 0, low_open=True)
 # The keys of each LR scheduler (conf/scheduler/*.yaml), by its _target_: torch checks a few only
 # when the first epoch ends, and others never (milestones='abc' leaves the learning rate constant).
 SCHEDULER_RULES: dict[str, tuple[Rule, ...]] = {
-    "torch.optim.lr_scheduler.CosineAnnealingLR": (Rule("scheduler.T_max", "int", 1), Rule("scheduler.eta_min", "number", 0)),
-    "torch.optim.lr_scheduler.CosineAnnealingWarmRestarts": (
-        Rule("scheduler.T_0", "int", 1), Rule("scheduler.T_mult", "int", 1), Rule("scheduler.eta_min", "number", 0),
+    "torch.optim.lr_scheduler.CosineAnnealingLR": (
+        Rule("scheduler.T_max", "int", 1),
+        Rule("scheduler.eta_min", "number", 0),
     ),
-    "torch.optim.lr_scheduler.MultiStepLR": (Rule("scheduler.milestones", "int", 1, sequence=True, increasing=True), _GAMMA),
+    "torch.optim.lr_scheduler.CosineAnnealingWarmRestarts": (
+        Rule("scheduler.T_0", "int", 1),
+        Rule("scheduler.T_mult", "int", 1),
+        Rule("scheduler.eta_min", "number", 0),
+    ),
+    "torch.optim.lr_scheduler.MultiStepLR": (
+        Rule("scheduler.milestones", "int", 1, sequence=True, increasing=True),
+        _GAMMA,
+    ),
     "torch.optim.lr_scheduler.StepLR": (Rule("scheduler.step_size", "int", 1), _GAMMA),
     "torch.optim.lr_scheduler.ExponentialLR": (_GAMMA,),
     "torch.optim.lr_scheduler.ReduceLROnPlateau": (
@@ -237,7 +262,11 @@ def _locate(target: str) -> Callable[..., Any] | None:
 def accepted_arguments(target: Callable[..., Any]) -> set[str] | None:
     """Keyword arguments ``target`` accepts, following ``**kwargs`` up a class's bases; None
     when anything goes (a ``**kwargs`` that is never resolved)."""
-    functions = [klass.__dict__["__init__"] for klass in target.__mro__ if "__init__" in klass.__dict__] if inspect.isclass(target) else [target]
+    functions = (
+        [klass.__dict__["__init__"] for klass in target.__mro__ if "__init__" in klass.__dict__]
+        if inspect.isclass(target)
+        else [target]
+    )
     names: set[str] = set()
     for function in functions:
         try:
@@ -281,7 +310,7 @@ def model_options() -> dict[str, tuple[str, ...]]:
         if not (entry.startswith("task/") and entry.endswith("@_here_")):
             return None
         if entry not in tasks:
-            task_file = model_dir.joinpath(f"{entry[:-len('@_here_')]}.yaml")
+            task_file = model_dir.joinpath(f"{entry[: -len('@_here_')]}.yaml")
             target = OmegaConf.create(task_file.read_text()).get("_target_") if task_file.is_file() else None
             located = _locate(str(target)) if target else None
             tasks[entry] = tuple(getattr(located, "data_tasks", ()))
@@ -315,7 +344,11 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
     net = model.get("net") or {}
     net_class = _locate(str(net.get("_target_", ""))) if isinstance(net, dict) else None
     # a sequence model (its forward takes each sample's length) on single 2D images
-    if "length" in getattr(net_class, "extra_inputs", ()) and data.get("spatial_dims") == 2 and "max_length" not in data:
+    if (
+        "length" in getattr(net_class, "extra_inputs", ())
+        and data.get("spatial_dims") == 2
+        and "max_length" not in data
+    ):
         problems.append(
             f"the net ({net['_target_'].rsplit('.', 1)[-1]}) reads sequences of images, but these data are single "
             "2D images; use data=synthetic_longitudinal or files_longitudinal (images over time), or 3D data "
@@ -331,10 +364,16 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
     # images stacked into the net's input (a registration net takes the moving and the fixed image)
     images = getattr(task_class, "net_input_images", 1)
     if "in_channels" in net and "in_channels" in data and net["in_channels"] != images * data["in_channels"]:
-        expected = "they must match" if images == 1 else f"the net takes {images} x data.in_channels (the images it stacks)"
-        problems.append(f"model.net.in_channels={net['in_channels']} but data.in_channels={data['in_channels']}; {expected}")
+        expected = (
+            "they must match" if images == 1 else f"the net takes {images} x data.in_channels (the images it stacks)"
+        )
+        problems.append(
+            f"model.net.in_channels={net['in_channels']} but data.in_channels={data['in_channels']}; {expected}"
+        )
     if "spatial_dims" in net and "spatial_dims" in data and net["spatial_dims"] != data["spatial_dims"]:
-        problems.append(f"model.net.spatial_dims={net['spatial_dims']} but data.spatial_dims={data['spatial_dims']}; they must match")
+        problems.append(
+            f"model.net.spatial_dims={net['spatial_dims']} but data.spatial_dims={data['spatial_dims']}; they must match"
+        )
     # GlobalNet is built for one input size: a number of pixels (voxels) per spatial axis, the data's
     net_size, data_size = net.get("image_size"), data.get("image_size")
     if isinstance(net_size, list) and (
@@ -392,7 +431,12 @@ def check_devices(config: dict[str, Any]) -> list[str]:
     accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", "auto")
     if isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
-    if not isinstance(devices, int) or isinstance(devices, bool) or devices <= 1 or trainer.get("strategy") not in (None, "auto"):
+    if (
+        not isinstance(devices, int)
+        or isinstance(devices, bool)
+        or devices <= 1
+        or trainer.get("strategy") not in (None, "auto")
+    ):
         return []  # one device, "auto", a list (Lightning's to check), or a strategy chosen on purpose
     if accelerator == "auto":
         import torch
@@ -436,7 +480,9 @@ def check_monitors(config: dict[str, Any], logged: Sequence[str], task: str) -> 
             close = difflib.get_close_matches(str(monitor), sorted(names), n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             extra = f"; callbacks may log {sorted(added - set(logged))}" if added - set(logged) else ""
-            problems.append(f"{key}.monitor={monitor!r}: not logged by this run; {hint}{task} logs {sorted(logged)}{extra}")
+            problems.append(
+                f"{key}.monitor={monitor!r}: not logged by this run; {hint}{task} logs {sorted(logged)}{extra}"
+            )
     if problems:
         lines = "\n".join(f"  - {problem}" for problem in problems)
         raise MedexpError(f"{len(problems)} problem(s) in the config:\n{lines}")
@@ -453,7 +499,14 @@ def validate_config(config: dict[str, Any], extra: Sequence[str] = ()) -> None:
     Raises:
         MedexpError: listing every problem found, one per line.
     """
-    problems = [*check_values(config), *check_arguments(config), *check_combinations(config), *check_accelerator(config), *check_devices(config), *extra]
+    problems = [
+        *check_values(config),
+        *check_arguments(config),
+        *check_combinations(config),
+        *check_accelerator(config),
+        *check_devices(config),
+        *extra,
+    ]
     if problems:
         lines = "\n".join(f"  - {problem}" for problem in problems)
         raise MedexpError(f"{len(problems)} problem(s) in the config:\n{lines}")

@@ -41,7 +41,9 @@ def run(command: list[str], threads: int, cwd: Path | None = None) -> float:
     done = subprocess.run(command, env=env(threads), cwd=cwd or REPO, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise SystemExit(
+            f"benchmark command failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return elapsed
 
 

@@ -45,8 +45,14 @@ def medexp_run(shared: list[str], out: Path, extra: list[str] = ()) -> dict:
     """One `medexp train` (defaults otherwise; no test and report: they come after the timed part)."""
     timing = out / "timing.json"
     command = medexp(
-        "train", *shared, "test=false", "report=false", f"hydra.run.dir={out}",
-        "+callbacks.step_timer._target_=common.StepTimer", f"+callbacks.step_timer.path={timing}", *extra,
+        "train",
+        *shared,
+        "test=false",
+        "report=false",
+        f"hydra.run.dir={out}",
+        "+callbacks.step_timer._target_=common.StepTimer",
+        f"+callbacks.step_timer.path={timing}",
+        *extra,
     )
     run(command, THREADS)
     return json.loads(timing.read_text())
@@ -70,8 +76,9 @@ def raw_loop(shared: list[str], out: Path) -> None:
     from lightning.fabric.utilities.seed import seed_everything
     from omegaconf import open_dict
 
-    from medexp.callbacks.seed import epoch_seed
-    from medexp.utils.config import build, register_resolvers
+    from medexp.data.sampling import epoch_seed
+    from medexp.resolvers import register_resolvers
+    from medexp.utils.config import build
 
     register_resolvers()
     with initialize_config_module(config_module="medexp.conf", version_base="1.3"):
@@ -117,10 +124,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="timed: all but the first")
     parser.add_argument("--train", type=int, default=2048, help="training images per epoch")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: process CPU time, steadier on a busy machine (use with --threads 1)")
-    parser.add_argument("--medexp", nargs="*", default=[], metavar="OVERRIDE",
-                        help="overrides of the medexp side only, e.g. callbacks.rich_progress_bar=null (what it costs)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time, steadier on a busy machine (use with --threads 1)",
+    )
+    parser.add_argument(
+        "--medexp",
+        nargs="*",
+        default=[],
+        metavar="OVERRIDE",
+        help="overrides of the medexp side only, e.g. callbacks.rich_progress_bar=null (what it costs)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run: correctness only")
     parser.add_argument("--save", type=Path, default=None, help="append the result to this JSON-lines file")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
@@ -166,8 +182,10 @@ def main() -> None:
         "tiny": args.tiny,
     }
     save(args.save, result)
-    print(f"\n{args.model}: medexp {timing['median_a']:.2f} ms/step vs raw {timing['median_b']:.2f} ms/step = "
-          f"{fmt_ratio(timing)}; losses of {steps} steps agree to {diff:.1e}")
+    print(
+        f"\n{args.model}: medexp {timing['median_a']:.2f} ms/step vs raw {timing['median_b']:.2f} ms/step = "
+        f"{fmt_ratio(timing)}; losses of {steps} steps agree to {diff:.1e}"
+    )
     if diff > 1e-5:
         raise SystemExit(f"the losses differ by {diff:.2e} > 1e-5")
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import medexp, run, save
 
 THREADS = 2
@@ -40,14 +39,19 @@ def bare(ckpt: Path, folder: Path, batch_size: int, out: Path) -> None:
     import torch
     from PIL import Image
 
-    from medexp.utils.checkpoint import load_checkpoint, rebuild_model
+    from medexp.checkpoints.checkpoint import Checkpoint
 
-    model = rebuild_model(load_checkpoint(ckpt))
+    model = Checkpoint(ckpt).build_model()
     files = sorted(folder.glob("*.png"))
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(files), batch_size):
-            x = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255.0)[None] for f in files[i : i + batch_size]])
+            x = torch.stack(
+                [
+                    torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255.0)[None]
+                    for f in files[i : i + batch_size]
+                ]
+            )
             torch.softmax(model(x), dim=1)
     elapsed = time.perf_counter() - start
     x = torch.rand(batch_size, 1, *np.asarray(Image.open(files[0])).shape)
@@ -80,20 +84,42 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # a checkpoint of the default model (its weights do not matter here)
-        run(medexp("train", f"hydra.run.dir={tmp / 'run'}", "trainer.max_epochs=1", f"data.image_size={args.size}",
-                   "data.num_samples={train: 64, val: 32, test: 32}", "test=false", "report=false"), THREADS)
+        run(
+            medexp(
+                "train",
+                f"hydra.run.dir={tmp / 'run'}",
+                "trainer.max_epochs=1",
+                f"data.image_size={args.size}",
+                "data.num_samples={train: 64, val: 32, test: 32}",
+                "test=false",
+                "report=false",
+            ),
+            THREADS,
+        )
         ckpt = tmp / "run" / "checkpoints" / "best.ckpt"
         folders = {n: tmp / f"images{n}" for n in (args.images, 2 * args.images)}
         for n, folder in folders.items():
             write_pngs(folder, n if not args.tiny or n == args.images else 0, args.size)
 
         def ours(n: int) -> float:
-            return run(medexp("predict", f"ckpt_path={ckpt}", f"input={folders[n]}", f"output={tmp / f'out{n}'}",
-                              f"batch_size={args.batch_size}", f"hydra.run.dir={tmp / f'predict{n}'}"), THREADS)
+            return run(
+                medexp(
+                    "predict",
+                    f"ckpt_path={ckpt}",
+                    f"input={folders[n]}",
+                    f"output={tmp / f'out{n}'}",
+                    f"batch_size={args.batch_size}",
+                    f"hydra.run.dir={tmp / f'predict{n}'}",
+                ),
+                THREADS,
+            )
 
         def loop(n: int) -> dict:
             out = tmp / f"bare{n}.json"
-            total = run([sys.executable, __file__, "--bare", str(ckpt), str(folders[n]), str(args.batch_size), str(out)], THREADS)
+            total = run(
+                [sys.executable, __file__, "--bare", str(ckpt), str(folders[n]), str(args.batch_size), str(out)],
+                THREADS,
+            )
             return {"total": total, **json.loads(out.read_text())}
 
         # the tiny check runs each side once, on N images only
@@ -121,18 +147,26 @@ def main() -> None:
     model_ips = [m / r["bare"][m]["model_only_s"] for r in rows]
     ratios = [b / a for a, b in zip(ours_ips, loop_ips)]
     result = {
-        "benchmark": "predict", "threads": args.threads, "pairs": args.pairs, "images": n, "size": args.size,
+        "benchmark": "predict",
+        "threads": args.threads,
+        "pairs": args.pairs,
+        "images": n,
+        "size": args.size,
         "batch_size": args.batch_size,
         "medexp_images_per_s": statistics.median(ours_ips),
         "bare_loop_images_per_s": statistics.median(loop_ips),
         "bare_loop_in_process_images_per_s": statistics.median(inner_ips),
         "model_only_images_per_s": statistics.median(model_ips),
-        "time_ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)], "tiny": args.tiny,
+        "time_ratio": statistics.median(ratios),
+        "spread": [min(ratios), max(ratios)],
+        "tiny": args.tiny,
     }
     save(args.save, result)
-    print(f"\npredict: medexp {result['medexp_images_per_s']:.0f} img/s vs bare loop {result['bare_loop_images_per_s']:.0f} img/s "
-          f"(time ratio {result['time_ratio']:.2f}x, {min(ratios):.2f}-{max(ratios):.2f}); "
-          f"model(x) alone {result['model_only_images_per_s']:.0f} img/s")
+    print(
+        f"\npredict: medexp {result['medexp_images_per_s']:.0f} img/s vs bare loop {result['bare_loop_images_per_s']:.0f} img/s "
+        f"(time ratio {result['time_ratio']:.2f}x, {min(ratios):.2f}-{max(ratios):.2f}); "
+        f"model(x) alone {result['model_only_images_per_s']:.0f} img/s"
+    )
 
 
 if __name__ == "__main__":

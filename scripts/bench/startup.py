@@ -28,8 +28,16 @@ def first_step(tmp: Path, index: int, extra: list[str]) -> float:
     out = tmp / f"run{index}"
     timing = out / "timing.json"
     start = time.time()
-    run(medexp("train", f"hydra.run.dir={out}", "+callbacks.step_timer._target_=common.StepTimer",
-               f"+callbacks.step_timer.path={timing}", *extra), THREADS)
+    run(
+        medexp(
+            "train",
+            f"hydra.run.dir={out}",
+            "+callbacks.step_timer._target_=common.StepTimer",
+            f"+callbacks.step_timer.path={timing}",
+            *extra,
+        ),
+        THREADS,
+    )
     return json.loads(timing.read_text())["first_step"] - start
 
 
@@ -44,7 +52,11 @@ def main() -> None:
     THREADS = args.threads
     pairs = 1 if args.tiny else args.pairs
     # the default run; the tiny check stops after one short epoch
-    extra = ["trainer.max_epochs=1", "data.num_samples={train: 64, val: 32, test: 32}", "test=false", "report=false"] if args.tiny else []
+    extra = (
+        ["trainer.max_epochs=1", "data.num_samples={train: 64, val: 32, test: 32}", "test=false", "report=false"]
+        if args.tiny
+        else []
+    )
     imports = [sys.executable, "-c", "import torch, lightning"]
     bare = [sys.executable, "-c", "pass"]
     counter = iter(range(10**6))
@@ -68,9 +80,11 @@ def main() -> None:
         "tiny": args.tiny,
     }
     save(args.save, result)
-    print(f"\n--help {help_['median_a']:.2f} s, --cfg job {job['median_a']:.2f} s (python alone {job['median_b']:.2f} s); "
-          f"first step {step['median_a']:.2f} s = import torch, lightning {step['median_b']:.2f} s "
-          f"+ {result['first_step_above_import_s']:.2f} s ({min(above):.2f}-{max(above):.2f})")
+    print(
+        f"\n--help {help_['median_a']:.2f} s, --cfg job {job['median_a']:.2f} s (python alone {job['median_b']:.2f} s); "
+        f"first step {step['median_a']:.2f} s = import torch, lightning {step['median_b']:.2f} s "
+        f"+ {result['first_step_above_import_s']:.2f} s ({min(above):.2f}-{max(above):.2f})"
+    )
 
 
 if __name__ == "__main__":

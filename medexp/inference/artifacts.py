@@ -1,0 +1,294 @@
+"""Exported models: a task's prediction as one TorchScript or ONNX graph that runs without
+medexp, the runner that loads it back, and the sidecar that says how to feed and read it;
+shared by ``medexp export`` and ``medexp compress``."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medexp.utils.errors import MedexpError
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+SIDECAR = "model.json"
+SUPPORTED = "classification (model.task binary, multiclass, multilabel) and segmentation"
+INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+
+
+def not_exported(task: type, target: str) -> str | None:
+    """Why a task class cannot be exported (its ``not_exported``, filled in), or None."""
+    reason = getattr(task, "not_exported", "cannot export a {name}; exportable: {supported}")
+    return None if reason is None else reason.format(name=task.__name__, target=target, supported=SUPPORTED)
+
+
+def export_problem(model: Any, target: str) -> str | None:
+    """Why ``model`` cannot be exported: its task's reason, else the model's own (a sequence
+    net, sliding windows; see ``export_problem`` of :class:`~medexp.tasks.base.BaseTask`), or None."""
+    reason = not_exported(type(model), target)
+    if reason is None and hasattr(model, "export_problem"):
+        problem = model.export_problem()
+        reason = None if problem is None else problem.format(supported=SUPPORTED)
+    return reason
+
+
+class Exported(nn.Module):
+    """The task's prediction as one module: ``task.postprocess(task.infer(image))``, i.e.
+    probabilities (a segmenter's flips at inference, ``model.tta_flips``, included).
+
+    Only the task's network is a submodule: tracing a LightningModule itself reads its
+    ``trainer``, which a rebuilt model has not.
+    """
+
+    def __init__(self, task: nn.Module) -> None:
+        super().__init__()
+        self.net = task.net
+        self._task = (task,)  # a tuple: not registered as a submodule
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        task = self._task[0]
+        return task.postprocess(task.infer(image))
+
+
+def export_onnx(wrapper: Any, example: Any, path: Path, opset: int, dynamic_spatial: bool, model: Any) -> str:
+    """Write ``wrapper`` traced on ``example`` as ONNX at ``path`` and check the file; return the
+    runtime that will run it."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise MedexpError(
+            f"format=onnx needs the packages onnx and onnxruntime ({exc}); pip install onnx onnxruntime"
+        ) from exc
+    import inspect
+
+    spatial = range(2, example.ndim)
+    axes_in = {0: "batch", **({axis: f"dim{axis - 2}" for axis in spatial} if dynamic_spatial else {})}
+    segments = model.pixel_classes
+    axes_out = {0: "batch", **({axis: f"dim{axis - 2}" for axis in spatial} if dynamic_spatial and segments else {})}
+    kwargs: dict[str, Any] = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # the TorchScript-based exporter: no onnxscript needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.9 deprecates the TorchScript-based exporter
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # instance norm always normalises with the input's statistics; the exporter says so
+        warnings.filterwarnings(
+            "ignore", message=r".*operator 'instance_norm' is set to train=True", category=UserWarning
+        )
+        try:
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(path),
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: axes_in, OUTPUT_NAME: axes_out},
+                **kwargs,
+            )
+        except Exception as exc:  # unsupported operators or opsets: torch raises several types
+            raise MedexpError(
+                f"cannot export the model as ONNX with opset={opset} ({type(exc).__name__}: {exc})"
+            ) from exc
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise MedexpError(f"the exported {path.name} is not a valid ONNX model ({type(exc).__name__}: {exc})") from exc
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def export_torchscript(wrapper: Any, example: Any, path: Path) -> str:
+    """Write ``wrapper`` traced on ``example`` as TorchScript at ``path``; return the runtime."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            traced = torch.jit.trace(wrapper, (example,), check_trace=False)
+        except Exception as exc:
+            raise MedexpError(f"cannot trace the model as TorchScript ({type(exc).__name__}: {exc})") from exc
+        torch.jit.save(traced, str(path))
+    return f"torch.jit {torch.__version__}"
+
+
+def load_runner(fmt: str, path: Path) -> Any:
+    """A function ``(B, C, *spatial)`` tensor -> outputs of the exported file at ``path``."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location="cpu")
+    module.eval()
+    return lambda x: module(x.cpu())
+
+
+def describe(
+    model: Any, datamodule: Any, run_cfg: dict[str, Any], example: Any, fmt: str, opset: int, dynamic_spatial: bool
+) -> dict[str, Any]:
+    """The sidecar's description of the exported model: input, preprocessing, output, classes."""
+    import medexp
+
+    segments = model.pixel_classes
+    task = "segmentation" if segments else model.task
+    shape = list(example.shape[1:])
+    num_classes = int(model.num_classes)
+    spatial = "(B, num_classes, *spatial)" if segments else "(B, num_classes)"
+    spatial_names = [f"dim{k}" for k in range(len(shape) - 1)]
+    if segments:
+        meaning = (
+            f"softmax probabilities of the {num_classes} classes (background first) for every pixel (voxel), "
+            f"{spatial}; the mask of class indices is the argmax over axis 1"
+        )
+    elif task == "multilabel":
+        meaning = (
+            f"sigmoid probability of each of the {num_classes} labels, independent of each other, {spatial}; "
+            "a label is present where its probability is above 0.5"
+        )
+    else:
+        meaning = f"softmax probabilities of the {num_classes} classes, {spatial}; the predicted class is the argmax over axis 1"
+    names = datamodule.class_names
+    data_cfg = run_cfg.get("data", {})
+    return {
+        "format": fmt,
+        "file": FORMATS[fmt],
+        **({"opset": opset} if fmt == "onnx" else {}),
+        "medexp_version": medexp.__version__,
+        "task": task,
+        "model": run_cfg.get("model", {}).get("_target_"),
+        "net": run_cfg.get("model", {}).get("net", {}).get("_target_"),
+        "input": {
+            "name": INPUT_NAME if fmt == "onnx" else None,
+            "shape": shape,
+            "batch_shape": ["batch", shape[0], *(spatial_names if dynamic_spatial else shape[1:])],
+            "dtype": "float32",
+            "layout": layout(datamodule),
+        },
+        "preprocessing": preprocessing(datamodule, data_cfg),
+        "intensity_range": None if datamodule.intensity_range is None else list(datamodule.intensity_range),
+        "output": {
+            "name": OUTPUT_NAME if fmt == "onnx" else None,
+            "batch_shape": [
+                "batch",
+                num_classes,
+                *((spatial_names if dynamic_spatial else shape[1:]) if segments else []),
+            ],
+            "dtype": "float32",
+            "meaning": meaning,
+        },
+        "num_classes": num_classes,
+        "class_names": [str(name) for name in names] if names else None,
+        **({"tta_flips": True} if segments and model.hparams.get("tta_flips") else {}),
+    }
+
+
+def reads_arrays(datamodule: Any) -> bool:
+    """True where inputs are prepared as in-memory arrays are (uint8 scaled to [0, 1])."""
+    from medexp.data.base import ArrayDataModule
+
+    return type(datamodule).predict_transform is ArrayDataModule.predict_transform
+
+
+def layout(datamodule: Any) -> str:
+    dims = int(datamodule.spatial_dims)
+    axes = "(C, H, W): channels, rows, columns" if dims == 2 else "(C, D, H, W): channels, then the volume's axes"
+    if reads_arrays(datamodule):
+        return f"{axes}, in numpy's axis order (as a PIL image converted with numpy.asarray, channels moved first)"
+    return (
+        "channels first, then the spatial axes as MONAI's LoadImage returns them: for PNG/JPEG/TIFF (W, H), "
+        "the transpose of numpy.asarray(PIL.Image.open(file)); for NIfTI/DICOM the stored voxel order"
+    )
+
+
+def preprocessing(datamodule: Any, data_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """What turns a raw image into the exported model's input, in order: reading and scaling
+    (as :meth:`~medexp.data.base.ArrayDataModule.predict_transform` does) and the data's
+    ``transforms`` as recorded in the checkpoint's config (MONAI dictionary transforms on key
+    ``image``; a ``formula`` where it is a simple one)."""
+    steps: list[dict[str, Any]] = []
+    if reads_arrays(datamodule):
+        steps.append(
+            {
+                "step": "read",
+                "description": "the image as an array of shape (C, *spatial); a grey image has C=1 (see input.layout)",
+            }
+        )
+        steps.append(
+            {
+                "step": "scale_intensity",
+                "description": "raw 8-bit intensities to [0, 1], as float32",
+                "in_range": [0.0, 255.0],
+                "out_range": [0.0, 1.0],
+                "formula": "x / 255",
+            }
+        )
+    else:
+        steps.append(
+            {
+                "step": "read",
+                "description": (
+                    "the file as monai.transforms.LoadImage(image_only=True, ensure_channel_first=True) reads it, "
+                    "intensities as stored (not scaled), as float32 (see input.layout)"
+                ),
+            }
+        )
+    for config in data_cfg.get("transforms") or []:
+        step = {"step": "transform", "config": config}
+        formula = transform_formula(config)
+        if formula:
+            step["formula"] = formula
+        steps.append(step)
+    return steps
+
+
+def transform_formula(config: dict[str, Any]) -> str | None:
+    """A plain description of a common MONAI intensity or resizing transform, else None."""
+    target = str(config.get("_target_", "")).rsplit(".", 1)[-1].rstrip("d")
+    match target:
+        case "NormalizeIntensity":
+            if config.get("channel_wise") or config.get("nonzero"):
+                return None
+            sub, div = config.get("subtrahend"), config.get("divisor")
+            sub_text = "mean(x)" if sub is None else f"{sub}"
+            div_text = "std(x)" if div is None else f"{div}"
+            return f"(x - {sub_text}) / {div_text}" + (" (per image)" if sub is None or div is None else "")
+        case "ScaleIntensity":
+            if config.get("factor") is not None or config.get("channel_wise"):
+                return None
+            low, high = config.get("minv", 0.0), config.get("maxv", 1.0)
+            return f"(x - min(x)) / (max(x) - min(x)) * ({high} - {low}) + {low} (per image)"
+        case "ScaleIntensityRange":
+            a_min, a_max, b_min, b_max = (config.get(k) for k in ("a_min", "a_max", "b_min", "b_max"))
+            formula = f"(x - {a_min}) / ({a_max} - {a_min}) * ({b_max} - {b_min}) + {b_min}"
+            return formula + (f", clipped to [{b_min}, {b_max}]" if config.get("clip") else "")
+        case "Resize":
+            return (
+                f"resize the spatial axes to {config.get('spatial_size')} ({config.get('mode', 'area')} interpolation)"
+            )
+    return None
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path``, in hex (the sidecar's record of the checkpoint)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_torchscript(task: Any, net: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torch.Tensor], Any]:
+    """Save ``net`` with ``task``'s postprocessing as TorchScript at ``path`` (as ``medexp
+    export`` does); return the file loaded back: ``(B, C, *spatial)`` -> probabilities."""
+    task.net = net  # Exported runs task.postprocess(task.infer(x)), i.e. with this net
+    export_torchscript(Exported(task).eval(), example, path)
+    return load_runner("torchscript", path)
