@@ -51,11 +51,24 @@ from torch import nn
 from medexp.resolvers import register_resolvers
 from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import MedexpError, user_errors
+from medexp.utils.validation import Rule, check_options
 
 log = logging.getLogger("medexp")
 register_resolvers()
 
 METHODS = ("dynamic", "static", "prune")
+_POSITIVE = "expected a positive integer"
+# the options a table can check; amount and backend depend on the method (method_problems)
+RULES = (
+    Rule("method", METHODS),
+    Rule("batch_size", "int", 1, exact=True, message=_POSITIVE),
+    Rule("calibration_batches", "int", 1, exact=True, message=_POSITIVE),
+    Rule("latency.batch_size", "int", 1, exact=True, message=_POSITIVE),
+    Rule("latency.repeats", "int", 1, exact=True, message=_POSITIVE),
+    Rule("latency.threads", "int", 1, exact=True, message=_POSITIVE),
+    Rule("latency.warmup", "int", 0, exact=True),
+    Rule("batches", "int", 1, exact=True, optional=True, message=f"{_POSITIVE}, or null for the whole test split"),
+)
 # the layers dynamic quantization makes int8 (torch.ao's defaults for qint8 besides RNN cells)
 DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
 # the weights that pruning considers
@@ -87,7 +100,9 @@ def compress(cfg: DictConfig) -> Path:
     from medexp.utils.config import check_config
 
     check_config(cfg)
-    method, amounts = check_options(cfg)
+    check_options(cfg, RULES, extra=method_problems(cfg))
+    method = cfg.method
+    amounts = [float(a) for a in _amounts(cfg.amount)] if method == "prune" else []
 
     from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
     from medexp.inference.artifacts import describe, sha256
@@ -228,42 +243,25 @@ def measure_variants(
     return rows
 
 
-def check_options(cfg: DictConfig) -> tuple[str, list[float]]:
-    """The method and, for ``prune``, the amounts, every other option checked.
-
-    Raises:
-        MedexpError: naming the key, its value and what is valid.
-    """
-    method = cfg.method
-    if not isinstance(method, str) or method not in METHODS:
-        raise MedexpError(f"method={method!r}; expected one of {list(METHODS)}")
-    amounts: list[float] = []
-    if method == "prune":
-        given = cfg.amount
-        values = list(given) if not isinstance(given, (int, float, str)) and given is not None else [given]
+def method_problems(cfg: DictConfig) -> list[str]:
+    """What :data:`RULES` cannot say: ``amount`` for ``prune``, and for the quantizing methods a
+    ``backend`` among the quantized engines of this torch build (known only at run time)."""
+    if cfg.method == "prune":
+        given, values = cfg.amount, _amounts(cfg.amount)
         if not values or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a < 1 for a in values):
-            raise MedexpError(f"amount={_plain(given)!r}; expected fractions in (0, 1), e.g. amount=[0.2,0.5,0.8]")
+            return [f"amount={_plain(given)!r}; expected fractions in (0, 1), e.g. amount=[0.2,0.5,0.8]"]
         if len(set(values)) < len(values):
-            raise MedexpError(f"amount={_plain(given)!r}: each amount once")
-        amounts = [float(a) for a in values]
-    engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
-    if method != "prune" and cfg.backend not in engines:
-        raise MedexpError(f"backend={cfg.backend!r}; this torch build has the quantized engines {engines}")
-    from omegaconf import OmegaConf
-
-    for key in ("batch_size", "calibration_batches", "latency.batch_size", "latency.repeats", "latency.threads"):
-        value = OmegaConf.select(cfg, key)
-        if not _is_int(value) or value < 1:
-            raise MedexpError(f"{key}={value!r}; expected a positive integer")
-    if not _is_int(cfg.latency.warmup) or cfg.latency.warmup < 0:
-        raise MedexpError(f"latency.warmup={cfg.latency.warmup!r}; expected an integer >= 0")
-    if cfg.batches is not None and (not _is_int(cfg.batches) or cfg.batches < 1):
-        raise MedexpError(f"batches={cfg.batches!r}; expected a positive integer, or null for the whole test split")
-    return method, amounts
+            return [f"amount={_plain(given)!r}: each amount once"]
+    elif cfg.method in METHODS:
+        engines = [e for e in torch.backends.quantized.supported_engines if e != "none"]
+        if cfg.backend not in engines:
+            return [f"backend={cfg.backend!r}; this torch build has the quantized engines {engines}"]
+    return []
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _amounts(given: Any) -> list[Any]:
+    """``amount`` as a list: one fraction or several."""
+    return list(given) if not isinstance(given, (int, float, str)) and given is not None else [given]
 
 
 def _plain(value: Any) -> Any:

@@ -19,10 +19,14 @@ from omegaconf import DictConfig
 from medexp.resolvers import register_resolvers
 from medexp.utils.config import CONFIG_PATH
 from medexp.utils.distributed import ddp_workers_join_this_job
-from medexp.utils.errors import MedexpError, user_errors
+from medexp.utils.errors import user_errors
+from medexp.utils.validation import Rule, check_options
 
 log = logging.getLogger("medexp")
 register_resolvers()
+
+SPLITS = ("val", "test")
+RULES = (Rule("splits", SPLITS, sequence=True, message=f"expected a non-empty subset of {list(SPLITS)}"),)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -35,9 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from medexp.utils.config import check_config
 
     check_config(cfg)
-    unknown = sorted(set(cfg.splits) - {"val", "test"})
-    if unknown:
-        raise MedexpError(f"splits={list(cfg.splits)}; expected a subset of ['val', 'test']")
+    check_options(cfg, RULES)
 
     import lightning.pytorch as L
     from hydra.utils import instantiate

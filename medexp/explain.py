@@ -61,14 +61,24 @@ from medexp.explainability.maps import (
     mask_scores,
     overlay_picture,
 )
+from medexp.metrics.saliency import BASELINES
 from medexp.resolvers import register_resolvers
 from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import MedexpError, user_errors
+from medexp.utils.validation import Rule, check_options
 
 log = logging.getLogger("medexp")
 register_resolvers()
 
 SPLITS = ("val", "test")
+RULES = (
+    Rule("method", tuple(METHODS)),
+    Rule("split", SPLITS, optional=True),
+    Rule("baseline", BASELINES),
+    Rule("steps", "int", 0, exact=True, message="expected 0 (no deletion/insertion curves) or more"),
+    Rule("batch_size", "int", 1, exact=True, message="expected a positive integer"),
+    Rule("limit", "int", 1, exact=True, optional=True, message="expected a positive number of images or null (all)"),
+)
 
 # --- inputs -----------------------------------------------------------------------------------
 
@@ -200,27 +210,19 @@ SCORES = (
 POINTING = ("pointing_mass", "mask_fraction", "pointing_lift", "pointing_hit")
 
 
-def _check_options(cfg: DictConfig) -> None:
-    if cfg.method not in METHODS:
-        raise MedexpError(f"method={cfg.method!r}; expected one of {list(METHODS)}")
+def _combination_problems(cfg: DictConfig) -> list[str]:
+    """What :data:`RULES` cannot say: the images come from ``input`` or ``split`` (one of them),
+    ``mask`` goes with ``input``, and ``device`` names a device torch knows."""
+    problems = []
     if (cfg.input is None) == (cfg.split is None):
-        raise MedexpError("give either input=<image file, folder, glob or CSV> or split=test|val (not both)")
-    if cfg.split is not None and cfg.split not in SPLITS:
-        raise MedexpError(f"split={cfg.split!r}; expected one of {list(SPLITS)}")
+        problems.append("give either input=<image file, folder, glob or CSV> or split=test|val (not both)")
     if cfg.split is not None and cfg.mask is not None:
-        raise MedexpError("mask= applies to input= files; split= uses the masks its data serve")
-    from medexp.metrics.saliency import BASELINES
-
-    if cfg.baseline not in BASELINES:
-        raise MedexpError(f"baseline={cfg.baseline!r}; expected one of {list(BASELINES)}")
-    if cfg.steps < 0:
-        raise MedexpError(f"steps={cfg.steps}; expected 0 (no deletion/insertion curves) or more")
-    if cfg.batch_size < 1:
-        raise MedexpError(f"batch_size={cfg.batch_size}; expected a positive integer")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise MedexpError(f"limit={cfg.limit}; expected a positive number of images or null (all)")
-    if cfg.method == "occlusion" and cfg.layer is not None:
-        log.warning("layer=%s is ignored: occlusion sensitivity has no layer", cfg.layer)
+        problems.append("mask= applies to input= files; split= uses the masks its data serve")
+    try:
+        _device(str(cfg.device))
+    except MedexpError as exc:
+        problems.append(str(exc))
+    return problems
 
 
 def _device(spec: str) -> torch.device:
@@ -271,7 +273,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     from medexp.utils.config import check_config
 
     check_config(cfg)
-    _check_options(cfg)
+    check_options(cfg, RULES, extra=_combination_problems(cfg))
+    if cfg.method == "occlusion" and cfg.layer is not None:
+        log.warning("layer=%s is ignored: occlusion sensitivity has no layer", cfg.layer)
 
     from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
     from medexp.inference.inputs import find_inputs, mask_files
@@ -404,10 +408,10 @@ def _row(cfg: DictConfig, batch: Batch, k: int, out: dict[str, Any], output: Pat
 
 
 def _overlay_name(name: str) -> str:
-    from medexp.data.paths import file_stem as _stem
+    from medexp.data.paths import file_stem
 
     path = Path(name)
-    return str(path.parent / _stem(path)) if path.suffix else name
+    return str(path.parent / file_stem(path)) if path.suffix else name
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

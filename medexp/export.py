@@ -30,11 +30,34 @@ from medexp.inference.artifacts import FORMATS, SIDECAR, load_runner
 from medexp.resolvers import register_resolvers
 from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import MedexpError, user_errors
+from medexp.utils.validation import Rule, check_options
 
 log = logging.getLogger("medexp")
 register_resolvers()
 
 MIN_OPSET = 17
+
+RULES = (
+    Rule("format", tuple(FORMATS)),
+    Rule("opset", "int", MIN_OPSET, exact=True, message=f"expected an ONNX opset of at least {MIN_OPSET}"),
+    Rule("batch_size", "int", 1, exact=True, message="expected a positive integer"),
+    Rule(
+        "verify.batches",
+        "int",
+        1,
+        exact=True,
+        optional=True,
+        message="expected a positive integer, or null for the whole test split",
+    ),
+    Rule(
+        "verify.tolerance",
+        "number",
+        0,
+        finite=False,
+        message="expected a number >= 0 (the largest absolute difference allowed)",
+    ),
+    Rule("dynamic_spatial", "bool"),
+)
 
 
 def export(cfg: DictConfig) -> Path:
@@ -51,8 +74,9 @@ def export(cfg: DictConfig) -> Path:
     from medexp.utils.config import check_config
 
     check_config(cfg)
-    fmt, opset, batches, tolerance = _check_options(cfg)
-    dynamic_spatial = bool(cfg.dynamic_spatial) and fmt == "onnx"
+    check_options(cfg, RULES)
+    fmt, opset, batches, tolerance = cfg.format, cfg.opset, cfg.verify.batches, float(cfg.verify.tolerance)
+    dynamic_spatial = cfg.dynamic_spatial and fmt == "onnx"
 
     from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
     from medexp.inference.artifacts import Exported, describe, export_onnx, export_torchscript, sha256
@@ -155,32 +179,6 @@ def _verify(model: Any, run: Any, inputs: list[torch.Tensor], fmt: str) -> tuple
             max_diff = max(max_diff, float(diff) if torch.isfinite(diff) else float("inf"))
             samples += x.shape[0] if index < len(inputs) else 0
     return max_diff, samples
-
-
-def _check_options(cfg: DictConfig) -> tuple[str, int, int | None, float]:
-    fmt = cfg.format
-    if not isinstance(fmt, str) or fmt not in FORMATS:
-        raise MedexpError(f"format={fmt!r}; expected one of {list(FORMATS)}")
-    opset = cfg.opset
-    if not _is_int(opset) or opset < MIN_OPSET:
-        raise MedexpError(f"opset={opset!r}; expected an ONNX opset of at least {MIN_OPSET}")
-    if not _is_int(cfg.batch_size) or cfg.batch_size < 1:
-        raise MedexpError(f"batch_size={cfg.batch_size!r}; expected a positive integer")
-    batches = cfg.verify.batches
-    if batches is not None and (not _is_int(batches) or batches < 1):
-        raise MedexpError(f"verify.batches={batches!r}; expected a positive integer, or null for the whole test split")
-    tolerance = cfg.verify.tolerance
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise MedexpError(
-            f"verify.tolerance={tolerance!r}; expected a number >= 0 (the largest absolute difference allowed)"
-        )
-    if not isinstance(cfg.dynamic_spatial, bool):
-        raise MedexpError(f"dynamic_spatial={cfg.dynamic_spatial!r}; expected true or false")
-    return fmt, int(opset), batches, float(tolerance)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _refuse_by_target(checkpoint: Any) -> None:

@@ -28,9 +28,23 @@ from medexp.inference.loop import UNCERTAINTY
 from medexp.resolvers import register_resolvers
 from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import MedexpError, user_errors
+from medexp.utils.validation import Rule, check_options
 
 log = logging.getLogger("medexp")
 register_resolvers()
+
+RULES = (
+    Rule("batch_size", "int", 1, exact=True, message="expected a positive integer"),
+    Rule("uncertainty", UNCERTAINTY, optional=True, message=f"expected null or one of {list(UNCERTAINTY)}"),
+    # checked with uncertainty=null too: a bad value is a mistake whether or not it is used now
+    Rule(
+        "samples",
+        "int",
+        2,
+        exact=True,
+        message="expected an integer of at least 2 (the passes of uncertainty=mc_dropout)",
+    ),
+)
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -42,9 +56,8 @@ def predict(cfg: DictConfig) -> Path:
     from medexp.utils.config import check_config
 
     check_config(cfg)
-    if cfg.batch_size < 1:
-        raise MedexpError(f"batch_size={cfg.batch_size}; expected a positive integer")
-    method = check_uncertainty(cfg)
+    check_options(cfg, RULES)
+    method = cfg.get("uncertainty")
 
     import lightning.pytorch as L
     from hydra.utils import instantiate
@@ -81,23 +94,6 @@ def predict(cfg: DictConfig) -> Path:
     writer.save(table)
     log.info("predictions: %s", table)
     return table
-
-
-def check_uncertainty(cfg: DictConfig) -> str | None:
-    """The ``uncertainty`` method asked for (None: plain predictions), ``samples`` checked.
-
-    Raises:
-        MedexpError: naming the key with a bad value.
-    """
-    method = cfg.get("uncertainty")
-    if method is not None and method not in UNCERTAINTY:
-        raise MedexpError(f"uncertainty={method!r}; expected null or one of {list(UNCERTAINTY)}")
-    samples = cfg.get("samples")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise MedexpError(
-            f"samples={samples!r}; expected an integer of at least 2 (the passes of uncertainty=mc_dropout)"
-        )
-    return method
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")

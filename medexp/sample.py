@@ -20,11 +20,16 @@ from omegaconf import DictConfig
 from medexp.resolvers import register_resolvers
 from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import MedexpError, user_errors
+from medexp.utils.validation import Rule, check_options
 
 log = logging.getLogger("medexp")
 register_resolvers()
 
 SPLITS = ("train", "val", "test")
+RULES = (
+    Rule("n", "int", 1, exact=True, message="expected a positive number of images"),
+    Rule("reference_split", SPLITS),
+)
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
@@ -37,10 +42,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     from medexp.utils.config import check_config
 
     check_config(cfg)
-    if cfg.n < 1:
-        raise MedexpError(f"n={cfg.n}; expected a positive number of images")
-    if cfg.reference_split not in SPLITS:
-        raise MedexpError(f"reference_split={cfg.reference_split!r}; expected one of {list(SPLITS)}")
+    check_options(cfg, RULES)
 
     import numpy as np
     import torch

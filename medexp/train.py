@@ -44,30 +44,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pruner stopped the run), ``seed``, ``fit``, ``monitor``, ``best_score``,
         ``best_checkpoint``, ``calibration`` (with ``model.calibrate=true``), ``val`` and ``test``.
     """
-    from medexp.privacy import check_config as check_privacy
-    from medexp.utils.config import check_config
-    from medexp.utils.validation import check_monitors, validate_config
-
-    # every config problem at once, before anything is built (the seed may still be null)
-    config = check_config(cfg)
-    validate_config(config, extra=check_privacy(config))
-    if config.get("ckpt_path"):  # a missing, foreign or unsafe file: one line now, not after building
-        from medexp.checkpoints.checkpoint import Checkpoint
-
-        Checkpoint(config["ckpt_path"]).check_builds_like(config)
-
+    _check_before_building(cfg)
+    # imported before tidy_library_output, which removes the console handler lightning attaches
     import lightning.pytorch as L
-    from hydra.utils import instantiate
 
     from medexp.callbacks.faults import RunStopped
-    from medexp.callbacks.moved_checkpoints import RestoreMovedCheckpoints
-    from medexp.callbacks.seed import SeedEachEpoch
-    from medexp.checkpoints.checkpoint import StoreConfig
-    from medexp.utils.config import build, instantiate_dict
-    from medexp.utils.loggers import start_loggers
-    from medexp.utils.preflight import check_run_dirs
-    from medexp.utils.privacy import hyperparams_for
-    from medexp.utils.run_info import run_info, to_floats, write_json
+    from medexp.utils.run_info import write_json
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
@@ -76,96 +58,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.seed = seed
     out = Path(cfg.paths.output_dir)
+    resumed = bool(cfg.train and cfg.ckpt_path)
     previous = read_json(out / "run_info.json")  # present when resuming this run's directory
-    if cfg.train and cfg.ckpt_path:
+    if resumed:
         log.info("resuming from %s", cfg.ckpt_path)
         _continue_logger_runs(cfg, previous.get("loggers", {}))
-    resolved = check_config(cfg)
-    _check_recorded(resolved)
-    check_run_dirs(resolved)  # a full disk or unwritable directory now, not at the first checkpoint
-
-    # plain lists and dicts, not OmegaConf containers: hyperparameters are saved in checkpoints
-    datamodule = build(cfg.data)
-    model = build(cfg.model)
-    # callbacks' monitors against what this task logs: now, not when the first epoch ends
-    check_monitors(resolved, model.logged_metrics(), type(model).__name__)
-    # privacy=dp: Opacus-compatible layers before the optimiser exists; its callback goes first, so
-    # it sees each loss before the fault check does (see medexp.privacy.dp)
-    privacy = [build(cfg.privacy)] if cfg.get("privacy") else []
-    for dp in privacy:
-        dp.prepare(model)
-    callbacks = [
-        *privacy,
-        *instantiate_dict(cfg.get("callbacks")),
-        StoreConfig(resolved),
-        SeedEachEpoch(seed),
-        RestoreMovedCheckpoints(),
-    ]  # a resumed run whose directory moved keeps its best checkpoint
-    loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=out)  # drops those that fail
-    if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
-        callbacks = [c for c in callbacks if not isinstance(c, L.callbacks.LearningRateMonitor)]
-    if cfg.trainer.get("strategy") == "ddp" and getattr(model, "ddp_strategy", None):
-        log.info("%s under DDP: trainer.strategy=%s", type(model).__name__, model.ddp_strategy)
-        cfg.trainer.strategy = model.ddp_strategy
-    from medexp.privacy.encryption import EncryptedCheckpointIO
-
-    # checkpoints encrypted with encryption.key_env's key; encrypted ones are read in any case
-    checkpoint_io = EncryptedCheckpointIO((cfg.get("encryption") or {}).get("key_env"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint_io])
-
-    info = run_info(seed) if trainer.is_global_zero else {}
-    if trainer.is_global_zero:
-        info["loggers"] = {**previous.get("loggers", {}), **_logger_run_ids(loggers)}
-        if cfg.train and cfg.ckpt_path:
-            info["resumed_from"] = [*previous.get("resumed_from", []), str(cfg.ckpt_path)]
-        write_json(out / "run_info.json", info)
-        # Hydra's .hydra/config.yaml keeps interpolations; this is what actually ran
-        OmegaConf.save(resolved, out / "resolved_config.yaml")
+    resolved = _check_resolved(cfg)
+    datamodule, model, loggers, trainer = _build(cfg, resolved, seed)
+    info = _write_run_record(cfg, resolved, seed, loggers, previous) if trainer.is_global_zero else {}
     # before the loggers start: CSVLogger deletes the metrics.csv of the run being resumed
-    csv_history = CsvHistory(loggers if cfg.train and cfg.ckpt_path and trainer.is_global_zero else [])
+    csv_history = CsvHistory(loggers if resumed and trainer.is_global_zero else [])
     csv_history.read()
-    continued = previous.get("loggers", {}) if cfg.train and cfg.ckpt_path else {}
-    for logger in loggers:
-        if type(logger).__name__ == "MLFlowLogger" and continued.get("mlflow") == logger.run_id:
-            continue  # MLflow refuses to change a run's params: they stay as the run started
-        # remote loggers (wandb, an MLflow server) get file paths as pseudonyms (logger.hash_paths)
-        logger.log_hyperparams(hyperparams_for(logger, _flatten(resolved), resolved.get("logger")))
+    _log_hyperparams(loggers, resolved, previous.get("loggers", {}) if resumed else {})
 
     metrics: dict[str, Any] = {"status": "complete", "seed": seed}
     try:
-        if cfg.train:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-            metrics["fit"] = to_floats(trainer.callback_metrics)
-            if any(getattr(callback, "pruned", False) for callback in trainer.callbacks):
-                metrics["status"] = "pruned"
-        if hasattr(datamodule, "fingerprint") and trainer.is_global_zero:
-            datamodule.setup()  # done by fit; a test-only run (train=false) has not set it up yet
-            info["data_fingerprint"] = datamodule.fingerprint()
-            write_json(out / "run_info.json", info)
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        # without medexp's checkpoint callbacks (callbacks=none), Lightning's default one keeps
-        # the latest checkpoint, scored by nothing
-        if cfg.train and best and trainer.checkpoint_callback.best_model_score is not None:
-            metrics.update(
-                monitor=model.monitor,
-                best_score=float(trainer.checkpoint_callback.best_model_score),
-                best_checkpoint=best,
-            )
-        if cfg.train and metrics["status"] != "pruned" and model.hparams.get("calibrate"):
-            # temperature scaling of the best checkpoint on the validation split, written into it
-            from medexp.reports.calibration import calibrate_checkpoint
-
-            key_env = OmegaConf.select(cfg, "encryption.key_env")
-            metrics["calibration"] = calibrate_checkpoint(trainer, model, datamodule, best or None, key_env)
-        if cfg.test and metrics["status"] != "pruned":
-            # without training (train=false), test the checkpoint given as ckpt_path
-            ckpt = best or cfg.ckpt_path
-            if not ckpt:
-                log.warning("no best checkpoint was saved; evaluating the current weights")
-            metrics["val"] = to_floats(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)[0])
-            metrics["test"] = to_floats(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)[0])
-            if cfg.get("report") and trainer.is_global_zero:
-                _write_report(cfg, trainer, model, datamodule, metrics, ckpt)
+        _fit_and_test(cfg, trainer, model, datamodule, info, metrics)
     except RunStopped as exc:  # a diverged loss or SIGTERM/SIGINT (medexp.callbacks.faults)
         if trainer.is_global_zero:
             write_json(out / "metrics.json", {**metrics, **exc.record})
@@ -184,6 +92,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 _DRAWN_SEED = "MEDEXP_DRAWN_SEED"
 
 
+def _check_before_building(cfg: DictConfig) -> None:
+    """Every config problem at once, before anything is built (the seed may still be null); a
+    missing, foreign or unsafe ``ckpt_path`` in one line now, not after building."""
+    from medexp.privacy import check_config as check_privacy
+    from medexp.utils.config import check_config
+    from medexp.utils.validation import validate_config
+
+    config = check_config(cfg)
+    validate_config(config, extra=check_privacy(config))
+    if config.get("ckpt_path"):
+        from medexp.checkpoints.checkpoint import Checkpoint
+
+        Checkpoint(config["ckpt_path"]).check_builds_like(config)
+
+
+def _check_resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as it will run (seed drawn, logger runs continued), checked once more."""
+    from medexp.utils.config import check_config
+    from medexp.utils.preflight import check_run_dirs
+
+    resolved = check_config(cfg)
+    _check_recorded(resolved)
+    check_run_dirs(resolved)  # a full disk or unwritable directory now, not at the first checkpoint
+    return resolved
+
+
 def _check_recorded(resolved: dict[str, Any]) -> None:
     """A reproduction trains from a recorded config (see :mod:`medexp.reproduce`): check what its
     interpolations resolved to as well, against what medexp builds and what the user trusts."""
@@ -194,6 +128,145 @@ def _check_recorded(resolved: dict[str, Any]) -> None:
     trusted = os.environ.get(RECORDED_CONFIG_ENV)
     if trusted is not None:
         check_targets(resolved, json.loads(trusted), where="the recorded config (resolved)")
+
+
+def _build(cfg: DictConfig, resolved: dict[str, Any], seed: int) -> tuple[Any, Any, list[Any], Any]:
+    """The DataModule, task, loggers and Trainer, in this order: the order draws from the seed.
+
+    Returns:
+        ``(datamodule, model, loggers, trainer)``; ``loggers`` are those that started.
+    """
+    import lightning.pytorch as L
+    from hydra.utils import instantiate
+
+    from medexp.callbacks.moved_checkpoints import RestoreMovedCheckpoints
+    from medexp.callbacks.seed import SeedEachEpoch
+    from medexp.checkpoints.checkpoint import StoreConfig
+    from medexp.utils.config import build, instantiate_dict
+    from medexp.utils.loggers import start_loggers
+    from medexp.utils.validation import check_monitors
+
+    # plain lists and dicts, not OmegaConf containers: hyperparameters are saved in checkpoints
+    datamodule = build(cfg.data)
+    model = build(cfg.model)
+    # callbacks' monitors against what this task logs: now, not when the first epoch ends
+    check_monitors(resolved, model.logged_metrics(), type(model).__name__)
+    # privacy=dp: Opacus-compatible layers before the optimiser exists; its callback goes first, so
+    # it sees each loss before the fault check does (see medexp.privacy.dp)
+    privacy = [build(cfg.privacy)] if cfg.get("privacy") else []
+    for dp in privacy:
+        dp.prepare(model)
+    callbacks = [
+        *privacy,
+        *instantiate_dict(cfg.get("callbacks")),
+        StoreConfig(resolved),
+        SeedEachEpoch(seed),
+        RestoreMovedCheckpoints(),
+    ]  # a resumed run whose directory moved keeps its best checkpoint
+    out = Path(cfg.paths.output_dir)
+    loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=out)  # drops those that fail
+    if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, L.callbacks.LearningRateMonitor)]
+    if cfg.trainer.get("strategy") == "ddp" and getattr(model, "ddp_strategy", None):
+        log.info("%s under DDP: trainer.strategy=%s", type(model).__name__, model.ddp_strategy)
+        cfg.trainer.strategy = model.ddp_strategy
+    from medexp.privacy.encryption import EncryptedCheckpointIO
+
+    # checkpoints encrypted with encryption.key_env's key; encrypted ones are read in any case
+    checkpoint_io = EncryptedCheckpointIO((cfg.get("encryption") or {}).get("key_env"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint_io])
+    return datamodule, model, loggers, trainer
+
+
+def _write_run_record(
+    cfg: DictConfig, resolved: dict[str, Any], seed: int, loggers: list[Any], previous: dict[str, Any]
+) -> dict[str, Any]:
+    """``run_info.json`` and ``resolved_config.yaml`` (rank 0 only).
+
+    Returns:
+        The run info, which gains the data fingerprint once the data are set up.
+    """
+    from medexp.utils.run_info import run_info, write_json
+
+    out = Path(cfg.paths.output_dir)
+    info = run_info(seed)
+    info["loggers"] = {**previous.get("loggers", {}), **_logger_run_ids(loggers)}
+    if cfg.train and cfg.ckpt_path:
+        info["resumed_from"] = [*previous.get("resumed_from", []), str(cfg.ckpt_path)]
+    write_json(out / "run_info.json", info)
+    # Hydra's .hydra/config.yaml keeps interpolations; this is what actually ran
+    OmegaConf.save(resolved, out / "resolved_config.yaml")
+    return info
+
+
+def _log_hyperparams(loggers: list[Any], resolved: dict[str, Any], continued: dict[str, str]) -> None:
+    """The resolved config as each logger's hyperparameters.
+
+    Args:
+        continued: the logger run ids a resumed run continues (empty for a fresh run).
+    """
+    from medexp.utils.privacy import hyperparams_for
+
+    for logger in loggers:
+        if type(logger).__name__ == "MLFlowLogger" and continued.get("mlflow") == logger.run_id:
+            continue  # MLflow refuses to change a run's params: they stay as the run started
+        # remote loggers (wandb, an MLflow server) get file paths as pseudonyms (logger.hash_paths)
+        logger.log_hyperparams(hyperparams_for(logger, _flatten(resolved), resolved.get("logger")))
+
+
+def _fit_and_test(
+    cfg: DictConfig, trainer: Any, model: Any, datamodule: Any, info: dict[str, Any], metrics: dict[str, Any]
+) -> None:
+    """Fit, calibrate and test as ``cfg`` says, recording into ``metrics`` as each step ends (a
+    stopped run writes what it has so far)."""
+    from medexp.utils.run_info import to_floats, write_json
+
+    if cfg.train:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics["fit"] = to_floats(trainer.callback_metrics)
+        if any(getattr(callback, "pruned", False) for callback in trainer.callbacks):
+            metrics["status"] = "pruned"
+    if hasattr(datamodule, "fingerprint") and trainer.is_global_zero:
+        datamodule.setup()  # done by fit; a test-only run (train=false) has not set it up yet
+        info["data_fingerprint"] = datamodule.fingerprint()
+        write_json(Path(cfg.paths.output_dir) / "run_info.json", info)
+    best = _best_checkpoint(cfg, trainer, model, metrics)
+    if cfg.train and metrics["status"] != "pruned" and model.hparams.get("calibrate"):
+        # temperature scaling of the best checkpoint on the validation split, written into it
+        from medexp.reports.calibration import calibrate_checkpoint
+
+        key_env = OmegaConf.select(cfg, "encryption.key_env")
+        metrics["calibration"] = calibrate_checkpoint(trainer, model, datamodule, best or None, key_env)
+    if cfg.test and metrics["status"] != "pruned":
+        _test(cfg, trainer, model, datamodule, metrics, best)
+
+
+def _best_checkpoint(cfg: DictConfig, trainer: Any, model: Any, metrics: dict[str, Any]) -> str:
+    """The best checkpoint's path (``""`` if none), with its monitor and score in ``metrics``."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    # without medexp's checkpoint callbacks (callbacks=none), Lightning's default one keeps
+    # the latest checkpoint, scored by nothing
+    if cfg.train and best and trainer.checkpoint_callback.best_model_score is not None:
+        metrics.update(
+            monitor=model.monitor,
+            best_score=float(trainer.checkpoint_callback.best_model_score),
+            best_checkpoint=best,
+        )
+    return best
+
+
+def _test(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any, metrics: dict[str, Any], best: str) -> None:
+    """Validate and test the best checkpoint into ``metrics``; with ``report=true``, its report."""
+    from medexp.utils.run_info import to_floats
+
+    # without training (train=false), test the checkpoint given as ckpt_path
+    ckpt = best or cfg.ckpt_path
+    if not ckpt:
+        log.warning("no best checkpoint was saved; evaluating the current weights")
+    metrics["val"] = to_floats(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)[0])
+    metrics["test"] = to_floats(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)[0])
+    if cfg.get("report") and trainer.is_global_zero:
+        _write_report(cfg, trainer, model, datamodule, metrics, ckpt)
 
 
 def _write_report(

@@ -115,3 +115,31 @@ def test_hydra_reports_unknown_keys_and_options_before_medexp_starts(override, m
     assert proc.returncode == 1 and message in proc.stderr
     if override.startswith("model="):
         assert "resnet18" in proc.stderr  # the valid choices
+
+
+def test_a_command_reports_every_bad_option_at_once(tmp_path):
+    # medexp export's options through its RULES table, before the checkpoint is read
+    from medexp.export import export
+
+    overrides = ["ckpt_path=never-read.ckpt", f"output={tmp_path / 'out'}", "format=tflite", "opset=16.0"]
+    cfg = compose_config([*overrides, "verify.batches=0", "verify.tolerance=inf"], "export", output_dir=tmp_path)
+    with pytest.raises(MedexpError, match=r"^3 problem\(s\) in the config:\n") as error:
+        export(cfg)
+    assert "format='tflite'; expected one of ['onnx', 'torchscript']" in str(error.value)
+    assert "opset=16.0; expected an ONNX opset of at least 17" in str(error.value)
+    assert "verify.batches=0; expected a positive integer, or null" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rule_may_ask_for_an_int_itself_and_say_what_it_expects():
+    from medexp.utils.validation import Rule
+
+    rule = Rule("batch_size", "int", 1, exact=True, message="expected a positive integer")
+    assert rule.check(2) is None
+    assert rule.check(2.0) == "batch_size=2.0; expected a positive integer"
+    assert Rule("batch_size", "int", 1).check(2.0) is None  # train's rules take 2.0 as 2
+    assert Rule("tolerance", "number", 0, finite=False).check(float("inf")) is None
+    assert Rule("tolerance", "number", 0, finite=False).check(float("nan")) == "tolerance=nan; expected a number >= 0"
+    splits = Rule("splits", ("val", "test"), sequence=True, message="expected a non-empty subset of ['val', 'test']")
+    assert splits.check(["test", "val"]) is None
+    assert splits.check(["train"]) == "splits=['train']; expected a non-empty subset of ['val', 'test']"

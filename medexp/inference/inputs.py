@@ -3,33 +3,15 @@ registration pairs), ``mask=`` (a CSV column or a folder of masks), and where pr
 
 from __future__ import annotations
 
-import csv
 import glob
 import os
 from pathlib import Path
 from typing import Any
 
+from medexp.data.manifest import read_csv
 from medexp.utils.errors import MedexpError
 
 GLOB_CHARS = "*?["
-
-
-def read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """The column names of the CSV file at ``path`` and its rows with their line numbers, names
-    and cells stripped (spreadsheets write a BOM, and spaces after commas).
-
-    Raises:
-        MedexpError: starting with ``what`` (e.g. ``input='scans.csv'``) when the file cannot be
-            read as a CSV file.
-    """
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheets write a BOM
-            reader = csv.DictReader(file)
-            columns = [name.strip() for name in reader.fieldnames or []]
-            rows = [(reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for row in reader]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise MedexpError(f"{what}: cannot read it as a CSV file ({exc})") from exc
-    return columns, rows
 
 
 def find_inputs(spec: str) -> list[Path]:

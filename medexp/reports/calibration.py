@@ -180,9 +180,9 @@ def calibrate_checkpoint(
 
     task = model.task
     if ckpt_path:
-        from medexp.privacy.encryption import load_torch
+        from medexp.checkpoints.checkpoint import Checkpoint
 
-        checkpoint = load_torch(ckpt_path, what="checkpoint")  # decrypted when the run encrypts them
+        checkpoint = Checkpoint(ckpt_path).contents  # decrypted when the run encrypts them
         state = dict(checkpoint["state_dict"])
         state["temperature"] = torch.ones(())
         model.load_state_dict(state)

@@ -236,26 +236,38 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
 
         return blocks + detection_blocks(report, images, recorded)
     if report["task"] == "segmentation":
-        rows = [[name, number_text(report["metrics"][name]), recorded(name)] for name in ("dice", "hd95")]
-        blocks += [("h2", "Summary"), ("table", ["metric", "value", "metrics.json"], rows)]
-        rows = [
-            [name, *(number_text(summary.get(key), 3) for key in ("n", "mean", "min", "q1", "median", "q3", "max"))]
-            for name, summary in (("Dice", report["dice_summary"]), ("HD95", report["hd95_summary"]))
-        ]
-        blocks += [
-            ("h2", "Per-case distributions"),
-            ("table", ["", "cases", "mean", "min", "q1", "median", "q3", "max"], rows),
-            ("p", report["notes"]),
-            ("img", images.get("case_metrics"), "per-case Dice and HD95"),
-            ("h2", "Worst cases"),
-            (
-                "table",
-                ["case", "Dice", "HD95"],
-                [[c["case"], number_text(c["dice"]), number_text(c["hd95"], 2)] for c in report["worst_cases"]],
-            ),
-            ("img", images.get("worst_cases"), "worst cases"),
-        ]
-        return blocks
+        return blocks + _segmentation_blocks(report, images, recorded)
+    return blocks + _classification_blocks(report, images, recorded)
+
+
+def _segmentation_blocks(report: dict[str, Any], images: dict[str, str], recorded: Any) -> list[tuple]:
+    """The sections of a segmentation report: summary, per-case distributions, worst cases."""
+    rows = [[name, number_text(report["metrics"][name]), recorded(name)] for name in ("dice", "hd95")]
+    blocks: list[tuple] = [("h2", "Summary"), ("table", ["metric", "value", "metrics.json"], rows)]
+    rows = [
+        [name, *(number_text(summary.get(key), 3) for key in ("n", "mean", "min", "q1", "median", "q3", "max"))]
+        for name, summary in (("Dice", report["dice_summary"]), ("HD95", report["hd95_summary"]))
+    ]
+    blocks += [
+        ("h2", "Per-case distributions"),
+        ("table", ["", "cases", "mean", "min", "q1", "median", "q3", "max"], rows),
+        ("p", report["notes"]),
+        ("img", images.get("case_metrics"), "per-case Dice and HD95"),
+        ("h2", "Worst cases"),
+        (
+            "table",
+            ["case", "Dice", "HD95"],
+            [[c["case"], number_text(c["dice"]), number_text(c["hd95"], 2)] for c in report["worst_cases"]],
+        ),
+        ("img", images.get("worst_cases"), "worst cases"),
+    ]
+    return blocks
+
+
+def _classification_blocks(report: dict[str, Any], images: dict[str, str], recorded: Any) -> list[tuple]:
+    """The sections of a classification report: summary with intervals, per site, per class,
+    confusion matrix, curves, calibration."""
+    blocks: list[tuple] = []
     metrics = report["metrics"]
     boot = report["bootstrap"]
     rows = [
@@ -287,7 +299,12 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
                 ],
             ),
         ]
-    blocks += [
+    return blocks + _per_class_blocks(report, images) + _calibration_blocks(report, images)
+
+
+def _per_class_blocks(report: dict[str, Any], images: dict[str, str]) -> list[tuple]:
+    """Per-class table, confusion matrix and curves of a classification report."""
+    blocks: list[tuple] = [
         ("h2", "Per class" if report["task"] != "multilabel" else "Per label"),
         (
             "table",
@@ -322,6 +339,11 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
         ("img", images.get("roc"), "ROC curves"),
         ("img", images.get("precision_recall"), "precision-recall curves"),
     ]
+    return blocks
+
+
+def _calibration_blocks(report: dict[str, Any], images: dict[str, str]) -> list[tuple]:
+    """ECE and NLL before and after temperature scaling, and the reliability diagram."""
     c = report["calibration"]
     rows = [["T = 1 (uncalibrated)", number_text(c["ece_uncalibrated"]), number_text(c["nll_uncalibrated"])]]
     if c["temperature"] != 1.0:
@@ -330,7 +352,7 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
         f"ECE: {c['ece_kind']}, {c['n_bins']} equal-width bins (torchmetrics); NLL: mean "
         f"{'binary cross-entropy over labels' if report['task'] == 'multilabel' else 'cross-entropy'}."
     )
-    blocks += [("h2", "Calibration"), ("table", ["", "ECE", "NLL"], rows), ("p", text)]
+    blocks: list[tuple] = [("h2", "Calibration"), ("table", ["", "ECE", "NLL"], rows), ("p", text)]
     fit = c.get("fit")
     if fit:
         blocks += [

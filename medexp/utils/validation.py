@@ -9,6 +9,9 @@ Three kinds of check, each returning messages that name the key, the value and w
   TypeError from deep inside ``instantiate``;
 - :func:`check_combinations`: settings that are valid alone but not together (a segmentation
   model on classification data, a net whose channels do not match the data).
+
+The other commands (eval, predict, export, ...) declare their own options the same way, a
+module-level ``RULES`` table checked by :func:`check_options`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ class Rule:
     bounds (``low``/``high``, ``low_open``/``high_open`` for strict ones), and ``optional``
     (None allowed). With ``sequence``, a non-empty list of such values (``length`` of them when
     given; ``increasing``: none smaller than the one before), e.g. Adam's ``betas`` or a
-    scheduler's ``milestones``. A key absent from the config is not checked."""
+    scheduler's ``milestones``. A key absent from the config is not checked. ``exact``: an
+    ``int`` itself, not ``2.0`` (for values passed on to APIs that take ints only); ``finite``
+    false lets ``inf`` through (a bound that never binds); ``message`` replaces the generated
+    ``expected ...`` (e.g. ``"expected a positive integer"``)."""
 
     key: str
     kind: str | tuple[Any, ...]
@@ -44,12 +50,21 @@ class Rule:
     sequence: bool = False
     length: int | None = None
     increasing: bool = False
+    exact: bool = False
+    finite: bool = True
+    message: str | None = None
 
     def check(self, value: Any) -> str | None:
+        problem = self._check(value)
+        if problem is None or self.message is None:
+            return problem
+        return f"{self.key}={'null' if value is None else repr(value)}; {self.message}"
+
+    def _check(self, value: Any) -> str | None:
         if value is None:
             return None if self.optional else f"{self.key}=null; expected {self.describe()}"
         if self.sequence:
-            item = replace(self, sequence=False, optional=False)
+            item = replace(self, sequence=False, optional=False, message=None)
             items = list(value) if isinstance(value, (list, tuple)) else []
             fits = (
                 len(items) >= 1
@@ -63,7 +78,8 @@ class Rule:
         if self.kind == "bool":
             return None if isinstance(value, bool) else f"{self.key}={value!r}; expected true or false"
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not numeric or (self.kind == "int" and not float(value).is_integer()) or not math.isfinite(value):
+        whole = isinstance(value, int) if self.exact else numeric and float(value).is_integer()
+        if not numeric or (self.kind == "int" and not whole) or not _finite_enough(value, self.finite):
             return f"{self.key}={value!r}; expected {self.describe()}"
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return f"{self.key}={value!r}; expected {self.describe()}"
@@ -88,6 +104,10 @@ class Rule:
         else:
             bounds = ""
         return kind + bounds + (" or null" if self.optional else "")
+
+
+def _finite_enough(value: float, finite: bool) -> bool:
+    return math.isfinite(value) or (not finite and not math.isnan(value))
 
 
 PRECISIONS = (
@@ -483,9 +503,47 @@ def check_monitors(config: dict[str, Any], logged: Sequence[str], task: str) -> 
             problems.append(
                 f"{key}.monitor={monitor!r}: not logged by this run; {hint}{task} logs {sorted(logged)}{extra}"
             )
+    _report(problems)
+
+
+def _report(problems: Sequence[str]) -> None:
     if problems:
         lines = "\n".join(f"  - {problem}" for problem in problems)
         raise MedexpError(f"{len(problems)} problem(s) in the config:\n{lines}")
+
+
+def check_options(config: Any, rules: Sequence[Rule], extra: Sequence[str] = ()) -> None:
+    """Check a command's own options (``medexp export``'s ``format``, ``opset``, ...) against its
+    table of ``rules``, as :func:`validate_config` checks a training run's.
+
+    Args:
+        config: the command's config (a ``DictConfig`` or a plain dict).
+        rules: the command's table (its module's ``RULES``).
+        extra: problems found by the command's checks of settings that a table cannot express
+            (two keys together, choices known only at run time), reported with the rest.
+
+    Raises:
+        MedexpError: listing every problem found, one per line.
+    """
+    problems = []
+    for rule in rules:
+        present, value = _select(config, rule.key)
+        if present and (problem := rule.check(value)) is not None:
+            problems.append(problem)
+    _report([*problems, *extra])
+
+
+def _select(config: Any, key: str) -> tuple[bool, Any]:
+    """``(present, value)`` of a dotted key; a config node comes back as plain lists and dicts."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.is_config(config):
+        return _get(config, key)
+    absent = object()
+    value = OmegaConf.select(config, key, default=absent)
+    if value is absent:
+        return False, None
+    return True, OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def validate_config(config: dict[str, Any], extra: Sequence[str] = ()) -> None:
@@ -507,6 +565,4 @@ def validate_config(config: dict[str, Any], extra: Sequence[str] = ()) -> None:
         *check_devices(config),
         *extra,
     ]
-    if problems:
-        lines = "\n".join(f"  - {problem}" for problem in problems)
-        raise MedexpError(f"{len(problems)} problem(s) in the config:\n{lines}")
+    _report(problems)
