@@ -104,17 +104,38 @@ def compress(cfg: DictConfig) -> Path:
     method = cfg.method
     amounts = [float(a) for a in _amounts(cfg.amount)] if method == "prune" else []
 
-    from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
-    from medexp.inference.artifacts import describe, sha256
     from medexp.utils.run_info import write_json
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
+    checkpoint, datamodule, model, test_batches = _model_and_batches(cfg)
+    output = Path(cfg.output).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+
+    float_net = model.net
+    record: dict[str, Any] = {"method": method}
+    with _engine(str(cfg.backend)), _quiet_quantization():
+        variants, notes = compressed_variants(cfg, method, amounts, model, datamodule, record)
+        rows = measure_variants(model, float_net, variants, test_batches[0][0], test_batches, output, cfg.latency)
+    model.net = float_net
+    record.update(_record(cfg, checkpoint, model, datamodule, test_batches, rows, notes))
+    for note in notes:
+        log.info("note: %s", note)
+    write_json(output / "compression.json", record)
+    (output / "compression.md").write_text(markdown(record))
+    log.info("compressed models and compression.json, compression.md: %s", output)
+    return output / "compression.json"
+
+
+def _model_and_batches(cfg: DictConfig) -> tuple[Any, Any, Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The checkpoint, its data module, its classifier (refused early when it is none, or takes
+    inputs besides the images) and the test batches the variants are measured on."""
+    from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
+
     checkpoint = Checkpoint(cfg.ckpt_path, cfg.allowed_targets)
     checkpoint.checked_config()  # what the config names, refused before the task is looked at
     refuse_non_classifier(checkpoint)
     datamodule, model = checkpoint.build(cfg.data, model_overrides=INFERENCE)
-    ckpt_path, run_cfg = checkpoint.path, checkpoint.config
     if model.extra_inputs:
         raise MedexpError(
             f"medexp compress: {type(model.net).__name__} is a sequence model that takes {list(model.extra_inputs)} "
@@ -126,44 +147,31 @@ def compress(cfg: DictConfig) -> Path:
     test_batches = _batches(datamodule.test_dataloader(), model, cfg.batches)
     if not test_batches:
         raise MedexpError("the checkpoint's data have an empty test split: nothing to measure the models on")
+    return checkpoint, datamodule, model, test_batches
+
+
+def _record(
+    cfg: DictConfig, checkpoint: Any, model: Any, datamodule: Any, test_batches: list, rows: list, notes: list[str]
+) -> dict[str, Any]:
+    """What ``compression.json`` says besides the method: source, evaluation, latency, rows."""
+    from medexp.inference.artifacts import describe, sha256
+
     example = test_batches[0][0]
-    output = Path(cfg.output).expanduser()
-    output.mkdir(parents=True, exist_ok=True)
-
-    float_net = model.net
-    record: dict[str, Any] = {"method": method}
-    with _engine(str(cfg.backend)), _quiet_quantization():
-        variants, notes = compressed_variants(cfg, method, amounts, model, datamodule, record)
-        rows = measure_variants(model, float_net, variants, example, test_batches, output, cfg.latency)
-    model.net = float_net
-
-    record.update(
-        {
-            "source": {"checkpoint": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path)},
-            "evaluation": {
-                "split": "test",
-                "batches": len(test_batches),
-                "samples": sum(len(x) for x, _ in test_batches),
-            },
-            "latency": {
-                "unit": "ms per image: median over repeats of one batch, divided by its size",
-                "device": "cpu",
-                **{key: int(cfg.latency[key]) for key in ("batch_size", "repeats", "warmup", "threads")},
-            },
-            "rows": rows,
-            "notes": notes,
-            "model": {
-                **describe(model, datamodule, run_cfg, example, "torchscript", 0, False),
-                "file": [r["file"] for r in rows[1:]],
-            },
-        }
-    )
-    for note in notes:
-        log.info("note: %s", note)
-    write_json(output / "compression.json", record)
-    (output / "compression.md").write_text(markdown(record))
-    log.info("compressed models and compression.json, compression.md: %s", output)
-    return output / "compression.json"
+    return {
+        "source": {"checkpoint": str(checkpoint.path.resolve()), "sha256": sha256(checkpoint.path)},
+        "evaluation": {"split": "test", "batches": len(test_batches), "samples": sum(len(x) for x, _ in test_batches)},
+        "latency": {
+            "unit": "ms per image: median over repeats of one batch, divided by its size",
+            "device": "cpu",
+            **{key: int(cfg.latency[key]) for key in ("batch_size", "repeats", "warmup", "threads")},
+        },
+        "rows": rows,
+        "notes": notes,
+        "model": {
+            **describe(model, datamodule, checkpoint.config, example, "torchscript", 0, False),
+            "file": [r["file"] for r in rows[1:]],
+        },
+    }
 
 
 def compressed_variants(

@@ -303,25 +303,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         else file_batches(datamodule, inputs, masks, cfg.batch_size, cfg.limit)
     )
     rows, layer = _explain_batches(cfg, model, batches, device, output)
-    has_labels = any("label" in row for row in rows)
     if not rows:
         raise MedexpError("nothing to explain: no images")
-    header = [
-        "image",
-        *(["label"] if has_labels else []),
-        "predicted_class",
-        "probability",
-        "explained_class",
-        "explained_probability",
-        *(s for s in SCORES if any(s in row for row in rows)),
-        *(["overlay"] if cfg.overlays else []),
-    ]
-    output.mkdir(parents=True, exist_ok=True)
-    table = output / "saliency.csv"
-    with table.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(header)
-        writer.writerows([[_text(row.get(column, float("nan"))) for column in header] for row in rows])
+    table = _write_table(cfg, rows, output)
     summary = {
         "checkpoint": str(cfg.ckpt_path),
         "method": cfg.method,
@@ -337,6 +321,27 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     _log_summary(summary)
     log.info("saliency scores: %s", table)
     return summary
+
+
+def _write_table(cfg: DictConfig, rows: list[dict[str, Any]], output: Path) -> Path:
+    """``saliency.csv``: one row per image, with the scores some image has."""
+    header = [
+        "image",
+        *(["label"] if any("label" in row for row in rows) else []),
+        "predicted_class",
+        "probability",
+        "explained_class",
+        "explained_probability",
+        *(s for s in SCORES if any(s in row for row in rows)),
+        *(["overlay"] if cfg.overlays else []),
+    ]
+    output.mkdir(parents=True, exist_ok=True)
+    table = output / "saliency.csv"
+    with table.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows([[_text(row.get(column, float("nan"))) for column in header] for row in rows])
+    return table
 
 
 def _explain_batches(

@@ -75,53 +75,70 @@ def export(cfg: DictConfig) -> Path:
 
     check_config(cfg)
     check_options(cfg, RULES)
-    fmt, opset, batches, tolerance = cfg.format, cfg.opset, cfg.verify.batches, float(cfg.verify.tolerance)
-    dynamic_spatial = cfg.dynamic_spatial and fmt == "onnx"
 
-    from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
-    from medexp.inference.artifacts import Exported, describe, export_onnx, export_torchscript, sha256
-    from medexp.inference.loop import batches as first_batches
+    from medexp.inference.artifacts import describe, sha256
     from medexp.utils.run_info import write_json
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
+    checkpoint, datamodule, model, inputs = _model_and_inputs(cfg)
+    output = Path(cfg.output).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / FORMATS[cfg.format]
+    verification = _export_and_verify(cfg, model, inputs, path)
+
+    dynamic_spatial = cfg.dynamic_spatial and cfg.format == "onnx"
+    sidecar = describe(model, datamodule, checkpoint.config, inputs[0], cfg.format, cfg.opset, dynamic_spatial)
+    sidecar["source"] = {"checkpoint": str(checkpoint.path.resolve()), "sha256": sha256(checkpoint.path)}
+    sidecar["verification"] = verification
+    write_json(output / SIDECAR, sidecar)
+    log.info("exported: %s; sidecar: %s", path, output / SIDECAR)
+    if not verification["passed"]:
+        raise MedexpError(
+            f"the exported model's outputs differ from the model's by up to {verification['max_abs_diff']:.3g} on the "
+            f"test split, above verify.tolerance={verification['tolerance']:g}; {path.name} and {SIDECAR} (passed: "
+            f"false) are kept in {output} for inspection: do not deploy them"
+        )
+    return output / SIDECAR
+
+
+def _model_and_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[torch.Tensor]]:
+    """The checkpoint, its data module, its model (refused early when it cannot be exported) and
+    the test batches (``verify.batches`` of them) the export is verified on."""
+    from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
+    from medexp.inference.loop import batches as first_batches
+
     checkpoint = Checkpoint(cfg.ckpt_path, cfg.allowed_targets)
     checkpoint.checked_config()  # what the config names, refused before the task is looked at
     _refuse_by_target(checkpoint)
     datamodule, model = checkpoint.build(cfg.data, model_overrides=INFERENCE)
-    ckpt_path, run_cfg = checkpoint.path, checkpoint.config
     _refuse_model(model, checkpoint.model_target)
     model = model.cpu().eval()
-
     datamodule.batch_size = int(cfg.batch_size)
     datamodule.setup("test")
-    inputs = [batch[model.input_key].float().cpu() for batch in first_batches(datamodule.test_dataloader(), batches)]
+    loader = datamodule.test_dataloader()
+    inputs = [batch[model.input_key].float().cpu() for batch in first_batches(loader, cfg.verify.batches)]
     if not inputs:
         raise MedexpError("the checkpoint's data have an empty test split: nothing to verify the export on")
+    return checkpoint, datamodule, model, inputs
 
-    output = Path(cfg.output).expanduser()
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / FORMATS[fmt]
+
+def _export_and_verify(cfg: DictConfig, model: Any, inputs: list[torch.Tensor], path: Path) -> dict[str, Any]:
+    """Write the export to ``path`` and compare it with the model on ``inputs``: the sidecar's
+    ``verification`` record."""
+    from medexp.inference.artifacts import Exported, export_onnx, export_torchscript
+
+    fmt, tolerance = cfg.format, float(cfg.verify.tolerance)
     wrapper = Exported(model).eval()
-    example = inputs[0]
     log.info("exporting %s as %s to %s", type(model).__name__, fmt, path)
     with torch.no_grad():
         if fmt == "onnx":
-            runtime = export_onnx(wrapper, example, path, opset, dynamic_spatial, model)
+            dynamic_spatial = bool(cfg.dynamic_spatial)
+            runtime = export_onnx(wrapper, inputs[0], path, cfg.opset, dynamic_spatial, model)
         else:
-            runtime = export_torchscript(wrapper, example, path)
+            runtime = export_torchscript(wrapper, inputs[0], path)
     max_diff, samples = _verify(model, load_runner(fmt, path), inputs, fmt)
     passed = max_diff <= tolerance
-    verification = {
-        "runtime": runtime,
-        "split": "test",
-        "batches": len(inputs),
-        "samples": samples,
-        "batch_size": int(cfg.batch_size),
-        "max_abs_diff": max_diff,
-        "tolerance": tolerance,
-        "passed": passed,
-    }
     log.info(
         "verification on %d test sample(s) in %d batch(es) with %s: max |exported - model| = %.3g (tolerance %.3g): %s",
         samples,
@@ -131,19 +148,16 @@ def export(cfg: DictConfig) -> Path:
         tolerance,
         "passed" if passed else "FAILED",
     )
-
-    sidecar = describe(model, datamodule, run_cfg, example, fmt, opset, dynamic_spatial)
-    sidecar["source"] = {"checkpoint": str(ckpt_path.resolve()), "sha256": sha256(ckpt_path)}
-    sidecar["verification"] = verification
-    write_json(output / SIDECAR, sidecar)
-    log.info("exported: %s; sidecar: %s", path, output / SIDECAR)
-    if not passed:
-        raise MedexpError(
-            f"the exported model's outputs differ from the model's by up to {max_diff:.3g} on the test split, above "
-            f"verify.tolerance={tolerance:g}; {path.name} and {SIDECAR} (passed: false) are kept in {output} for "
-            "inspection: do not deploy them"
-        )
-    return output / SIDECAR
+    return {
+        "runtime": runtime,
+        "split": "test",
+        "batches": len(inputs),
+        "samples": samples,
+        "batch_size": int(cfg.batch_size),
+        "max_abs_diff": max_diff,
+        "tolerance": tolerance,
+        "passed": passed,
+    }
 
 
 def _verify(model: Any, run: Any, inputs: list[torch.Tensor], fmt: str) -> tuple[float, int]:

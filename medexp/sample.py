@@ -44,30 +44,45 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     check_options(cfg, RULES)
 
-    import numpy as np
     import torch
 
     from medexp.checkpoints.checkpoint import Checkpoint
-    from medexp.tasks.adversarial import GENERATE_ONLY
-    from medexp.utils.images import grid, save_png
-    from medexp.utils.run_info import write_json
     from medexp.utils.runtime import tidy_library_output
 
     tidy_library_output()
     checkpoint = Checkpoint(cfg.ckpt_path, cfg.allowed_targets)
     gan = checkpoint.build_generator()
-    labels = None
+    images, labels = gan.sample(cfg.n, _labels(cfg, gan), torch.Generator().manual_seed(cfg.seed))
+    output = Path(cfg.output).expanduser()
+    written = _write_samples(output, images, labels, gan)
+    log.info("%d samples: %s, %s", cfg.n, written["grid"], written["npz"])
+    if cfg.features_ckpt:
+        written.update(_quality(cfg, checkpoint, gan, images, output))
+    return written
+
+
+def _labels(cfg: DictConfig, gan: Any) -> Any:
+    """The classes to generate: ``label`` for all, else a conditional GAN's classes in blocks;
+    None for an unconditional GAN."""
+    import torch
+
     if cfg.label is not None:
         if not gan.conditional:
             raise MedexpError(f"label={cfg.label}: this GAN is not class-conditional; leave label unset")
         if not 0 <= cfg.label < gan.num_classes:
             raise MedexpError(f"label={cfg.label}; this GAN generates classes 0..{gan.num_classes - 1}")
-        labels = torch.full((cfg.n,), int(cfg.label))
-    elif gan.conditional:
-        labels = torch.arange(cfg.n) * gan.num_classes // cfg.n  # classes in blocks
-    images, labels = gan.sample(cfg.n, labels, torch.Generator().manual_seed(cfg.seed))
+        return torch.full((cfg.n,), int(cfg.label))
+    if gan.conditional:
+        return torch.arange(cfg.n) * gan.num_classes // cfg.n  # classes in blocks
+    return None
 
-    output = Path(cfg.output).expanduser()
+
+def _write_samples(output: Path, images: Any, labels: Any, gan: Any) -> dict[str, Any]:
+    """``samples.png`` (a grid) and ``samples.npz`` (images, intensity range, classes)."""
+    import numpy as np
+
+    from medexp.utils.images import grid, save_png
+
     output.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {"grid": save_png(grid(images, (gan.low, gan.high)), output / "samples.png")}
     arrays = {"images": images.numpy().astype(np.float32), "intensity_range": np.array([gan.low, gan.high])}
@@ -75,50 +90,55 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         arrays["labels"] = labels.numpy().astype(np.int64)
     written["npz"] = output / "samples.npz"
     np.savez_compressed(written["npz"], **arrays)
-    log.info("%d samples: %s, %s", cfg.n, written["grid"], written["npz"])
-
-    if cfg.features_ckpt:
-        from medexp.metrics.domain import DomainFeatures, quality_metrics
-
-        features = DomainFeatures.from_checkpoint(cfg.features_ckpt, gan.low, gan.high)
-        datamodule, _ = checkpoint.build(cfg.data, model_overrides=GENERATE_ONLY)
-        datamodule.setup("test")
-        loader = torch.utils.data.DataLoader(datamodule.datasets[cfg.reference_split], batch_size=256)
-        real_count = len(datamodule.datasets[cfg.reference_split])
-        subset = min(cfg.n, real_count)
-        if cfg.kid_subset_size > subset:
-            raise MedexpError(
-                f"kid_subset_size={cfg.kid_subset_size} but there are {cfg.n} samples and {real_count} real "
-                f"{cfg.reference_split} images; set kid_subset_size to at most {subset}"
-            )
-        metrics = quality_metrics(features, cfg.kid_subset_size)
-        for batch in loader:
-            for metric in metrics.values():
-                metric.update(batch["image"], real=True)
-        for start in range(0, cfg.n, 256):
-            for metric in metrics.values():
-                metric.update(images[start : start + 256], real=False)
-        kid_mean, kid_std = metrics["domain_kid"].compute_with_std()
-        quality = {
-            "domain_fid": float(metrics["domain_fid"].compute()),
-            "domain_kid": float(kid_mean),
-            "domain_kid_std": float(kid_std),
-            "samples": cfg.n,
-            "reference": f"{cfg.reference_split} split ({real_count} images)",
-            "features_ckpt": str(cfg.features_ckpt),
-            "num_features": features.num_features,
-        }
-        written["quality"] = output / "quality.json"
-        write_json(written["quality"], quality)
-        log.info(
-            "domain FID %.3f, KID %.4f ± %.4f against the %s split",
-            quality["domain_fid"],
-            kid_mean,
-            kid_std,
-            cfg.reference_split,
-        )
-        written.update(quality)
     return written
+
+
+def _quality(cfg: DictConfig, checkpoint: Any, gan: Any, images: Any, output: Path) -> dict[str, Any]:
+    """Domain FID and KID of ``images`` against the GAN's ``reference_split``, measured with the
+    features of the classifier ``features_ckpt``; written to ``quality.json``."""
+    import torch
+
+    from medexp.metrics.domain import DomainFeatures, quality_metrics
+    from medexp.tasks.adversarial import GENERATE_ONLY
+    from medexp.utils.run_info import write_json
+
+    features = DomainFeatures.from_checkpoint(cfg.features_ckpt, gan.low, gan.high)
+    datamodule, _ = checkpoint.build(cfg.data, model_overrides=GENERATE_ONLY)
+    datamodule.setup("test")
+    loader = torch.utils.data.DataLoader(datamodule.datasets[cfg.reference_split], batch_size=256)
+    real_count = len(datamodule.datasets[cfg.reference_split])
+    subset = min(cfg.n, real_count)
+    if cfg.kid_subset_size > subset:
+        raise MedexpError(
+            f"kid_subset_size={cfg.kid_subset_size} but there are {cfg.n} samples and {real_count} real "
+            f"{cfg.reference_split} images; set kid_subset_size to at most {subset}"
+        )
+    metrics = quality_metrics(features, cfg.kid_subset_size)
+    for batch in loader:
+        for metric in metrics.values():
+            metric.update(batch["image"], real=True)
+    for start in range(0, cfg.n, 256):
+        for metric in metrics.values():
+            metric.update(images[start : start + 256], real=False)
+    kid_mean, kid_std = metrics["domain_kid"].compute_with_std()
+    quality = {
+        "domain_fid": float(metrics["domain_fid"].compute()),
+        "domain_kid": float(kid_mean),
+        "domain_kid_std": float(kid_std),
+        "samples": cfg.n,
+        "reference": f"{cfg.reference_split} split ({real_count} images)",
+        "features_ckpt": str(cfg.features_ckpt),
+        "num_features": features.num_features,
+    }
+    write_json(output / "quality.json", quality)
+    log.info(
+        "domain FID %.3f, KID %.4f ± %.4f against the %s split",
+        quality["domain_fid"],
+        kid_mean,
+        kid_std,
+        cfg.reference_split,
+    )
+    return {"quality": output / "quality.json", **quality}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
