@@ -310,6 +310,7 @@ def test_the_allowlist_holds_resolved_objects_and_the_user_names_exact_ones():
         "monai.losses.FocalLoss",
         "monai.transforms.RandZoomd",
         "lightning.pytorch.callbacks.ModelCheckpoint",
+        "lightning.pytorch.strategies.DDPStrategy",
     ]:
         check_targets({"x": {"_target_": target}})
     # ...but not the MONAI transforms that read, write or call what they are given

@@ -12,7 +12,7 @@ one medexp builds:
 - a network or loss of the kinds those configs take, so a network added in one YAML file keeps
   working: an ``nn.Module`` class exported by ``torch.nn``, ``monai.networks.nets`` or
   ``monai.losses``; an optimiser of ``torch.optim``; a scheduler of ``torch.optim.lr_scheduler``;
-  a callback or logger of ``lightning.pytorch``; a MONAI transform that neither reads, writes nor
+  a callback, logger or strategy of ``lightning.pytorch``; a MONAI transform that neither reads, writes nor
   runs a function it is given (``monai.transforms`` outside ``io``, no ``Lambda``);
 - a medexp class that is a module, data module, callback or logger;
 - what the user names in ``allowed_targets`` (exact dotted names, resolved the same way).
@@ -52,6 +52,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("torch.optim.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"),
     ("lightning.pytorch.callbacks", "lightning.pytorch.callbacks.Callback"),
     ("lightning.pytorch.loggers", "lightning.pytorch.loggers.Logger"),
+    ("lightning.pytorch.strategies", "lightning.pytorch.strategies.Strategy"),
     ("monai.transforms", "monai.transforms.Transform"),
 )
 # base classes of medexp's own classes that a stored config may build
