@@ -57,14 +57,16 @@ def classification_files(folder: Path, labels: dict[str, list[int]]) -> list[str
     return ["data=files", f"data.manifest={write_manifest(folder, rows)}"]
 
 
-def segmentation_files(folder: Path, foreground: int) -> list[str]:
-    """Six PNG images with square masks whose foreground value is ``foreground`` (1: saved as 0/1)."""
+def segmentation_files(folder: Path, foreground: int, lesion_free_test: bool = False) -> list[str]:
+    """Six PNG images with square masks whose foreground value is ``foreground`` (1: saved as 0/1);
+    with ``lesion_free_test``, the test image has no lesion and its mask is empty."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
     for k, split in enumerate(["train"] * 4 + ["val", "test"]):
         mask = np.zeros((SIZE, SIZE), np.uint8)
-        mask[3 + k % 4 : 9 + k % 4, 4:10] = foreground
+        if not (lesion_free_test and split == "test"):
+            mask[3 + k % 4 : 9 + k % 4, 4:10] = foreground
         image = rng.integers(0, 60, size=(SIZE, SIZE)).astype(np.uint8)
         image[mask > 0] = 200
         Image.fromarray(image).save(folder / f"i{k}.png")
@@ -221,6 +223,14 @@ def check_exploded(run: Path, caplog, error) -> None:
 
 BINARY = ["data.task=binary", "data.num_classes=2"]
 MULTICLASS = ["data.task=multiclass", "data.num_classes=3"]
+
+
+def check_pixel_auroc_undefined(run: Path, caplog, error) -> None:
+    metrics = strict_json(run / "metrics.json")
+    assert metrics["test"]["test/auroc"] is None, metrics["test"]  # undefined, not 0.0
+    assert metrics["val"]["val/auroc"] is not None and 0.0 <= metrics["val"]["val/auroc"] <= 1.0
+
+
 CASES = {
     # a class of the set is absent from the test split
     "auroc-test-split-lacks-a-class": Case(
@@ -249,6 +259,11 @@ CASES = {
             "callbacks.early_stopping.patience=5",
         ],
         check_binary_val_of_one_class,
+    ),
+    # a test split without lesions: pixel AUROC has no positive pixel to rank
+    "pixel-auroc-test-split-without-lesions": Case(
+        lambda d: [*segmentation_files(d, 255, lesion_free_test=True), "data.mask_threshold=127", "report=false"],
+        check_pixel_auroc_undefined,
     ),
     # masks saved as 0/1 with the 0/255 setting
     "mask-threshold-127-on-0-1-masks": Case(

@@ -14,7 +14,7 @@ import warnings
 from typing import Any
 
 import torch
-from torchmetrics.classification import MulticlassAUROC, MultilabelAUROC
+from torchmetrics.classification import BinaryAUROC, MulticlassAUROC, MultilabelAUROC
 
 
 class _DefinedAUROC:
@@ -91,3 +91,29 @@ class MultilabelDefinedAUROC(_DefinedAUROC, MultilabelAUROC):
     def _count(self, target: torch.Tensor) -> None:
         self.positives += (target.reshape(-1, self.num_columns) > 0).sum(dim=0).to(self.positives.dtype)
         self.cases += target.reshape(-1, self.num_columns).shape[0]
+
+
+class BinaryDefinedAUROC(BinaryAUROC):
+    """Binary AUROC that is NaN, not torchmetrics' 0, when the evaluated cases (pixels of a
+    segmentation, images of an anomaly detector) hold no positive or no negative.
+
+    Args:
+        **kwargs: as :class:`~torchmetrics.classification.BinaryAUROC` (e.g. ``thresholds``).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("positives", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("cases", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        super().update(preds, target)
+        self.positives += (target > 0).sum().to(self.positives.dtype)
+        self.cases += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        if self.positives == 0 or self.positives == self.cases:
+            return torch.tensor(float("nan"), device=self.positives.device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
+            return super().compute()

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import BinaryAUROC
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchmetrics.regression import MeanSquaredError
 
+from medexp.metrics.classification import BinaryDefinedAUROC
 from medexp.tasks.base import BaseTask
 from medexp.utils.errors import MedexpError
 
@@ -157,7 +157,7 @@ class ReconstructionTask(BaseTask):
         if self._is_vae():  # the net is set before the metrics are built
             metrics["kl"] = MeanMetric()
         if self.normal_classes is not None:
-            metrics["anomaly_auroc"] = BinaryAUROC()
+            metrics["anomaly_auroc"] = BinaryDefinedAUROC()
         # update_metrics feeds metrics different inputs
         return MetricCollection(metrics, compute_groups=False)
 

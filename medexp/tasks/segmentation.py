@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import BinaryAUROC
 from torchmetrics.segmentation import DiceScore, MeanIoU
 from torchmetrics.wrappers import ClasswiseWrapper, LambdaInputTransformer
 
+from medexp.metrics.classification import BinaryDefinedAUROC
 from medexp.tasks.base import BaseTask
 from medexp.utils.errors import MedexpError
 
@@ -140,7 +140,7 @@ class SegmentationTask(BaseTask):
         if n == 2:
             # binned, so memory stays bounded on large images
             metrics["auroc"] = LambdaInputTransformer(
-                BinaryAUROC(thresholds=200), transform_pred=foreground, transform_target=drop_channel
+                BinaryDefinedAUROC(thresholds=200), transform_pred=foreground, transform_target=drop_channel
             )
         else:
             per_class = DiceScore(n, include_background=False, average="none", input_format="index")
