@@ -198,12 +198,12 @@ def save_torch(obj: Any, path: str | Path, key_env: str | None) -> None:
     write_bytes(path, buffer.getvalue(), key_env)
 
 
-def load_torch(path: str | Path, what: str = "file", map_location: Any = "cpu", weights_only: bool = True) -> Any:
+def load_torch(path: str | Path, what: str = "file", map_location: Any = "cpu") -> Any:
     """``torch.load`` of a file written by :func:`save_torch` (or plain ``torch.save``),
-    decrypted when it is encrypted. ``weights_only`` stays True unless a caller trusts the file."""
+    decrypted when it is encrypted; always ``weights_only=True``: no file is trusted to run code."""
     import torch
 
-    return torch.load(io.BytesIO(read_bytes(path, what)), map_location=map_location, weights_only=weights_only)
+    return torch.load(io.BytesIO(read_bytes(path, what)), map_location=map_location, weights_only=True)
 
 
 class EncryptedCheckpointIO(TorchCheckpointIO):

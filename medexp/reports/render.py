@@ -36,16 +36,7 @@ def confusion_figure(path: Path, report: dict[str, Any]) -> Path:
             axis.set_axis_off()
         for axis, name, m in zip(axes.flat, names, matrix):
             axis.imshow(m, cmap="Blues")
-            for (i, j), value in np.ndenumerate(m):
-                axis.text(
-                    j,
-                    i,
-                    str(value),
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if value > m.max() / 2 else "black",
-                )
+            _annotate(axis, m)
             axis.set_xticks([0, 1], ["0", "1"], fontsize=7)
             axis.set_yticks([0, 1], ["0", "1"], fontsize=7)
             axis.set_title(name, fontsize=8)
@@ -55,16 +46,7 @@ def confusion_figure(path: Path, report: dict[str, Any]) -> Path:
     figure, axis = plt.subplots(figsize=(size, size))
     image = axis.imshow(matrix, cmap="Blues")
     if len(names) <= 20:
-        for (i, j), value in np.ndenumerate(matrix):
-            axis.text(
-                j,
-                i,
-                str(value),
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if value > matrix.max() / 2 else "black",
-            )
+        _annotate(axis, matrix)
     axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     axis.set_yticks(range(len(names)), names, fontsize=8)
     axis.set_xlabel("predicted")
@@ -216,6 +198,13 @@ def _interval(value: dict[str, Any]) -> str:
     if any(end is None or math.isnan(end) for end in (low, high)):
         return "undefined"
     return f"{number_text(low)} - {number_text(high)}"
+
+
+def _annotate(axis: Any, matrix: np.ndarray) -> None:
+    """Write each count of a confusion matrix into its cell, white on the dark ones."""
+    for (i, j), value in np.ndenumerate(matrix):
+        color = "white" if value > matrix.max() / 2 else "black"
+        axis.text(j, i, str(value), ha="center", va="center", fontsize=8, color=color)
 
 
 def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
