@@ -9,10 +9,12 @@
 3. student distilled: ``model=distill model.teacher_ckpt=<teacher>`` (KD at ``--temperature``,
    ``--alpha``; ``--feature-weight`` > 0 adds feature matching)
 4. ``medexp compress`` of the teacher (``static``, ``dynamic``) and of the distilled student
-   (``static``, and ``prune`` at ``--amounts``), on the CPU with ``--threads`` threads for latency
+   (``static``, and ``prune`` at ``--amounts``): every model an ONNX file (int8: quantized by ONNX
+   Runtime, ``--quant-format``, ``--per-channel``), timed with onnxruntime on the CPU with
+   ``--threads`` intra-op threads
 
-Every run goes into ``--log-dir`` (a run whose ``metrics.json`` or ``compression.json`` exists is
-reused); each result becomes a JSON line in ``--jsonl`` and a row of the Markdown tables printed
+Every run goes into ``--log-dir`` (a run whose ``metrics.json`` or ONNX ``compression.json`` exists
+is reused); each result becomes a JSON line in ``--jsonl`` and a row of the Markdown tables printed
 at the end. Epochs default to a short run (minutes on 2 CPU cores); the MedMNIST protocol is 100.
 """
 
@@ -73,7 +75,7 @@ def parameters(ckpt: Path) -> int:
 def compress(args: argparse.Namespace, source: dict[str, Any], method: str) -> list[dict[str, Any]]:
     """``medexp compress`` of ``source``'s checkpoint; one row per model of its compression.json."""
     out = Path(args.log_dir) / f"compress_{source['run']}_{method}"
-    if not (out / "compression.json").exists():
+    if not onnx_report(out / "compression.json"):
         amounts = [f"amount=[{','.join(str(a) for a in args.amounts)}]"] if method == "prune" else []
         run(
             medexp(
@@ -85,6 +87,8 @@ def compress(args: argparse.Namespace, source: dict[str, Any], method: str) -> l
                 f"hydra.run.dir={(out / 'run').resolve()}",
                 f"latency.repeats={args.repeats}",
                 f"latency.threads={args.threads}",
+                f"quant_format={args.quant_format}",
+                f"per_channel={str(args.per_channel).lower()}",
             ),
             threads=args.threads,
         )
@@ -102,7 +106,7 @@ def compress(args: argparse.Namespace, source: dict[str, Any], method: str) -> l
                     "auroc",
                     "agreement",
                     "latency_ms",
-                    "state_dict_bytes",
+                    "weight_bytes",
                     "gzip_bytes",
                     "weight_sparsity",
                 )
@@ -111,6 +115,12 @@ def compress(args: argparse.Namespace, source: dict[str, Any], method: str) -> l
         }
         for row in report["rows"]
     ]
+
+
+def onnx_report(path: Path) -> bool:
+    """True where ``path`` is a compression.json of the ONNX Runtime implementation (rows with
+    ``weight_bytes``); one of the former torch.ao/TorchScript one is redone, not reused."""
+    return path.exists() and "weight_bytes" in json.loads(path.read_text())["rows"][0]
 
 
 def tables(trained: list[dict[str, Any]], compressed: list[dict[str, Any]]) -> str:
@@ -132,7 +142,7 @@ def tables(trained: list[dict[str, Any]], compressed: list[dict[str, Any]]) -> s
         sparsity = "" if r["weight_sparsity"] is None else f"{r['weight_sparsity']:.2f}"
         lines.append(
             f"| {r['source']} | {r['method']} | {r['model']} | {r['auroc']:.3f} | {r['accuracy']:.3f} | "
-            f"{r['agreement']:.3f} | {r['latency_ms']:.3f} | {r['state_dict_bytes'] / 1024:.1f} | "
+            f"{r['agreement']:.3f} | {r['latency_ms']:.3f} | {r['weight_bytes'] / 1024:.1f} | "
             f"{r['gzip_bytes'] / 1024:.1f} | {sparsity} |"
         )
     return "\n".join(lines)
@@ -152,6 +162,10 @@ def main() -> None:
     parser.add_argument("--amounts", nargs="+", type=float, default=[0.2, 0.5, 0.8])
     parser.add_argument("--repeats", type=int, default=50, help="timed passes per model (latency: their median)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of training and of the latency")
+    parser.add_argument("--quant-format", choices=["qdq", "qoperator"], default="qdq", help="static int8's ONNX form")
+    parser.add_argument(
+        "--per-channel", action=argparse.BooleanOptionalAction, default=True, help="int8 scales per output channel"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not Path(args.data_root).is_dir():

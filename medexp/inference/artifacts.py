@@ -1,11 +1,19 @@
-"""Exported models: a task's prediction as one TorchScript or ONNX graph that runs without
-medexp, the runner that loads it back, and the sidecar that says how to feed and read it;
-shared by ``medexp export`` and ``medexp compress``."""
+"""Exported models: a task's prediction as one ONNX graph (``torch.onnx.export(dynamo=True)``)
+or ``torch.export`` program (``.pt2``) that runs without medexp, the runner that loads it back,
+and the sidecar that says how to feed and read it; shared by ``medexp export`` and ``medexp
+compress``.
+
+Both formats come from ``torch.export``: ONNX through the torch.export-based exporter (onnxscript
+translates the exported program; opset 18 or later), ``pt2`` as the ``ExportedProgram`` itself
+(``torch.export.save``; ``torch.export.load(path).module()`` runs it). TorchScript
+(``torch.jit.trace``) and the TorchScript-based ONNX exporter, both deprecated by torch, are not
+used.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import warnings
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +23,18 @@ from torch import nn
 
 from medexp.utils.errors import MedexpError
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 SIDECAR = "model.json"
 SUPPORTED = "classification (model.task binary, multiclass, multilabel) and segmentation"
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
+# the torch.export-based ONNX exporter writes opset 18 and later; it only tries to convert down
+# to older opsets, and may keep 18 when that fails
+MIN_OPSET = 18
+# how a deployer runs each format, for the sidecar
+LOADERS = {
+    "onnx": f"onnxruntime.InferenceSession(path).run(['{OUTPUT_NAME}'], {{'{INPUT_NAME}': x}})[0]",
+    "pt2": "torch.export.load(path).module()(x)",
+}
 
 
 def not_exported(task: type, target: str) -> str | None:
@@ -41,7 +57,7 @@ class Exported(nn.Module):
     """The task's prediction as one module: ``task.postprocess(task.infer(image))``, i.e.
     probabilities (a segmenter's flips at inference, ``model.tta_flips``, included).
 
-    Only the task's network is a submodule: tracing a LightningModule itself reads its
+    Only the task's network is a submodule: exporting a LightningModule itself reads its
     ``trainer``, which a rebuilt model has not.
     """
 
@@ -55,81 +71,115 @@ class Exported(nn.Module):
         return task.postprocess(task.infer(image))
 
 
-def export_onnx(wrapper: Any, example: Any, path: Path, opset: int, dynamic_spatial: bool, model: Any) -> str:
-    """Write ``wrapper`` traced on ``example`` as ONNX at ``path`` and check the file; return the
-    runtime that will run it."""
+def require_onnx(what: str) -> None:
+    """Raise a :class:`MedexpError` naming the packages ``what`` needs when one is missing."""
     try:
-        import onnx
-        import onnxruntime
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
     except ImportError as exc:
         raise MedexpError(
-            f"format=onnx needs the packages onnx and onnxruntime ({exc}); pip install onnx onnxruntime"
+            f"{what} needs the packages onnx, onnxscript and onnxruntime ({exc}); pip install onnx onnxscript "
+            'onnxruntime (or pip install -e ".[export]")'
         ) from exc
-    import inspect
 
-    spatial = range(2, example.ndim)
-    axes_in = {0: "batch", **({axis: f"dim{axis - 2}" for axis in spatial} if dynamic_spatial else {})}
-    segments = model.pixel_classes
-    axes_out = {0: "batch", **({axis: f"dim{axis - 2}" for axis in spatial} if dynamic_spatial and segments else {})}
-    kwargs: dict[str, Any] = {}
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        kwargs["dynamo"] = False  # the TorchScript-based exporter: no onnxscript needed
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.9 deprecates the TorchScript-based exporter
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        # instance norm always normalises with the input's statistics; the exporter says so
-        warnings.filterwarnings(
-            "ignore", message=r".*operator 'instance_norm' is set to train=True", category=UserWarning
+
+def example_batch(example: torch.Tensor) -> torch.Tensor:
+    """``example`` with at least two images: torch.export takes an axis of size 1 for a constant,
+    so a batch of one would fix the batch size of the export."""
+    return example if example.shape[0] > 1 else torch.cat([example, example])
+
+
+def dynamic_axes(example: torch.Tensor, dynamic_spatial: bool) -> dict[int, str]:
+    """The axes of the input that vary, by name: the batch, and with ``dynamic_spatial`` the
+    spatial axes (``dim0``, ``dim1``, ...)."""
+    spatial = {axis: f"dim{axis - 2}" for axis in range(2, example.ndim)} if dynamic_spatial else {}
+    return {0: "batch", **spatial}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_spatial: bool) -> str:
+    """Write ``wrapper`` exported on ``example`` as ONNX at ``path`` (one file, weights inside)
+    and check the file; return the runtime that will run it.
+
+    ``torch.onnx.export(dynamo=True)`` captures the graph with ``torch.export`` and translates it
+    with onnxscript. The batch axis (and with ``dynamic_spatial`` the spatial axes) varies:
+    ``dynamic_shapes`` names the axes, which torch.onnx turns into ``torch.export.Dim.DYNAMIC``
+    (guards a net needs, e.g. a U-Net's even sizes, are kept rather than refused) and gives the
+    names to the ONNX graph's symbolic dimensions; the output's follow from the graph.
+    """
+    require_onnx("format=onnx")
+    import onnx
+    import onnxruntime
+
+    # without torchvision installed the exporter logs, on every export, that it skips
+    # torchvision's detection operators: none of them is in a network medexp exports
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    try:
+        torch.onnx.export(
+            wrapper,
+            (example_batch(example),),
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={INPUT_NAME: dynamic_axes(example, dynamic_spatial)},
+            external_data=False,  # one file; ONNX's protobuf limit (2 GB) is far above medexp's nets
+            verbose=False,
         )
-        try:
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                str(path),
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: axes_in, OUTPUT_NAME: axes_out},
-                **kwargs,
-            )
-        except Exception as exc:  # unsupported operators or opsets: torch raises several types
-            raise MedexpError(
-                f"cannot export the model as ONNX with opset={opset} ({type(exc).__name__}: {exc})"
-            ) from exc
+    except Exception as exc:  # torch.export and the translation raise many types
+        raise MedexpError(f"cannot export the model as ONNX with opset={opset} ({_first_line(exc)})") from exc
+    written = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import if not o.domain), 0)
+    if written != opset:  # the exporter keeps its own opset where it cannot convert to the one asked for
+        path.unlink()
+        raise MedexpError(
+            f"opset={opset}: torch {torch.__version__.split('+')[0]} wrote opset {written} instead; expected an "
+            f"opset from {MIN_OPSET} to {onnx.defs.onnx_opset_version()} (the newest the installed onnx knows)"
+        )
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise MedexpError(f"the exported {path.name} is not a valid ONNX model ({type(exc).__name__}: {exc})") from exc
+        raise MedexpError(f"the exported {path.name} is not a valid ONNX model ({_first_line(exc)})") from exc
     return f"onnxruntime {onnxruntime.__version__}"
 
 
-def export_torchscript(wrapper: Any, example: Any, path: Path) -> str:
-    """Write ``wrapper`` traced on ``example`` as TorchScript at ``path``; return the runtime."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            traced = torch.jit.trace(wrapper, (example,), check_trace=False)
-        except Exception as exc:
-            raise MedexpError(f"cannot trace the model as TorchScript ({type(exc).__name__}: {exc})") from exc
-        torch.jit.save(traced, str(path))
-    return f"torch.jit {torch.__version__}"
+def export_pt2(wrapper: nn.Module, example: torch.Tensor, path: Path, dynamic_spatial: bool) -> str:
+    """Write ``wrapper`` exported on ``example`` by ``torch.export.export`` at ``path``
+    (``torch.export.save``); return the runtime that will run it.
+
+    The batch axis (and with ``dynamic_spatial`` the spatial axes) is ``Dim.DYNAMIC``: any size
+    the net's own guards allow (a U-Net's multiples of its strides, for instance).
+    """
+    from torch.export import Dim
+
+    shapes = {INPUT_NAME: dict.fromkeys(dynamic_axes(example, dynamic_spatial), Dim.DYNAMIC)}
+    try:
+        program = torch.export.export(wrapper, (example_batch(example),), dynamic_shapes=shapes)
+    except Exception as exc:  # torch.export raises several types on what it cannot capture
+        raise MedexpError(f"cannot export the model with torch.export ({_first_line(exc)})") from exc
+    torch.export.save(program, str(path))
+    return f"torch.export {torch.__version__}"
 
 
-def load_runner(fmt: str, path: Path) -> Any:
-    """A function ``(B, C, *spatial)`` tensor -> outputs of the exported file at ``path``."""
+def load_runner(fmt: str, path: Path, threads: int | None = None) -> Callable[[torch.Tensor], Any]:
+    """A function ``(B, C, *spatial)`` tensor -> outputs of the exported file at ``path``; ONNX
+    runs with ``threads`` intra-op threads (default: torch's)."""
     if fmt == "onnx":
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        module = torch.jit.load(str(path), map_location="cpu")
-    module.eval()
-    return lambda x: module(x.cpu())
+        return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().cpu().numpy()})[0]
+    if fmt == "pt2":
+        module = torch.export.load(str(path)).module()
+        return lambda x: module(x.cpu())
+    raise ValueError(f"no runner for format {fmt!r}")
 
 
 def describe(
@@ -162,6 +212,7 @@ def describe(
         "format": fmt,
         "file": FORMATS[fmt],
         **({"opset": opset} if fmt == "onnx" else {}),
+        "load": LOADERS[fmt],
         "medexp_version": medexp.__version__,
         "task": task,
         "model": run_cfg.get("model", {}).get("_target_"),
@@ -286,9 +337,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_torchscript(task: Any, net: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torch.Tensor], Any]:
-    """Save ``net`` with ``task``'s postprocessing as TorchScript at ``path`` (as ``medexp
-    export`` does); return the file loaded back: ``(B, C, *spatial)`` -> probabilities."""
+def save_onnx(task: Any, net: nn.Module, example: torch.Tensor, path: Path, opset: int = MIN_OPSET) -> None:
+    """Save ``net`` with ``task``'s postprocessing as ONNX at ``path``, as ``medexp export`` does
+    (dynamic batch axis): ``(B, C, *spatial)`` -> probabilities."""
     task.net = net  # Exported runs task.postprocess(task.infer(x)), i.e. with this net
-    export_torchscript(Exported(task).eval(), example, path)
-    return load_runner("torchscript", path)
+    with torch.no_grad():
+        export_onnx(Exported(task).eval(), example, path, opset, dynamic_spatial=False)
