@@ -11,7 +11,10 @@ COMMANDS = {
     "eval": ("medexp.eval", "evaluate a checkpoint (ckpt_path=...) with its stored config"),
     "predict": ("medexp.predict", "apply a checkpoint to new images (ckpt_path=... input=... output=...)"),
     "explain": ("medexp.explain", "saliency maps (Grad-CAM, occlusion) of a classifier, scored against lesion masks"),
-    "export": ("medexp.export", "export a checkpoint to ONNX or TorchScript, verified against the model"),
+    "export": (
+        "medexp.export",
+        "export a checkpoint as ONNX, a torch.export program or a MONAI bundle, verified against the model",
+    ),
     "compress": (
         "medexp.compress",
         "int8 quantization (method=dynamic|static) or pruning sweep of a classifier; size, latency, metrics",

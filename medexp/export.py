@@ -1,19 +1,23 @@
-"""``medexp export ckpt_path=... format=onnx|torchscript output=...`` (or ``python -m medexp.export``):
+"""``medexp export ckpt_path=... format=onnx|pt2 output=...`` (or ``python -m medexp.export``):
 a checkpoint's network, with its task's postprocessing, as a file that runs without medexp.
 
 The model is rebuilt from the run config stored in the checkpoint, as ``medexp predict`` does.
 The exported graph takes a float32 batch ``(B, C, *spatial)`` prepared as the test split was (see
 the sidecar's ``preprocessing``) and returns probabilities: per class (or label) for a
-classifier, per class and pixel for a segmenter. ``<output>`` receives ``model.onnx`` (ONNX,
-opset 17+, a dynamic batch axis) or ``model.pt`` (TorchScript, traced), and ``model.json``: what
-a deployer needs to feed and read the model, where it came from, and the verification: the
-exported file run (onnxruntime, or ``torch.jit.load``) on batches of the test split next to the
+classifier, per class and pixel for a segmenter. ``<output>`` receives ``model.onnx`` (ONNX
+through ``torch.onnx.export(dynamo=True)``, opset 18+) or ``model.pt2`` (the
+``torch.export.export`` program, ``torch.export.save``), both with a dynamic batch axis (and
+dynamic spatial axes with ``dynamic_spatial=true``), and ``model.json``: what a deployer needs to
+feed and read the model, where it came from, and the verification: the exported file run
+(onnxruntime, or ``torch.export.load(path).module()``) on batches of the test split next to the
 Lightning model, and the largest absolute difference of their outputs, which must stay within
-``verify.tolerance``.
+``verify.tolerance``. ``format=torchscript`` is refused: torch deprecates TorchScript.
 
 Supported: classification (binary, multi-class, multi-label) and segmentation. Refused: GANs and
 reconstruction models (autoencoders, VAEs, denoisers), sequence models (extra ``length``/``time``
 inputs) and segmentation by sliding windows (``model.roi_size``), which lives outside the network.
+
+``format=bundle`` writes a MONAI bundle directory instead (see :mod:`medexp.inference.bundle`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from medexp.inference.artifacts import FORMATS, SIDECAR, load_runner
+from medexp.inference.artifacts import FORMATS, MIN_OPSET, SIDECAR, load_runner
 from medexp.resolvers import register_resolvers
 from medexp.utils.config import CONFIG_PATH
 from medexp.utils.errors import MedexpError, user_errors
@@ -35,10 +39,14 @@ from medexp.utils.validation import Rule, check_options
 log = logging.getLogger("medexp")
 register_resolvers()
 
-MIN_OPSET = 17
+# format=torchscript, refused in one line before the other options are looked at
+TORCHSCRIPT = (
+    "format=torchscript: torch deprecates TorchScript (torch.jit.trace/script); export with format=pt2 "
+    "(torch.export, model.pt2) or format=onnx (model.onnx)"
+)
 
 RULES = (
-    Rule("format", tuple(FORMATS)),
+    Rule("format", (*FORMATS, "bundle")),  # bundle: a MONAI bundle directory (medexp.inference.bundle)
     Rule("opset", "int", MIN_OPSET, exact=True, message=f"expected an ONNX opset of at least {MIN_OPSET}"),
     Rule("batch_size", "int", 1, exact=True, message="expected a positive integer"),
     Rule(
@@ -74,7 +82,13 @@ def export(cfg: DictConfig) -> Path:
     from medexp.utils.config import check_config
 
     check_config(cfg)
+    if cfg.get("format") == "torchscript":
+        raise MedexpError(TORCHSCRIPT)
     check_options(cfg, RULES)
+    if cfg.format == "bundle":  # returns the bundle's configs/metadata.json (its verification under "medexp")
+        from medexp.inference.bundle import export_bundle
+
+        return export_bundle(cfg)
 
     from medexp.inference.artifacts import describe, sha256
     from medexp.utils.run_info import write_json
@@ -87,7 +101,7 @@ def export(cfg: DictConfig) -> Path:
     path = output / FORMATS[cfg.format]
     verification = _export_and_verify(cfg, model, inputs, path)
 
-    dynamic_spatial = cfg.dynamic_spatial and cfg.format == "onnx"
+    dynamic_spatial = cfg.dynamic_spatial and cfg.format in ("onnx", "pt2")
     sidecar = describe(model, datamodule, checkpoint.config, inputs[0], cfg.format, cfg.opset, dynamic_spatial)
     sidecar["source"] = {"checkpoint": str(checkpoint.path.resolve()), "sha256": sha256(checkpoint.path)}
     sidecar["verification"] = verification
@@ -126,17 +140,17 @@ def _model_and_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[torch.Tensor
 def _export_and_verify(cfg: DictConfig, model: Any, inputs: list[torch.Tensor], path: Path) -> dict[str, Any]:
     """Write the export to ``path`` and compare it with the model on ``inputs``: the sidecar's
     ``verification`` record."""
-    from medexp.inference.artifacts import Exported, export_onnx, export_torchscript
+    from medexp.inference.artifacts import Exported, export_onnx, export_pt2
 
     fmt, tolerance = cfg.format, float(cfg.verify.tolerance)
     wrapper = Exported(model).eval()
     log.info("exporting %s as %s to %s", type(model).__name__, fmt, path)
+    dynamic_spatial = bool(cfg.dynamic_spatial)
     with torch.no_grad():
         if fmt == "onnx":
-            dynamic_spatial = bool(cfg.dynamic_spatial)
-            runtime = export_onnx(wrapper, inputs[0], path, cfg.opset, dynamic_spatial, model)
+            runtime = export_onnx(wrapper, inputs[0], path, cfg.opset, dynamic_spatial)
         else:
-            runtime = export_torchscript(wrapper, inputs[0], path)
+            runtime = export_pt2(wrapper, inputs[0], path, dynamic_spatial)
     max_diff, samples = _verify(model, load_runner(fmt, path), inputs, fmt)
     passed = max_diff <= tolerance
     log.info(
@@ -177,8 +191,8 @@ def _verify(model: Any, run: Any, inputs: list[torch.Tensor], fmt: str) -> tuple
             expected = model.predict_step({model.input_key: x}, index).float()
             try:
                 got = torch.as_tensor(run(x)).float()
-            except Exception as exc:  # onnxruntime and TorchScript raise their own types
-                hint = " (ONNX takes other spatial sizes with dynamic_spatial=true)" if fmt == "onnx" else ""
+            except Exception as exc:  # onnxruntime and torch.export's guards raise their own types
+                hint = " (the export takes other spatial sizes with dynamic_spatial=true)" if fmt in FORMATS else ""
                 raise MedexpError(
                     f"the exported model failed on a test batch of shape {tuple(x.shape)}{hint}: "
                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"

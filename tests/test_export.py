@@ -1,11 +1,14 @@
-"""`medexp export`: ONNX and TorchScript exports of checkpoints, their sidecar, their verification."""
+"""`medexp export`: ONNX (torch.onnx.export, dynamo) and torch.export (pt2) exports of checkpoints, their
+sidecar, their verification, and no deprecated torch API on the way."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,16 +80,28 @@ def run_exported(path: Path, x: torch.Tensor) -> torch.Tensor:
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
-    return torch.jit.load(str(path))(x).detach()
+    with torch.no_grad():
+        return torch.export.load(str(path)).module()(x)
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def deprecated_torch_apis(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The deprecation warnings among ``caught`` that are about TorchScript, torch.jit or
+    torch.ao (the deprecated exporters and quantization this code moved away from)."""
+    return [
+        f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"
+        for w in caught
+        if issubclass(w.category, (DeprecationWarning, FutureWarning))
+        and re.search(r"torchscript|\bjit\b|torch\.jit|torch\.ao", str(w.message), re.IGNORECASE)
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 @pytest.mark.parametrize("kind", ["classifier", "segmenter"])
 def test_exports_reproduce_the_model(checkpoints, tmp_path, kind, fmt):
     ckpt = checkpoints[kind]
     sidecar = run_export(ckpt, tmp_path / "out", f"format={fmt}", "batch_size=8", "verify.batches=2")
     path = tmp_path / "out" / sidecar["file"]
-    assert path.name == {"onnx": "model.onnx", "torchscript": "model.pt"}[fmt] and path.is_file()
+    assert path.name == {"onnx": "model.onnx", "pt2": "model.pt2"}[fmt] and path.is_file()
 
     # a batch of another size than the export traced, read back outside medexp
     x = first_test_batch(ckpt)[:5]
@@ -105,13 +120,15 @@ def test_exports_reproduce_the_model(checkpoints, tmp_path, kind, fmt):
     assert verification["passed"] is True and verification["tolerance"] == 1e-4
     assert 0 <= verification["max_abs_diff"] <= 1e-4
     assert (verification["batches"], verification["samples"], verification["split"]) == (2, 16, "test")
-    assert verification["runtime"].startswith("onnxruntime" if fmt == "onnx" else "torch.jit")
+    assert verification["runtime"].startswith("onnxruntime" if fmt == "onnx" else "torch.export")
+    assert ("opset" in sidecar) == (fmt == "onnx") and sidecar.get("opset", 18) == 18
 
 
-def test_the_sidecar_preprocessing_makes_the_model_input(checkpoints, tmp_path):
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_the_sidecar_preprocessing_makes_the_model_input(checkpoints, tmp_path, fmt):
     ckpt = checkpoints["classifier"]
     # spatial axes free: the raw image below is not of the training size
-    sidecar = run_export(ckpt, tmp_path / "out", "verify.batches=1", "dynamic_spatial=true")
+    sidecar = run_export(ckpt, tmp_path / "out", f"format={fmt}", "verify.batches=1", "dynamic_spatial=true")
     assert sidecar["input"]["batch_shape"] == ["batch", 1, "dim0", "dim1"]
     steps = sidecar["preprocessing"]
     assert [step["step"] for step in steps] == ["read", "scale_intensity", "transform"]
@@ -137,7 +154,7 @@ def test_the_sidecar_preprocessing_makes_the_model_input(checkpoints, tmp_path):
     # ...and the exported model gives the model's answer on it, at that size
     batch = served[None]
     torch.testing.assert_close(
-        run_exported(tmp_path / "out" / "model.onnx", batch), expected_outputs(ckpt, batch), atol=1e-4, rtol=0
+        run_exported(tmp_path / "out" / sidecar["file"], batch), expected_outputs(ckpt, batch), atol=1e-4, rtol=0
     )
 
 
@@ -148,7 +165,7 @@ def test_the_command_line_exports_and_logs_the_difference(checkpoints, tmp_path)
             "-m",
             "medexp.export",
             f"ckpt_path={checkpoints['classifier']}",
-            "format=torchscript",
+            "format=pt2",
             "output=exported",
             "verify.batches=1",
             "hydra.run.dir=run",
@@ -207,8 +224,8 @@ def test_sliding_window_segmentation_is_refused(checkpoints):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("format=tflite", r"format='tflite'; expected one of \['onnx', 'torchscript'\]"),
-        ("opset=13", r"opset=13; expected an ONNX opset of at least 17"),
+        ("format=tflite", r"format='tflite'; expected one of \['onnx', 'pt2'"),
+        ("opset=17", r"opset=17; expected an ONNX opset of at least 18"),
         ("verify.tolerance=-1", r"verify.tolerance=-1; expected a number >= 0"),
         ("verify.batches=0", r"verify.batches=0; expected a positive integer"),
         ("batch_size=0", r"batch_size=0; expected a positive integer"),
@@ -218,3 +235,23 @@ def test_bad_options_name_the_key(tmp_path, override, message):
     with pytest.raises(MedexpError, match=message):
         run_export(tmp_path / "never-read.ckpt", tmp_path / "out", override)
     assert not (tmp_path / "out").exists()
+
+
+def test_torchscript_is_refused_in_one_line(tmp_path):
+    with pytest.raises(MedexpError) as error:
+        run_export(tmp_path / "never-read.ckpt", tmp_path / "out", "format=torchscript")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("format=torchscript: torch deprecates TorchScript")
+    assert "format=pt2" in message and "format=onnx" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_exports_use_no_deprecated_torch_api(checkpoints, tmp_path):
+    """Neither export goes through TorchScript (torch.jit.trace, the TorchScript-based ONNX
+    exporter): no deprecation warning of torch's about them, with every warning shown."""
+    for fmt in ("onnx", "pt2"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sidecar = run_export(checkpoints["segmenter"], tmp_path / fmt, f"format={fmt}", "verify.batches=1")
+        assert sidecar["verification"]["passed"] is True
+        assert deprecated_torch_apis(caught) == [], fmt

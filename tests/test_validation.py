@@ -53,7 +53,7 @@ BAD_CONFIGS = [
     ),
     (
         ["model=unet"],
-        "the model (SegmentationTask) trains on data.task in ['segmentation'], but data.task='binary'; models for binary data: model=autoencoder,cnn,",
+        "the model (SegmentationTask) trains on data.task in ['segmentation'], but data.task='binary'; models for binary data: model=autoencoder,autoencoder_classifier,cnn,",
     ),
     (
         ["data=medmnist", "model=densenet121"],
@@ -125,8 +125,8 @@ def test_a_command_reports_every_bad_option_at_once(tmp_path):
     cfg = compose_config([*overrides, "verify.batches=0", "verify.tolerance=inf"], "export", output_dir=tmp_path)
     with pytest.raises(MedexpError, match=r"^3 problem\(s\) in the config:\n") as error:
         export(cfg)
-    assert "format='tflite'; expected one of ['onnx', 'torchscript']" in str(error.value)
-    assert "opset=16.0; expected an ONNX opset of at least 17" in str(error.value)
+    assert "format='tflite'; expected one of ['onnx', 'pt2', 'bundle']" in str(error.value)
+    assert "opset=16.0; expected an ONNX opset of at least 18" in str(error.value)
     assert "verify.batches=0; expected a positive integer, or null" in str(error.value)
     assert not (tmp_path / "out").exists()
 

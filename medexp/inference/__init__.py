@@ -6,8 +6,9 @@
   globs, CSVs) and where masks go;
 - :mod:`~medexp.inference.writers`: what ``medexp predict`` writes for each kind of prediction
   a task declares (``prediction_writer``);
-- :mod:`~medexp.inference.artifacts`: exported models (TorchScript, ONNX) and their sidecar,
-  shared by ``medexp export`` and ``medexp compress``.
+- :mod:`~medexp.inference.artifacts`: exported models (ONNX, ``torch.export`` programs) and their
+  sidecar, shared by ``medexp export`` and ``medexp compress``;
+- :mod:`~medexp.inference.bundle`: a checkpoint as a MONAI bundle (``medexp export format=bundle``).
 
 Below the commands and reports, above tasks and data: nothing here imports a command.
 """
