@@ -65,7 +65,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _continue_logger_runs(cfg, previous.get("loggers", {}))
     resolved = _check_resolved(cfg)
     datamodule, model, loggers, trainer = _build(cfg, resolved, seed)
-    info = _write_run_record(cfg, resolved, seed, loggers, previous) if trainer.is_global_zero else {}
+    info = (
+        _write_run_record(cfg, resolved, seed, loggers, previous, model.init_report) if trainer.is_global_zero else {}
+    )
     # before the loggers start: CSVLogger deletes the metrics.csv of the run being resumed
     csv_history = CsvHistory(loggers if resumed and trainer.is_global_zero else [])
     csv_history.read()
@@ -96,11 +98,12 @@ def _check_before_building(cfg: DictConfig) -> None:
     """Every config problem at once, before anything is built (the seed may still be null); a
     missing, foreign or unsafe ``ckpt_path`` in one line now, not after building."""
     from medexp.privacy import check_config as check_privacy
+    from medexp.tasks.finetuning import config_problems as check_finetuning
     from medexp.utils.config import check_config
     from medexp.utils.validation import validate_config
 
     config = check_config(cfg)
-    validate_config(config, extra=check_privacy(config))
+    validate_config(config, extra=[*check_privacy(config), *check_finetuning(config)])
     if config.get("ckpt_path"):
         from medexp.checkpoints.checkpoint import Checkpoint
 
@@ -148,7 +151,7 @@ def _build(cfg: DictConfig, resolved: dict[str, Any], seed: int) -> tuple[Any, A
 
     # plain lists and dicts, not OmegaConf containers: hyperparameters are saved in checkpoints
     datamodule = build(cfg.data)
-    model = build(cfg.model)
+    model = _build_model(cfg, resolved)
     # callbacks' monitors against what this task logs: now, not when the first epoch ends
     check_monitors(resolved, model.logged_metrics(), type(model).__name__)
     # privacy=dp: Opacus-compatible layers before the optimiser exists; its callback goes first, so
@@ -178,8 +181,34 @@ def _build(cfg: DictConfig, resolved: dict[str, Any], seed: int) -> tuple[Any, A
     return datamodule, model, loggers, trainer
 
 
+def _build_model(cfg: DictConfig, resolved: dict[str, Any]) -> Any:
+    """The task (loading ``model.init_weights``); a net whose ``pretrained=true`` cannot download
+    its weights is refused in one line that says which file to fetch and how to pass it."""
+    from medexp.checkpoints.weights import pretrained_download_failed
+    from medexp.utils.config import build
+
+    try:
+        return build(cfg.model)
+    except Exception as exc:
+        cause: BaseException | None = exc
+        seen = set()  # a re-raised cause can be its wrapper's context: the chain may loop
+        while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        cause = cause if isinstance(cause, OSError) else None
+        problem = None if cause is None else pretrained_download_failed(resolved["model"].get("net") or {}, cause)
+        if problem is None:
+            raise
+        raise problem from None
+
+
 def _write_run_record(
-    cfg: DictConfig, resolved: dict[str, Any], seed: int, loggers: list[Any], previous: dict[str, Any]
+    cfg: DictConfig,
+    resolved: dict[str, Any],
+    seed: int,
+    loggers: list[Any],
+    previous: dict[str, Any],
+    init_report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``run_info.json`` and ``resolved_config.yaml`` (rank 0 only).
 
@@ -191,6 +220,8 @@ def _write_run_record(
     out = Path(cfg.paths.output_dir)
     info = run_info(seed)
     info["loggers"] = {**previous.get("loggers", {}), **_logger_run_ids(loggers)}
+    if init_report:  # what model.init_weights loaded, as the log's table says
+        info["init_weights"] = init_report
     if cfg.train and cfg.ckpt_path:
         info["resumed_from"] = [*previous.get("resumed_from", []), str(cfg.ckpt_path)]
     write_json(out / "run_info.json", info)

@@ -78,6 +78,11 @@ FETCHING_WHEN_REBUILT: dict[str, Any] = {
     "pretrained_path": None,
     "teacher_ckpt": None,
     "generated": None,
+    # a task's starting weights and fine-tuning controls: the checkpoint has the trained weights
+    "init_weights": None,
+    "freeze": None,
+    "unfreeze_at_epoch": None,
+    "pretrained_lr_scale": 1.0,
 }
 
 

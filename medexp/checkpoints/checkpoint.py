@@ -222,7 +222,7 @@ def load_checkpoint(path: str | Path, where: str | None = None) -> dict[str, Any
     return checkpoint
 
 
-def load_weights_only(data: bytes, where: str) -> Any:
+def load_weights_only(data: bytes, where: str, expected: str = "a .ckpt file written by medexp train") -> Any:
     """``torch.load`` of ``data`` that unpickles no code (``weights_only=True``), on the CPU.
 
     Raises:
@@ -243,9 +243,7 @@ def load_weights_only(data: bytes, where: str) -> Any:
         # torch's message goes on to suggest weights_only=False: never the advice to give here
         found = re.search(r"GLOBAL (\S+)", str(exc))
         if found is None:  # an opcode the safe unpickler does not know: text, another format
-            raise MedexpError(
-                f"{where}: not a PyTorch checkpoint (unreadable as one); expected a .ckpt file written by medexp train"
-            ) from None
+            raise MedexpError(f"{where}: not a PyTorch checkpoint (unreadable as one); expected {expected}") from None
         raise MedexpError(
             f"{where}: refused, it holds a pickled {found.group(1)}, which loading would run as code; medexp reads "
             "only tensors and plain values (weights_only). Export the weights from a trusted copy, or re-train"
@@ -253,6 +251,5 @@ def load_weights_only(data: bytes, where: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - torch raises many types for files of other formats
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise MedexpError(
-            f"{where}: not a PyTorch checkpoint ({type(exc).__name__}: {detail}); expected a .ckpt file written by "
-            "medexp train"
+            f"{where}: not a PyTorch checkpoint ({type(exc).__name__}: {detail}); expected {expected}"
         ) from None

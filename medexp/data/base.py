@@ -4,6 +4,7 @@ dict batches with the DataModule they share (:class:`ArrayDataModule`)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence, Sized
@@ -23,6 +24,9 @@ from medexp.utils.errors import MedexpError
 SPLITS = ("train", "val", "test")
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 SAMPLERS = (None, "balanced")
+
+
+log = logging.getLogger("medexp")
 
 
 class ArrayDataset(Dataset):
@@ -396,8 +400,15 @@ class ArrayDataModule(DataModule):
         generated: dict[str, Any] | None = None,
         sampler: str | None = None,
         fold_by: str | None = None,
+        label_fraction: float | None = None,
     ) -> None:
         scan = validation.check_options(scan, scan_sample, on_bad)
+        if label_fraction is not None and (
+            isinstance(label_fraction, bool)
+            or not isinstance(label_fraction, (int, float))
+            or not 0 < label_fraction <= 1
+        ):
+            raise MedexpError(f"data.label_fraction={label_fraction!r}; expected a fraction in (0, 1], or null for all")
         if sampler not in SAMPLERS:
             raise MedexpError(f"data.sampler={sampler!r}; expected one of {list(SAMPLERS)}")
         if sampler is not None and task == "segmentation":
@@ -421,6 +432,7 @@ class ArrayDataModule(DataModule):
         self.datasets: dict[str, ArrayDataset] = {}
         self.fold, self.num_folds, self.fold_seed, self.fold_by = fold, num_folds, fold_seed, fold_by
         self.sampler = sampler
+        self.label_fraction = label_fraction
         self.site_names: list[str] | None = None
         self.loaded_sites: dict[str, np.ndarray] = {}
         self.output_dir = Path(output_dir).expanduser() if output_dir else None
@@ -470,11 +482,38 @@ class ArrayDataModule(DataModule):
             # boolean indexing copies: where a subclass keeps its arrays (MedMNIST), the training split is held twice
             arrays["val"] = images[held_out], labels[held_out]
             arrays["train"] = images[~held_out], labels[~held_out]
+        if self.label_fraction is not None and self.label_fraction < 1:
+            rows = self.labelled_rows(arrays["train"][1])
+            arrays["train"] = arrays["train"][0][rows], arrays["train"][1][rows]
+            if sites:
+                sites["train"] = sites["train"][rows]
         for split in SPLITS:
             self.datasets[split] = ArrayDataset(*arrays[split], self.transform(split))
             self.datasets[split].sites = sites.get(split)
         self.save_folds()
         self.save_skipped("index", lambda split, index: index)
+
+    def labelled_rows(self, labels: np.ndarray) -> np.ndarray:
+        """The rows of the training split kept by ``label_fraction`` (label-efficiency studies: a
+        model trained on part of the labels): that fraction of each class (stratum, see
+        :func:`~medexp.data.folds.strata`), at least one, drawn with ``fold_seed`` so every seed
+        of a sweep trains on the same images."""
+        groups = strata(labels, self.task)
+        groups = np.zeros(len(labels), dtype=np.int64) if groups is None else groups
+        rng = np.random.default_rng(self.fold_seed)
+        rows = []
+        for group in np.unique(groups):
+            members = np.flatnonzero(groups == group)
+            count = max(1, round(self.label_fraction * len(members)))
+            rows.append(rng.choice(members, size=count, replace=False))
+        kept = np.sort(np.concatenate(rows))
+        log.info(
+            "data.label_fraction=%g: %d of %d training images keep their labels",
+            self.label_fraction,
+            len(kept),
+            len(labels),
+        )
+        return kept
 
     def check_sites(self) -> None:
         """Check the options that depend on the sites, once ``site_names`` is known."""

@@ -266,7 +266,8 @@ class AdversarialTask(BaseTask):
             scheduler.step()
 
     def configure_optimizers(self) -> Any:
-        g_optimizer = self.optimizer_factory(params=self.net.parameters())
+        g_optimizer = self.optimizer_factory(params=self.finetuning.groups(self.net, prefix=""))
+        self.finetuning.scale_groups(g_optimizer)
         d_optimizer = (self.d_optimizer_factory or self.optimizer_factory)(params=self.discriminator.parameters())
         if self.scheduler_factory is None:
             return [g_optimizer, d_optimizer]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 
+from medexp.tasks.finetuning import Finetuning
 from medexp.utils.config import metric_mode
 from medexp.utils.errors import MedexpError
 
@@ -27,6 +28,10 @@ class BaseTask(L.LightningModule):
         optimizer: a partial optimiser (Hydra ``_partial_: true``), called with the parameters.
         scheduler: a partial LR scheduler called with the optimiser, or None; stepped per epoch.
         monitor: the validation metric that selects checkpoints and drives ReduceLROnPlateau.
+        init_weights: weights the net starts from (``model.init_weights``, see
+            :mod:`medexp.checkpoints.weights`); None or no ``path``: its own initialisation.
+        freeze, unfreeze_at_epoch, pretrained_lr_scale: fine-tuning controls (see
+            :mod:`medexp.tasks.finetuning`).
     """
 
     input_key = "image"
@@ -77,10 +82,22 @@ class BaseTask(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         monitor: str = "val/loss",
+        init_weights: dict[str, Any] | None = None,
+        freeze: list[str] | None = None,
+        unfreeze_at_epoch: int | None = None,
+        pretrained_lr_scale: float | None = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(self.injected), logger=False)
         self.net = net
+        # what model.init_weights loaded (run_info.json records it), then the frozen parameters
+        self.init_report: dict[str, Any] | None = None
+        if init_weights and init_weights.get("path"):
+            from medexp.checkpoints.weights import load_initial_weights
+
+            self.init_report = load_initial_weights(net, init_weights)
+        loaded = self.init_report["loaded"] if self.init_report else []
+        self.finetuning = Finetuning(net, loaded, freeze, unfreeze_at_epoch, pretrained_lr_scale)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         metrics = self.configure_metrics()
@@ -154,6 +171,7 @@ class BaseTask(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._pending.pop("train/", None)  # left by an epoch that did not finish
+        self.finetuning.on_train_epoch_start(self.current_epoch)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_rng = None
@@ -259,7 +277,8 @@ class BaseTask(L.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.finetuning.groups(self))
+        self.finetuning.scale_groups(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
