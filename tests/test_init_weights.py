@@ -356,3 +356,31 @@ def test_a_bundle_exported_by_medexp_starts_a_model(sources, tmp_path):
     fit(tmp_path / "run", f"model.init_weights.path={bundle}", "model.init_weights.strict=true", "test=false")
     report = run_info(tmp_path / "run")["init_weights"]
     assert report["kind"] == "MONAI bundle" and report["loaded"] == sorted(net_state(sources["cls"]))
+
+
+def test_label_fraction_trains_on_part_of_each_class(tmp_path):
+    """data.label_fraction=0.25 keeps a quarter of each class of the training split, the same rows
+    whatever the training seed; validation and test stay whole."""
+    import numpy as np
+
+    from medexp.utils.config import build
+    from tests.helpers import write_medmnist_npz
+
+    write_medmnist_npz(tmp_path / "breastmnist.npz", {"train": 80, "val": 20, "test": 20}, num_classes=2)
+    overrides = ["data=medmnist", f"data.root={tmp_path}", "data.label_fraction=0.25"]
+    labels = np.load(tmp_path / "breastmnist.npz")["train_labels"].reshape(-1)
+    kept = []
+    for seed in (0, 1):
+        datamodule = build(compose_config([*overrides, f"seed={seed}"], output_dir=tmp_path / "run").data)
+        datamodule.setup()
+        kept.append(datamodule.datasets["train"].labels.reshape(-1))
+        assert len(datamodule.datasets["val"]) == 20 and len(datamodule.datasets["test"]) == 20
+    assert np.array_equal(kept[0], kept[1])
+    for label in (0, 1):
+        assert (kept[0] == label).sum() == round(0.25 * (labels == label).sum())
+    with pytest.raises(MedexpError, match=r"data.label_fraction=1.5; expected a fraction in \(0, 1\]"):
+        build(
+            compose_config(
+                ["data=medmnist", f"data.root={tmp_path}", "data.label_fraction=1.5"], output_dir=tmp_path
+            ).data
+        )
