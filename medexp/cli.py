@@ -26,18 +26,27 @@ COMMANDS = {
     "sample": ("medexp.sample", "generate images with a GAN checkpoint (ckpt_path=... n=64 output=...)"),
     "reproduce": ("medexp.reproduce", "train a past run again from its recorded config and seed; compare metrics"),
     "summarize": ("medexp.summarize", "tabulate and plot the runs of a sweep (DIR [--metric NAME]); CV folds pooled"),
+    "completion": (
+        "medexp.completion",
+        'tab completion of commands, config groups and keys: eval "$(medexp completion bash)"',
+    ),
 }
 
 USAGE = (
     "usage: medexp <command> [hydra overrides...]\n\ncommands:\n"
-    + "\n".join(f"  {name:<11}{help_}" for name, (_, help_) in COMMANDS.items())
-    + "\n\n--verbose: full tracebacks on errors (as HYDRA_FULL_ERROR=1).\n`medexp <command> --help` lists the config groups and options (summarize: its arguments)."
+    + "\n".join(f"  {name:<12}{help_}" for name, (_, help_) in COMMANDS.items())
+    + "\n\nStart with `medexp train` (synthetic data, about a minute on a CPU)."
+    + "\n`medexp <command> --help` lists the config groups and options (reproduce, summarize: their arguments)."
+    + "\n--verbose: full tracebacks on errors (as HYDRA_FULL_ERROR=1). --version: medexp's version and its libraries'."
 )
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(USAGE)
+        return
+    if sys.argv[1] in ("-V", "--version"):
+        print(version())
         return
     command = sys.argv[1]
     if command not in COMMANDS:
@@ -51,11 +60,44 @@ def main() -> None:
     if "--verbose" in arguments:  # full tracebacks instead of one-line `medexp: error:` reports
         arguments.remove("--verbose")
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    if any(
+        argument in ("-sc", "--shell-completion") or argument.startswith("--shell-completion=")
+        for argument in arguments
+    ):
+        # Hydra's completion of one command's script would complete `python`, and its query
+        # cannot parse `medexp <command>` lines
+        print('medexp: error: tab completion covers every command: eval "$(medexp completion bash)"', file=sys.stderr)
+        raise SystemExit(2)
     if arguments[:1] in (["--help"], ["-h"]) and (text := config_help(command, arguments[1:])) is not None:
         print(text)
         return
     sys.argv = [sys.argv[0], *arguments]
     runpy.run_module(COMMANDS[command][0], run_name="__main__", alter_sys=True)
+
+
+def version() -> str:
+    """``medexp <version> (torch ..., lightning ..., monai ..., python ...)``, read from the installed
+    packages' metadata (nothing heavy is imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from medexp import __version__
+
+    libraries = []
+    for name in ("torch", "lightning", "monai"):
+        try:
+            libraries.append(f"{name} {installed(name)}")
+        except PackageNotFoundError:
+            libraries.append(f"{name} not installed")
+    return f"medexp {__version__} ({', '.join(libraries)}, python {platform.python_version()})"
+
+
+def hydra_command(command: str) -> bool:
+    """Whether ``command`` is a Hydra command (it has ``conf/<command>.yaml``)."""
+    from importlib.resources import files
+
+    return command in COMMANDS and files("medexp.conf").joinpath(f"{command}.yaml").is_file()
 
 
 def config_help(command: str, overrides: list[str]) -> str | None:
@@ -69,9 +111,9 @@ def config_help(command: str, overrides: list[str]) -> str | None:
     """
     from importlib.resources import files
 
-    root = files("medexp.conf")
-    if not root.joinpath(f"{command}.yaml").is_file():
+    if not hydra_command(command):
         return None
+    root = files("medexp.conf")
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -49,12 +50,38 @@ def user_error_message(exc: BaseException) -> str | None:
     return None
 
 
+# True inside raise_user_errors(): user errors reach the Python caller as exceptions
+_RAISING = contextvars.ContextVar("medexp_raise_user_errors", default=False)
+
+
+class RaisedUserError(SystemExit):
+    """What :func:`user_errors` raises inside :func:`raise_user_errors`: an exit, as the command's
+    (it passes through code that catches ``Exception``, as Hydra's callbacks do), that carries
+    the user error (``error``) to the Python caller instead of printing it."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(1)
+        self.error = error
+
+
+@contextlib.contextmanager
+def raise_user_errors() -> Iterator[None]:
+    """Inside this block :func:`user_errors` raises :class:`RaisedUserError` instead of printing
+    the error and exiting: medexp's Python API (:mod:`medexp.api`) raises the error to its caller."""
+    token = _RAISING.set(True)
+    try:
+        yield
+    finally:
+        _RAISING.reset(token)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn user errors raised inside the block into ``medexp: error: ...`` and exit code 1
     (or the error's own ``kind`` and ``exit_code``, see :class:`MedexpError`).
 
-    Set ``HYDRA_FULL_ERROR=1`` to see the full traceback instead.
+    Set ``HYDRA_FULL_ERROR=1`` to see the full traceback instead; inside
+    :func:`raise_user_errors` they come out in a :class:`RaisedUserError`.
     """
     try:
         yield
@@ -62,6 +89,8 @@ def user_errors() -> Iterator[None]:
         message = user_error_message(exc)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if _RAISING.get():
+            raise RaisedUserError(exc) from exc
         log.debug("user error", exc_info=True)
         error = find_user_error(exc) or MedexpError()
         print(f"medexp: {error.kind}: {message}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import json
 import math
@@ -45,6 +46,11 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+# what a run started from Python (medexp.api) records as its command: the call and its
+# overrides, e.g. ["medexp.train", "model=resnet18"], rather than the interpreter's arguments
+API_CALL: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("medexp_api_call", default=None)
+
+
 def run_info(seed: int) -> dict[str, Any]:
     """The facts needed to reproduce a run: seed, command, code version, packages, hardware."""
     import torch
@@ -57,7 +63,7 @@ def run_info(seed: int) -> dict[str, Any]:
     program = ["python", "-m", spec.name] if spec else [sys.argv[0]]
     return {
         "seed": seed,
-        "command": [*program, *sys.argv[1:]],
+        "command": API_CALL.get() or [*program, *sys.argv[1:]],
         "cwd": str(Path.cwd()),
         "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git": {"medexp": code, "cwd": cwd if cwd != code else None},
