@@ -32,7 +32,7 @@ Inputs are image files (``input=``: a file, folder, glob or CSV, see
 lesion masks from ``mask=`` (a column of the input CSV or a folder of masks named like the
 images; scored in the image file's own geometry, the map mapped back through the data's
 spatial transforms), or a split of the checkpoint's own data (``split=test``), whose lesion
-masks the synthetic data serve.
+masks the synthetic data serve; without ``input=`` or ``split=``, the test split.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from medexp.explainability.maps import (
     METHODS,
@@ -71,6 +71,8 @@ log = logging.getLogger("medexp")
 register_resolvers()
 
 SPLITS = ("val", "test")
+# what is explained without input= or split=
+DEFAULT_SPLIT = "test"
 RULES = (
     Rule("method", tuple(METHODS)),
     Rule("split", SPLITS, optional=True),
@@ -211,12 +213,13 @@ POINTING = ("pointing_mass", "mask_fraction", "pointing_lift", "pointing_hit")
 
 
 def _combination_problems(cfg: DictConfig) -> list[str]:
-    """What :data:`RULES` cannot say: the images come from ``input`` or ``split`` (one of them),
-    ``mask`` goes with ``input``, and ``device`` names a device torch knows."""
+    """What :data:`RULES` cannot say: the images come from ``input`` or ``split`` (not both;
+    neither: the test split), ``mask`` goes with ``input``, and ``device`` names a device torch
+    knows."""
     problems = []
-    if (cfg.input is None) == (cfg.split is None):
+    if cfg.input is not None and cfg.split is not None:
         problems.append("give either input=<image file, folder, glob or CSV> or split=test|val (not both)")
-    if cfg.split is not None and cfg.mask is not None:
+    if cfg.input is None and cfg.mask is not None:
         problems.append("mask= applies to input= files; split= uses the masks its data serve")
     try:
         _device(str(cfg.device))
@@ -264,8 +267,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def explain(cfg: DictConfig) -> dict[str, Any]:
-    """Explain ``cfg.ckpt_path``'s predictions on ``cfg.input`` files or ``cfg.split``; write
-    overlays, ``saliency.csv`` and ``summary.json`` into ``cfg.output``.
+    """Explain ``cfg.ckpt_path``'s predictions on ``cfg.input`` files or ``cfg.split`` (by default
+    the test split); write overlays, ``saliency.csv`` and ``summary.json`` into ``cfg.output``.
 
     Returns:
         The contents of ``summary.json``.
@@ -274,6 +277,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
 
     check_config(cfg)
     check_options(cfg, RULES, extra=_combination_problems(cfg))
+    if cfg.input is None and cfg.split is None:
+        with open_dict(cfg):
+            cfg.split = DEFAULT_SPLIT
+        log.info("explaining the checkpoint's %s split (input=<images> explains your files)", DEFAULT_SPLIT)
     if cfg.method == "occlusion" and cfg.layer is not None:
         log.warning("layer=%s is ignored: occlusion sensitivity has no layer", cfg.layer)
 

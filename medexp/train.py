@@ -1,7 +1,8 @@
 """``medexp train`` (or ``python -m medexp.train``): fit a model, then test its best checkpoint.
 
 Writes into the run directory: Hydra's config and overrides (``.hydra/``), the resolved config
-(``resolved_config.yaml``), ``run_info.json``
+(``resolved_config.yaml``, and as the tree printed at the start, ``config_tree.log``, unless
+``extras.print_config=false``), ``run_info.json``
 (seed, git commit, package versions, data fingerprint, logger run ids),
 ``checkpoints/{best,last}.ckpt``, logger files, ``metrics.json`` (the best checkpoint's val
 and test metrics; with ``model.calibrate=true`` the temperature fitted on the validation split,
@@ -64,6 +65,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", cfg.ckpt_path)
         _continue_logger_runs(cfg, previous.get("loggers", {}))
     resolved = _check_resolved(cfg)
+    if OmegaConf.select(cfg, "extras.print_config", default=True):
+        from medexp.utils.config_tree import print_config_tree
+
+        print_config_tree(resolved, out)  # rank 0 only; also <run>/config_tree.log
     datamodule, model, loggers, trainer = _build(cfg, resolved, seed)
     info = (
         _write_run_record(cfg, resolved, seed, loggers, previous, model.init_report) if trainer.is_global_zero else {}
@@ -87,6 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     os.environ.pop(_DRAWN_SEED, None)  # the next job of a multirun draws its own
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
+        _log_hyperparams_with_metrics(loggers, resolved, metrics)
         log.info("run directory: %s", out)
     return metrics
 
@@ -170,6 +176,14 @@ def _build(cfg: DictConfig, resolved: dict[str, Any], seed: int) -> tuple[Any, A
     loggers = start_loggers(instantiate_dict(cfg.get("logger")), fallback_dir=out)  # drops those that fail
     if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, L.callbacks.LearningRateMonitor)]
+    # trainer.enable_progress_bar=false (enable_model_summary=false) turns the bar (the summary) off:
+    # Lightning would refuse the one callbacks configure (callbacks.rich_progress_bar)
+    for switch, kind in (
+        ("enable_progress_bar", L.callbacks.ProgressBar),
+        ("enable_model_summary", L.callbacks.ModelSummary),
+    ):
+        if cfg.trainer.get(switch) is False:
+            callbacks = [c for c in callbacks if not isinstance(c, kind)]
     if cfg.trainer.get("strategy") == "ddp" and getattr(model, "ddp_strategy", None):
         log.info("%s under DDP: trainer.strategy=%s", type(model).__name__, model.ddp_strategy)
         cfg.trainer.strategy = model.ddp_strategy
@@ -236,13 +250,38 @@ def _log_hyperparams(loggers: list[Any], resolved: dict[str, Any], continued: di
     Args:
         continued: the logger run ids a resumed run continues (empty for a fresh run).
     """
-    from medexp.utils.privacy import hyperparams_for
-
     for logger in loggers:
         if type(logger).__name__ == "MLFlowLogger" and continued.get("mlflow") == logger.run_id:
             continue  # MLflow refuses to change a run's params: they stay as the run started
-        # remote loggers (wandb, an MLflow server) get file paths as pseudonyms (logger.hash_paths)
-        logger.log_hyperparams(hyperparams_for(logger, _flatten(resolved), resolved.get("logger")))
+        logger.log_hyperparams(_hyperparams(logger, resolved))
+
+
+def _hyperparams(logger: Any, resolved: dict[str, Any]) -> dict[str, Any]:
+    """The flattened config as ``logger``'s hyperparameters: remote loggers (wandb, an MLflow
+    server) get file paths as pseudonyms (``logger.hash_paths``)."""
+    from medexp.utils.privacy import hyperparams_for
+
+    return hyperparams_for(logger, _flatten(resolved), resolved.get("logger"))
+
+
+def _log_hyperparams_with_metrics(loggers: list[Any], resolved: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """TensorBoard's HParams view: the hyperparameters with the tested checkpoint's val and test
+    metrics as ``final/val/...`` and ``final/test/...`` (own names: the curves of ``val/...`` keep
+    their steps), one session per run, so the runs of a sweep compare side by side."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    final = {f"final/{name}": value for split in ("val", "test") for name, value in (metrics.get(split) or {}).items()}
+    final = {name: value for name, value in final.items() if isinstance(value, int | float)}
+    if not final:  # test=false, or a pruned run: nothing tested
+        return
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            continue
+        try:
+            logger.log_hyperparams(_hyperparams(logger, resolved), final)
+            logger.finalize("success")  # Lightning closed its writer after testing: flush this file too
+        except Exception:  # an addition to the run's record, not part of its result (metrics.json)
+            log.warning("TensorBoard's hyperparameters with the final metrics could not be written", exc_info=True)
 
 
 def _fit_and_test(

@@ -289,8 +289,10 @@ def test_bad_options_are_user_errors(lesion_run, tmp_path):
         run("split=test", "layer=features.9", "limit=2")
     with pytest.raises(MedexpError, match=r"layer='head' has no feature map"):
         run("split=test", "layer=head", "limit=2")
-    with pytest.raises(MedexpError, match="either input="):
-        run()
+    with pytest.raises(MedexpError, match=r"either input=.* \(not both\)"):
+        run("input=scans", "split=test")  # neither: the test split (tests/test_first_hour.py)
+    with pytest.raises(MedexpError, match="mask= applies to input= files"):
+        run("mask=masks")
     with pytest.raises(MedexpError, match="split='train'"):
         run("split=train")
     with pytest.raises(MedexpError, match="baseline="):

@@ -278,8 +278,10 @@ class FaultTolerance(L.Callback):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._signal is not None and signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            # a second Ctrl-C: stop now, with the handlers in force before training back (not
+            # Python's default ones: a shell's background job, for one, starts with SIGINT ignored)
+            self._restore_handlers()
+            raise KeyboardInterrupt
         if self._signal is None:
             log.warning(
                 "received %s: finishing this batch, then saving %s (Ctrl-C again to stop at once without saving)",
@@ -339,7 +341,8 @@ class FaultTolerance(L.Callback):
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._handlers.items():
-            if signal.getsignal(signum) == self._on_signal:
+            # None: a handler not set from Python, which cannot be put back
+            if handler is not None and signal.getsignal(signum) == self._on_signal:
                 signal.signal(signum, handler)
         self._handlers = {}
 

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data import Dataset, PersistentDataset
 from monai.transforms import Compose
 
 from medexp.data import validation
 from medexp.data.base import SPLITS, ArrayDataModule
+from medexp.data.caching import memory_cache
 from medexp.data.folds import assign_folds, split_by_fold
 from medexp.data.manifest import (
     Case,
@@ -354,7 +355,7 @@ class FileDataModule(ArrayDataModule):
                 items, transform, self.cache_dir, self.cache_key_env, hash_transform=json_hashing
             )
         try:
-            return CacheDataset(items, transform, progress=False)
+            return memory_cache(items, transform, f"{split} cases")
         except RuntimeError as exc:  # MONAI wraps a transform's error; ours names the file
             message = user_error_message(exc)
             if message is None:

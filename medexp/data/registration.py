@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import DataLoader
 from monai.data import Dataset as MonaiDataset
 from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityRanged, Transform
 from torch.utils.data import Dataset
 
 from medexp.data import validation
 from medexp.data.base import SPLITS, DataModule, monai_chain
+from medexp.data.caching import memory_cache
 from medexp.data.manifest import Case, assign_splits, read_csv_rows
 from medexp.data.paths import file_digest, has_geometry, listing, located, resolve_path
 from medexp.data.phantoms import make_phantoms, random_ddf, warp_arrays
@@ -452,7 +453,7 @@ class FileRegistrationDataModule(RegistrationDataModule):
             for split in SPLITS:
                 items = [pair.item() for pair in self.pairs[split]]
                 self.datasets[split] = (
-                    CacheDataset(items, transform, progress=False) if self.cache else MonaiDataset(items, transform)
+                    memory_cache(items, transform, f"{split} pairs") if self.cache else MonaiDataset(items, transform)
                 )
             self._check_first_pair()
         except RuntimeError as exc:  # MONAI wraps a transform's error; ours names the file
