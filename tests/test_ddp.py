@@ -26,7 +26,8 @@ def assert_written_once(run: Path, top: Path) -> None:
     for name in ("metrics.json", "run_info.json", "resolved_config.yaml"):
         assert [p.parent for p in top.rglob(name)] == [run], name
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    assert sorted(p.name for p in run.glob("*.log")) == ["train.log", "train_ddp_process_1.log"]
+    # rank 0 also writes the config tree it printed (config_tree.log); rank 1 only its console log
+    assert sorted(p.name for p in run.glob("*.log")) == ["config_tree.log", "train.log", "train_ddp_process_1.log"]
     assert [p.name for p in run.glob(".*")] == [".hydra"]
     assert "GLOBAL_RANK: 1" in (run / "train_ddp_process_1.log").read_text()
     assert "GLOBAL_RANK: 1" not in (run / "train.log").read_text()
