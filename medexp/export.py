@@ -140,7 +140,7 @@ def _model_and_inputs(cfg: DictConfig) -> tuple[Any, Any, Any, list[torch.Tensor
 def _export_and_verify(cfg: DictConfig, model: Any, inputs: list[torch.Tensor], path: Path) -> dict[str, Any]:
     """Write the export to ``path`` and compare it with the model on ``inputs``: the sidecar's
     ``verification`` record."""
-    from medexp.inference.artifacts import Exported, export_onnx, export_pt2
+    from medexp.inference.artifacts import Exported, export_onnx, export_pt2, verify
 
     fmt, tolerance = cfg.format, float(cfg.verify.tolerance)
     wrapper = Exported(model).eval()
@@ -151,62 +151,8 @@ def _export_and_verify(cfg: DictConfig, model: Any, inputs: list[torch.Tensor], 
             runtime = export_onnx(wrapper, inputs[0], path, cfg.opset, dynamic_spatial)
         else:
             runtime = export_pt2(wrapper, inputs[0], path, dynamic_spatial)
-    max_diff, samples = _verify(model, load_runner(fmt, path), inputs, fmt)
-    passed = max_diff <= tolerance
-    log.info(
-        "verification on %d test sample(s) in %d batch(es) with %s: max |exported - model| = %.3g (tolerance %.3g): %s",
-        samples,
-        len(inputs),
-        runtime,
-        max_diff,
-        tolerance,
-        "passed" if passed else "FAILED",
-    )
-    return {
-        "runtime": runtime,
-        "split": "test",
-        "batches": len(inputs),
-        "samples": samples,
-        "batch_size": int(cfg.batch_size),
-        "max_abs_diff": max_diff,
-        "tolerance": tolerance,
-        "passed": passed,
-    }
-
-
-def _verify(model: Any, run: Any, inputs: list[torch.Tensor], fmt: str) -> tuple[float, int]:
-    """The exported file ``run`` next to the model on the test batches ``inputs`` and on one image
-    alone (the batch axis of the export varies).
-
-    Returns:
-        The largest absolute difference of their outputs, and the test samples compared.
-
-    Raises:
-        MedexpError: when the exported model fails on a batch or returns another shape.
-    """
-    max_diff, samples = 0.0, 0
-    checks = [*inputs, inputs[0][:1]] if inputs[0].shape[0] > 1 else inputs
-    with torch.no_grad():
-        for index, x in enumerate(checks):
-            expected = model.predict_step({model.input_key: x}, index).float()
-            try:
-                got = torch.as_tensor(run(x)).float()
-            except Exception as exc:  # onnxruntime and torch.export's guards raise their own types
-                hint = " (the export takes other spatial sizes with dynamic_spatial=true)" if fmt in FORMATS else ""
-                raise MedexpError(
-                    f"the exported model failed on a test batch of shape {tuple(x.shape)}{hint}: "
-                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                ) from exc
-            if got.shape != expected.shape:
-                raise MedexpError(
-                    f"the exported model returned shape {tuple(got.shape)} for input {tuple(x.shape)}; the model "
-                    f"returns {tuple(expected.shape)}"
-                )
-            diff = (got - expected).abs().max()
-            # NaN anywhere (on either side) fails the check rather than vanishing in max()
-            max_diff = max(max_diff, float(diff) if torch.isfinite(diff) else float("inf"))
-            samples += x.shape[0] if index < len(inputs) else 0
-    return max_diff, samples
+    record = verify(model, load_runner(fmt, path), inputs, tolerance, runtime, "exported")
+    return {**record, "batch_size": int(cfg.batch_size)}
 
 
 def _refuse_by_target(checkpoint: Any) -> None:

@@ -23,6 +23,8 @@ from torch import nn
 
 from medexp.utils.errors import MedexpError
 
+log = logging.getLogger("medexp")
+
 FORMATS = {"onnx": "model.onnx", "pt2": "model.pt2"}
 SIDECAR = "model.json"
 SUPPORTED = "classification (model.task binary, multiclass, multilabel) and segmentation"
@@ -343,3 +345,65 @@ def save_onnx(task: Any, net: nn.Module, example: torch.Tensor, path: Path, opse
     task.net = net  # Exported runs task.postprocess(task.infer(x)), i.e. with this net
     with torch.no_grad():
         export_onnx(Exported(task).eval(), example, path, opset, dynamic_spatial=False)
+
+
+def verify(
+    model: Any,
+    run: Callable[[torch.Tensor], Any],
+    inputs: list[torch.Tensor],
+    tolerance: float,
+    runtime: str,
+    what: str,
+) -> dict[str, Any]:
+    """Run ``run`` (an exported model, a bundle) next to the model's ``predict_step`` on the test
+    batches ``inputs`` and on one image alone (the batch axis of an export varies), log the result
+    and return the ``verification`` record.
+
+    Args:
+        what: what ``run`` is, e.g. ``"exported"``, ``"bundle"`` (messages say "the <what> model").
+
+    Raises:
+        MedexpError: when ``run`` fails on a batch or returns another shape than the model.
+    """
+    max_diff, samples = 0.0, 0
+    checks = [*inputs, inputs[0][:1]] if inputs[0].shape[0] > 1 else inputs
+    with torch.no_grad():
+        for index, x in enumerate(checks):
+            expected = model.predict_step({model.input_key: x}, index).float()
+            try:
+                got = torch.as_tensor(run(x)).float()
+            except Exception as exc:  # onnxruntime, torch.export's guards and MONAI raise their own types
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise MedexpError(
+                    f"the {what} model failed on a test batch of shape {tuple(x.shape)} (other spatial sizes: dynamic_spatial="
+                    f"true, where the format has it): {type(exc).__name__}: {first}"
+                ) from exc
+            if got.shape != expected.shape:
+                raise MedexpError(
+                    f"the {what} model returned shape {tuple(got.shape)} for input {tuple(x.shape)}; the model returns "
+                    f"{tuple(expected.shape)}"
+                )
+            diff = (got - expected).abs().max()
+            # NaN anywhere (on either side) fails the check rather than vanishing in max()
+            max_diff = max(max_diff, float(diff) if torch.isfinite(diff) else float("inf"))
+            samples += x.shape[0] if index < len(inputs) else 0
+    passed = max_diff <= tolerance
+    log.info(
+        "verification on %d test sample(s) in %d batch(es) with %s: max |%s - model| = %.3g (tolerance %.3g): %s",
+        samples,
+        len(inputs),
+        runtime,
+        what,
+        max_diff,
+        tolerance,
+        "passed" if passed else "FAILED",
+    )
+    return {
+        "runtime": runtime,
+        "split": "test",
+        "batches": len(inputs),
+        "samples": samples,
+        "max_abs_diff": max_diff,
+        "tolerance": tolerance,
+        "passed": passed,
+    }

@@ -510,6 +510,8 @@ def verify_bundle(
     from monai.bundle import ConfigParser
     from monai.transforms import Compose
 
+    from medexp.inference.artifacts import verify
+
     parser = ConfigParser()
     parser.read_config(str(bundle / INFERENCE))
     parser["bundle_root"] = str(bundle)
@@ -524,47 +526,11 @@ def verify_bundle(
     inferer = parser.get_parsed_content("inferer")
     post = Compose([parser.get_parsed_content(f"postprocessing#transforms#{i}") for i in range(probability_steps)])
 
-    max_diff, samples = 0.0, 0
-    with torch.no_grad():
-        for index, x in enumerate(inputs):
-            expected = model.predict_step({model.input_key: x}, index).float()
-            try:
-                logits = inferer(x, net)
-                got = torch.stack([torch.as_tensor(post({"pred": item})["pred"]) for item in logits]).float()
-            except Exception as exc:  # MONAI and the network raise their own types
-                first = (str(exc).strip().splitlines() or [""])[0]
-                raise MedexpError(
-                    f"the bundle's network failed on a test batch of shape {tuple(x.shape)}: {type(exc).__name__}: {first}"
-                ) from exc
-            if got.shape != expected.shape:
-                raise MedexpError(
-                    f"the bundle returned shape {tuple(got.shape)} for input {tuple(x.shape)}; the model returns "
-                    f"{tuple(expected.shape)}"
-                )
-            diff = (got - expected).abs().max()
-            # NaN anywhere (on either side) fails the check rather than vanishing in max()
-            max_diff = max(max_diff, float(diff) if torch.isfinite(diff) else float("inf"))
-            samples += x.shape[0]
-    passed = max_diff <= tolerance
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(post({"pred": item})["pred"]) for item in inferer(x, net)])
+
     runtime = f"monai.bundle ConfigParser (MONAI {monai.__version__}, torch {torch.__version__})"
-    log.info(
-        "verification on %d test sample(s) in %d batch(es) with %s: max |bundle - model| = %.3g (tolerance %.3g): %s",
-        samples,
-        len(inputs),
-        runtime,
-        max_diff,
-        tolerance,
-        "passed" if passed else "FAILED",
-    )
-    return {
-        "runtime": runtime,
-        "split": "test",
-        "batches": len(inputs),
-        "samples": samples,
-        "max_abs_diff": max_diff,
-        "tolerance": tolerance,
-        "passed": passed,
-    }
+    return verify(model, run, inputs, tolerance, runtime, "bundle")
 
 
 # --- metadata and README ------------------------------------------------------------------------
