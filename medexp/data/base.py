@@ -552,18 +552,9 @@ class ArrayDataModule(DataModule):
             hashes.update({(split, int(row)): validation.pixel_hash(images[row]) for row in rows if row not in bad})
             findings += found
         findings += validation.duplicate_findings(hashes, name)
-        drop = validation.resolve(
-            findings,
-            scanned,
-            time.perf_counter() - start,
-            source=self.describe(),
-            scan=self.scan,
-            on_bad=self.on_bad,
-            verb="checked",
-        )
+        drop = self.resolve_findings(findings, scanned, start)
         if not drop:
             return kept
-        self.skipped = [finding for finding in findings if (finding.split, finding.index) in drop]
         for split, (images, labels) in arrays.items():
             keep = np.ones(len(images), dtype=bool)
             keep[[index for where, index in drop if where == split]] = False
@@ -575,6 +566,24 @@ class ArrayDataModule(DataModule):
             arrays[split] = images[keep], labels[keep]
             kept[split] = kept[split][keep]
         return kept
+
+    def resolve_findings(
+        self, findings: list[validation.Finding], scanned: dict[str, tuple[int, int]], start: float
+    ) -> set[tuple[str, int]]:
+        """Report the data check's ``findings`` as ``on_bad`` says (see
+        :func:`~medexp.data.validation.resolve`); the ``(split, index)`` of the cases to leave out,
+        kept in :attr:`skipped` for ``skipped.csv``."""
+        drop = validation.resolve(
+            findings,
+            scanned,
+            time.perf_counter() - start,
+            source=self.describe(),
+            scan=self.scan,
+            on_bad=self.on_bad,
+            verb="checked",
+        )
+        self.skipped = [finding for finding in findings if (finding.split, finding.index) in drop]
+        return drop
 
     def save_skipped(self, key_column: str, key: Callable[[str, int], Any]) -> None:
         """Write the cases ``on_bad="skip"`` left out to ``<output_dir>/skipped.csv`` (see

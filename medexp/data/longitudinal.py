@@ -194,18 +194,9 @@ class LongitudinalDataModule(ArrayDataModule):
 
         duplicates = validation.duplicate_findings(hashes, name)
         findings += [replace(finding, index=finding.index // steps) for finding in duplicates]
-        drop = validation.resolve(
-            findings,
-            scanned,
-            time.perf_counter() - start,
-            source=self.describe(),
-            scan=self.scan,
-            on_bad=self.on_bad,
-            verb="checked",
-        )
+        drop = self.resolve_findings(findings, scanned, start)
         if not drop:
             return kept
-        self.skipped = [finding for finding in findings if (finding.split, finding.index) in drop]
         for split, series in loaded.items():
             keep = np.array([(split, row) not in drop for row in range(len(series))], dtype=bool)
             if not keep.any():
