@@ -232,7 +232,7 @@ def _renamed(weights: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str
     return {f"{add}{name}": value for name, value in weights.items()}
 
 
-def _adapt(name: str, value: torch.Tensor, shape: torch.Size, opts: dict[str, Any]) -> tuple[torch.Tensor, str] | None:
+def _adapt(value: torch.Tensor, shape: torch.Size, opts: dict[str, Any]) -> tuple[torch.Tensor, str] | None:
     """``value`` made to ``shape`` by summing RGB kernels to grey and/or inflating 2D kernels to
     3D (see the module's docstring), with what was done; None where neither applies."""
     done = []
@@ -273,7 +273,7 @@ def match_weights(net: nn.Module, weights: dict[str, torch.Tensor], opts: dict[s
         if value.shape == expected.shape:
             tensors[name] = value
             continue
-        change = _adapt(name, value, expected.shape, opts)
+        change = _adapt(value, expected.shape, opts)
         if change is None:
             mismatched.append(f"{name}: file {tuple(value.shape)}, net {tuple(expected.shape)}")
         else:
@@ -359,7 +359,8 @@ def report_lines(report: Mapping[str, Any]) -> list[str]:
 def pretrained_download_failed(net_config: Mapping[str, Any], error: BaseException) -> MedexpError | None:
     """A one-line error for a net whose ``pretrained=true`` could not download its weights (no
     network), naming the file to fetch and how to pass it; None where this is not that case."""
-    if not net_config.get("pretrained") or not isinstance(error, OSError):
+    # pretrained=<path> (MONAI's ResNets) reads a local file: a missing one is not a download
+    if net_config.get("pretrained") is not True or not isinstance(error, OSError):
         return None
     target = str(net_config.get("_target_", "")).rsplit(".", 1)[-1]
     name = target.lower()
