@@ -239,6 +239,10 @@ def test_a_monai_bundle_directory_is_read_and_torchscript_or_pickles_are_refused
     [
         (["model.init_weights.path=/nowhere/w.pt"], r"model.init_weights.path='/nowhere/w.pt': no such file"),
         (
+            ["model.init_weights=w.pt"],
+            r"model.init_weights='w.pt'; expected its options, e.g. model.init_weights.path=",
+        ),
+        (
             ["model.init_weights.path={weights}", "model.init_weights.grey=max"],
             r"grey='max'; expected sum, mean or null",
         ),

@@ -84,6 +84,11 @@ def options(config: Mapping[str, Any] | None) -> dict[str, Any]:
     Raises:
         MedexpError: for an unknown option or a value of the wrong kind.
     """
+    if config is not None and not isinstance(config, Mapping):
+        raise MedexpError(
+            f"model.init_weights={config!r}; expected its options, e.g. model.init_weights.path=<file> "
+            "(model.init_weights.exclude=[fc.*], ...)"
+        )
     given = dict(config or {})
     unknown = sorted(set(given) - set(OPTIONS))
     if unknown:

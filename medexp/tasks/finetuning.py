@@ -39,9 +39,9 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
         model.get("unfreeze_at_epoch"),
         model.get("pretrained_lr_scale"),
     )
-    loads = bool((model.get("init_weights") or {}).get("path"))
-    problems = []
     init = model.get("init_weights") or {}
+    loads = isinstance(init, Mapping) and bool(init.get("path"))
+    problems = []
     try:
         from medexp.checkpoints.weights import options
 
