@@ -344,6 +344,9 @@ class ArrayDataModule(DataModule):
         num_workers: DataLoader worker processes.
         transforms: MONAI dictionary transforms for every split (e.g. intensity normalisation).
         augmentations: MONAI dictionary transforms for training samples only.
+        batch_augmentations: callables ``(B, C, *spatial) -> same`` applied to the images of whole
+            training batches after they reach the device (e.g. :mod:`medexp.data.batch_augment`'s
+            per-sample flips and shifts, vectorised), after ``augmentations`` and ``transforms``.
         fold: k-fold cross-validation: train on the other folds of the training split, validate
             on fold ``fold`` (the validation split is not used; the test split is kept); None:
             the usual splits. See :mod:`medexp.data.folds`.
@@ -389,6 +392,7 @@ class ArrayDataModule(DataModule):
         num_workers: int = 0,
         transforms: Sequence[Callable] = (),
         augmentations: Sequence[Callable] = (),
+        batch_augmentations: Sequence[Callable] = (),
         fold: int | None = None,
         num_folds: int = 5,
         fold_seed: int = 0,
@@ -429,6 +433,7 @@ class ArrayDataModule(DataModule):
         super().__init__(task, num_classes, in_channels, spatial_dims, batch_size, num_workers)
         self.transforms = list(transforms)
         self.augmentations = list(augmentations)
+        self.batch_augmentations = list(batch_augmentations)
         self.datasets: dict[str, ArrayDataset] = {}
         self.fold, self.num_folds, self.fold_seed, self.fold_by = fold, num_folds, fold_seed, fold_by
         self.sampler = sampler
@@ -732,6 +737,16 @@ class ArrayDataModule(DataModule):
         # are made in the space of the transformed images (see medexp.data.generated)
         dataset = ConcatDataset([self.datasets["train"], self.generated.dataset(self)])
         return self._make_loader(dataset, shuffle=True)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # training batches only: never validation, test or prediction
+        trainer = self.trainer
+        if not self.batch_augmentations or trainer is None or not trainer.training:
+            return batch
+        images = batch["image"]
+        for augment in self.batch_augmentations:
+            images = augment(images)
+        return {**batch, "image": images}
 
     def fingerprint(self) -> str:
         """SHA-256 of what the splits hold (images and labels, in order), so a reproduction can

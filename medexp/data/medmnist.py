@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from medexp.data.base import SPLITS, ArrayDataModule
-from medexp.data.medmnist_info import MEDMNIST, dataset_info, file_name, url
+from medexp.data.batch_augment import check_axes
+from medexp.data.medmnist_info import FLIP_AXES, MEDMNIST, dataset_info, file_name, url
 from medexp.utils.errors import MedexpError
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class MedMNISTDataModule(ArrayDataModule):
         size: pixels (voxels) per side: 28, 64, 128 or 224 for 2D sets, 28 or 64 for 3D sets.
         download: fetch the file from Zenodo (MD5-verified) when it is not in ``root``.
         image_size: ``size`` again (derived in the YAML), under the synthetic data's name for it.
+        flip_axes: spatial axes along which mirrored images keep their labels (0: rows, 1:
+            columns); None: the dataset's (:data:`~medexp.data.medmnist_info.FLIP_AXES`). Flip
+            augmentation and test-time flips of the fast recipe read it.
         **kwargs: see :class:`~medexp.data.base.ArrayDataModule`; ``task``, ``num_classes`` and
             ``in_channels`` must agree with the dataset's metadata (the YAML derives them from it).
     """
@@ -61,6 +66,7 @@ class MedMNISTDataModule(ArrayDataModule):
         size: int = 28,
         download: bool = False,
         image_size: int | None = None,
+        flip_axes: Sequence[int] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -71,6 +77,10 @@ class MedMNISTDataModule(ArrayDataModule):
             self.info = dataset_info(name, dims=self.spatial_dims)
         except ValueError as exc:
             raise MedexpError(f"{exc}{_other_dims_hint(name, self.spatial_dims)}") from None
+        # the axes a mirror keeps the label on, read by flip augmentation and test-time flips
+        self.flip_axes = check_axes(
+            FLIP_AXES[name] if flip_axes is None else flip_axes, self.spatial_dims, "data.flip_axes"
+        )
         if size not in self.info["md5"]:
             raise MedexpError(f"data.size={size}; {name} is offered at sizes {sorted(self.info['md5'])}")
         self.name, self.size, self.download = name, size, download

@@ -383,6 +383,38 @@ def url(name: str, size: int) -> str:
     return ZENODO_URL.format(file=file_name(name, size))
 
 
+# The spatial axes along which a mirror image is as plausible as the image and keeps its label
+# (0: rows, i.e. up-down; 1: columns, left-right; 2: depth), for flip augmentation and test-time
+# flips. Our reading of each dataset's anatomy, not part of the official metadata:
+FLIP_AXES: dict[str, list[int]] = {
+    # tissue patches, dermoscopy and blood-cell smears have no orientation
+    "pathmnist": [0, 1],
+    "dermamnist": [0, 1],
+    "bloodmnist": [0, 1],
+    "tissuemnist": [0, 1],
+    # chest X-rays: the heart is on the left (dextrocardia is a finding), so no flip
+    "chestmnist": [],
+    "pneumoniamnist": [],
+    # OCT B-scans and breast ultrasound: the retina's layers and the skin are on top, left-right is
+    # arbitrary; fundus photographs: a mirrored left eye is a right eye, the grade is unchanged
+    "octmnist": [1],
+    "breastmnist": [1],
+    "retinamnist": [1],
+    # abdominal CT slices whose classes are left and right organs (femur-left/right, kidney-left/right)
+    "organamnist": [],
+    "organcmnist": [],
+    "organsmnist": [],
+    "organmnist3d": [],
+    # lung nodules, synapses and vessel segments are not lateralised; adrenal glands and rib
+    # fractures are judged in their side's anatomy
+    "nodulemnist3d": [0, 1, 2],
+    "synapsemnist3d": [0, 1, 2],
+    "vesselmnist3d": [0, 1, 2],
+    "adrenalmnist3d": [],
+    "fracturemnist3d": [],
+}
+
+
 def dataset_info(name: str, dims: int | None = None) -> dict:
     """Metadata of dataset ``name``; with ``dims``, only 2D or only 3D datasets are accepted.
 
@@ -397,7 +429,8 @@ def dataset_info(name: str, dims: int | None = None) -> dict:
 
 
 def medmnist_property(name: str, field: str) -> Any:
-    """A property of a MedMNIST dataset from its metadata: ``task``, ``num_classes`` or ``channels``."""
+    """A property of a MedMNIST dataset from its metadata: ``task``, ``num_classes``, ``channels``
+    or ``flip_axes`` (see :data:`FLIP_AXES`)."""
     info = dataset_info(name)
     match field:
         case "task":
@@ -407,5 +440,9 @@ def medmnist_property(name: str, field: str) -> Any:
             return len(info["labels"])
         case "channels":
             return info["channels"]
+        case "flip_axes":
+            return list(FLIP_AXES[name])
         case _:
-            raise ValueError(f"medmnist field {field!r}; expected one of ['task', 'num_classes', 'channels']")
+            raise ValueError(
+                f"medmnist field {field!r}; expected one of ['task', 'num_classes', 'channels', 'flip_axes']"
+            )

@@ -130,7 +130,7 @@ def export_bundle(cfg: Any) -> Path:
     output = Path(cfg.output).expanduser()
     for part in (METADATA, WEIGHTS, README):
         (output / part).parent.mkdir(parents=True, exist_ok=True)
-    config, probability_steps = inference_config(model, network_def, steps)
+    config, probability_steps = inference_config(model, network_def, steps, int(datamodule.spatial_dims))
     (output / INFERENCE).write_text(json.dumps(config, indent=4) + "\n")
     (output / LOGGING).write_text(LOGGING_CONF)
     torch.save(model.net.state_dict(), output / WEIGHTS)
@@ -173,6 +173,11 @@ def bundle_problem(model: Any, target: str) -> str | None:
     reason = not_exported(type(model), target)
     if reason is not None:
         return reason
+    if model.hparams.get("tta_shift"):
+        return (
+            f"model.tta_shift={model.hparams.tta_shift}: a MONAI bundle expresses test-time flips, not shifts; "
+            "export it as format=onnx or format=pt2 (the shifts are in the graph), or train with model.tta_shift=0"
+        )
     if model.extra_inputs:
         return (
             f"cannot export {type(model.net).__name__} as a MONAI bundle: a sequence model that takes "
@@ -182,6 +187,28 @@ def bundle_problem(model: Any, target: str) -> str | None:
         problem = model.export_problem()
         return None if problem is None else problem.format(supported=SUPPORTED)
     return None
+
+
+def inference_text(config: dict[str, Any]) -> str:
+    """How the bundle's ``inferer`` runs the network, in words for its README."""
+    inferer = config.get("pass_inferer", config["inferer"])
+    if isinstance(inferer, str):  # a classifier's test-time flips
+        return "the network's logits averaged over the image and its flips (model.tta_flips)"
+    name = f"`{inferer['_target_'].rsplit('.', 1)[-1]}`"
+    if "pass_inferer" in config:
+        return f"{name} with the logits averaged over flips along each spatial axis (model.tta_flips)"
+    return name
+
+
+def flip_views(model: Any, spatial_dims: int) -> list[tuple[int, ...]]:
+    """The batch dimensions each test-time view of a classifier flips (``model.tta_flips``; the
+    identity first), or ``[]`` without test-time flips."""
+    if not hasattr(model, "tta_axes"):
+        return []
+    views: list[tuple[int, ...]] = [()]
+    for axis in model.tta_axes(spatial_dims):
+        views += [(*view, 2 + axis) for view in views]
+    return views if len(views) > 1 else []
 
 
 def sliding_windows(model: Any) -> list[int] | None:
@@ -323,7 +350,7 @@ def monai_config(config: Any, where: str) -> Any:
 
 
 def inference_config(
-    model: Any, network_def: dict[str, Any], preprocessing: list[dict[str, Any]]
+    model: Any, network_def: dict[str, Any], preprocessing: list[dict[str, Any]], spatial_dims: int
 ) -> tuple[dict[str, Any], int]:
     """``configs/inference.json`` (see the module), and how many of its ``postprocessing`` steps
     come first and turn the network's outputs into the task's probabilities."""
@@ -377,6 +404,13 @@ def inference_config(
         config["inferer"] = (
             "$lambda inputs, network: (@pass_inferer(inputs, network) + sum(@pass_inferer(inputs.flip(axis), "
             "network).flip(axis) for axis in range(2, inputs.ndim))) / (inputs.ndim - 1)"
+        )
+    elif not segments and flip_views(model, spatial_dims):
+        # model.tta_flips of a classifier: the logits averaged over every combination of the flips
+        views = flip_views(model, spatial_dims)
+        config["inferer"] = (
+            f"$lambda inputs, network: sum(network(inputs.flip(dims) if dims else inputs) for dims in {views!r}) "
+            f"/ {len(views)}"
         )
     else:
         config["inferer"] = one_pass
@@ -638,6 +672,7 @@ def bundle_metadata(
             **({"temperature": temperature} if temperature is not None else {}),
             **({"roi_size": roi_size} if roi_size is not None else {}),
             **({"tta_flips": True} if segments and model.hparams.get("tta_flips") else {}),
+            **({"tta_flip_dims": flip_views(model, dims)} if not segments and flip_views(model, dims) else {}),
             "input_shape": [int(v) for v in example.shape[1:]],
             "layout": layout(datamodule),
             "preprocessing": preprocessing(datamodule, data_cfg),
@@ -700,7 +735,6 @@ def bundle_readme(model: Any, metadata: dict[str, Any], config: dict[str, Any]) 
             )
         )
     verification = record["verification"]
-    inferer = config.get("pass_inferer", config["inferer"])
     return f"""# {metadata["task"]}
 
 {metadata["description"]}
@@ -730,7 +764,7 @@ python -m monai.bundle run --config_file <bundle>/configs/inference.json --bundl
 It needs `monai`, `pytorch-ignite`, `fire` (MONAI's command line) and the readers of your files (`pillow`,
 `nibabel`, `pydicom`){", and medexp for its network class" if record["net"].startswith("medexp.") else ""}.
 Every image file directly in `dataset_dir` is read ({", ".join(config["image_extensions"])}). Inference:
-`{inferer["_target_"].rsplit(".", 1)[-1]}`{" with the logits averaged over flips along each spatial axis (model.tta_flips)" if "pass_inferer" in config else ""}.
+{inference_text(config)}.
 Output in `output_dir`: {outputs}.
 
 ## Preprocessing

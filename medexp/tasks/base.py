@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,8 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 from medexp.tasks.finetuning import Finetuning
 from medexp.utils.config import metric_mode
 from medexp.utils.errors import MedexpError
+
+log = logging.getLogger(__name__)
 
 
 class BaseTask(L.LightningModule):
@@ -32,6 +35,9 @@ class BaseTask(L.LightningModule):
             :mod:`medexp.checkpoints.weights`); None or no ``path``: its own initialisation.
         freeze, unfreeze_at_epoch, pretrained_lr_scale: fine-tuning controls (see
             :mod:`medexp.tasks.finetuning`).
+        compile: ``torch.compile`` the net in place when training starts (true, or its options);
+            evaluation of a rebuilt model runs uncompiled.
+        channels_last: keep the net's weights and its 4D/5D inputs in channels-last memory format.
     """
 
     input_key = "image"
@@ -86,7 +92,11 @@ class BaseTask(L.LightningModule):
         freeze: list[str] | None = None,
         unfreeze_at_epoch: int | None = None,
         pretrained_lr_scale: float | None = 1.0,
+        compile: bool | dict[str, Any] = False,
+        channels_last: bool = False,
     ) -> None:
+        if not isinstance(compile, bool | dict) and not hasattr(compile, "keys"):
+            raise MedexpError(f"model.compile={compile!r}; expected true, false or the options of torch.compile")
         super().__init__()
         self.save_hyperparameters(ignore=list(self.injected), logger=False)
         self.net = net
@@ -100,6 +110,13 @@ class BaseTask(L.LightningModule):
         self.finetuning = Finetuning(net, loaded, freeze, unfreeze_at_epoch, pretrained_lr_scale)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.channels_last = channels_last
+        if channels_last:
+            # 4D weights (2D convolutions) channels-last, 5D ones (3D) channels-last-3D
+            for tensor in [*net.parameters(), *net.buffers()]:
+                if tensor.ndim in (4, 5):
+                    layout = torch.channels_last if tensor.ndim == 4 else torch.channels_last_3d
+                    tensor.data = tensor.data.contiguous(memory_format=layout)
         metrics = self.configure_metrics()
         valid = sorted(["val/loss", *(f"val/{name}" for name in metrics)])
         if monitor not in valid:
@@ -139,7 +156,21 @@ class BaseTask(L.LightningModule):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.ndim in (4, 5):
+            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
         return self.net(x, **extra)
+
+    def on_fit_start(self) -> None:
+        # after the callbacks' setup (an EMA copies the net uncompiled), before the first step
+        options = self.hparams.get("compile")
+        if options:
+            options = {} if options is True else dict(options)
+            self.net.compile(**options)
+            log.info(
+                "model.compile: %s compiled with torch.compile(%s)",
+                type(self.net).__name__,
+                ", ".join(f"{k}={v!r}" for k, v in options.items()),
+            )
 
     @property
     def extra_inputs(self) -> tuple[str, ...]:
@@ -282,4 +313,11 @@ class BaseTask(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
+        # schedules over the run's budget (medexp.tasks.schedules) read it from the Trainer
+        if hasattr(scheduler, "attach_budget"):
+            scheduler.attach_budget(self.trainer)
+        interval = getattr(scheduler, "interval", "epoch")
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor, "interval": interval},
+        }

@@ -28,6 +28,7 @@ from torchmetrics.classification import (
 )
 from torchmetrics.wrappers import LambdaInputTransformer
 
+from medexp.data.batch_augment import check_axes, mix, tta_views
 from medexp.metrics.classification import MulticlassDefinedAUROC, MultilabelDefinedAUROC
 from medexp.tasks.base import BaseTask
 from medexp.utils.errors import MedexpError
@@ -36,6 +37,19 @@ log = logging.getLogger("medexp")
 
 TASKS = ("binary", "multiclass", "multilabel")
 LOSSES = ("ce", "focal")
+
+
+def check_tta(flips: bool | Sequence[int] | None, pixels: int) -> None:
+    """Check ``model.tta_flips`` (true: every spatial axis; a list of axes; false/null/[]: none)
+    and ``model.tta_shift`` (whole pixels >= 0).
+
+    Raises:
+        MedexpError: naming the key and what would be valid.
+    """
+    if not isinstance(flips, bool) and flips is not None:
+        check_axes(flips, 3, "model.tta_flips")
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+        raise MedexpError(f"model.tta_shift={pixels!r}; expected a whole number of pixels >= 0 (0: no shifts)")
 
 
 def positive_class(probs: torch.Tensor) -> torch.Tensor:
@@ -108,6 +122,14 @@ class ClassificationTask(BaseTask):
         label_smoothing: in [0, 1).
         loss: ``ce`` (cross-entropy; BCE for multi-label) or ``focal`` (see :func:`focal_loss`).
         focal_gamma: the focal loss's focusing exponent (0: cross-entropy).
+        mixup_alpha, cutmix_alpha: mixup / CutMix of training batches with ``lam ~ Beta(alpha,
+            alpha)`` (0: off; both on: one of the two per batch), on a share ``mix_prob`` of the
+            batches; see :func:`medexp.data.batch_augment.mix`. Training metrics then score the
+            mixed images against their first labels.
+        tta_flips, tta_shift: test-time augmentation of validation, test, eval and predict: the
+            logits averaged over the views of :func:`medexp.data.batch_augment.tta_views`, every
+            combination of mirrors along ``tta_flips`` (spatial axes; true: all of them) and, with
+            ``tta_shift`` > 0, those views shifted by +-``tta_shift`` pixels too.
         calibrate: after training, fit a temperature on the validation set (``medexp train``
             does it; see :func:`medexp.reports.calibration.calibrate_checkpoint`).
         **kwargs: ``optimizer``, ``scheduler``, ``monitor``; see :class:`~medexp.tasks.base.BaseTask`.
@@ -138,6 +160,11 @@ class ClassificationTask(BaseTask):
         monitor: str = "val/auroc",
         loss: str = "ce",
         focal_gamma: float = 2.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        tta_flips: bool | Sequence[int] | None = None,
+        tta_shift: int = 0,
         **kwargs: Any,
     ) -> None:
         if task == "segmentation":
@@ -160,6 +187,12 @@ class ClassificationTask(BaseTask):
             raise MedexpError(
                 f"model.focal_gamma={focal_gamma!r}; expected a number >= 0 (2 is usual, 0 is cross-entropy)"
             )
+        for key, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise MedexpError(f"model.{key}={value!r}; expected a number >= 0 (0: off; 0.2-1 is usual)")
+        if not 0.0 <= mix_prob <= 1.0:
+            raise MedexpError(f"model.mix_prob={mix_prob!r}; expected a probability in [0, 1]")
+        check_tta(tta_flips, tta_shift)
         self.task, self.num_classes = task, num_classes
         super().__init__(net, monitor=monitor, **kwargs)
         # not in hparams: BaseTask leaves "loss" out (other tasks inject loss modules there)
@@ -250,10 +283,6 @@ class ClassificationTask(BaseTask):
             self.device
         )
 
-    def prepare_batch(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
-        self.current_sites = batch.get("site")
-        return super().prepare_batch(batch, stage)
-
     def update_metrics(self, metrics: MetricCollection, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         super().update_metrics(metrics, outputs, batch)
         sites = batch.get("site")
@@ -316,6 +345,41 @@ class ClassificationTask(BaseTask):
             )
             log.warning("%s: AUROC is undefined for %s; %s", where, classes, rest)
         return auroc
+
+    def prepare_batch(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        self.current_sites = batch.get("site")
+        batch = super().prepare_batch(batch, stage)
+        hp = self.hparams
+        if stage != "train" or not (hp.mixup_alpha or hp.cutmix_alpha):
+            return batch
+        if hp.mix_prob < 1 and float(torch.rand(())) >= hp.mix_prob:
+            return batch
+        images, perm, lam = mix(batch[self.input_key], hp.mixup_alpha, hp.cutmix_alpha)
+        return {**batch, self.input_key: images, "mix_index": perm, "mix_lambda": torch.tensor(lam)}
+
+    def batch_loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        target = batch[self.target_key]
+        if "mix_index" not in batch:
+            return self.compute_loss(outputs, target)
+        lam = float(batch["mix_lambda"])
+        return lam * self.compute_loss(outputs, target) + (1 - lam) * self.compute_loss(
+            outputs, target[batch["mix_index"]]
+        )
+
+    def tta_axes(self, spatial_dims: int) -> list[int]:
+        """The spatial axes test-time augmentation mirrors along (see ``tta_flips``)."""
+        flips = self.hparams.get("tta_flips")
+        if flips is True:
+            return list(range(spatial_dims))
+        return check_axes(flips or [], spatial_dims, "model.tta_flips")
+
+    def infer(self, x: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        """The logits of ``x``, averaged over the test-time views that ``tta_flips`` and
+        ``tta_shift`` ask for (one pass without)."""
+        flips, pixels = self.tta_axes(x.ndim - 2), self.hparams.get("tta_shift", 0)
+        if not flips and not pixels:
+            return self(x, **extra)
+        return torch.stack([self(view, **extra) for view in tta_views(x, flips, pixels)]).mean(dim=0)
 
     def compute_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         smoothing = self.hparams.label_smoothing

@@ -1,0 +1,233 @@
+"""The fast MedMNIST recipe (``experiment=medmnist_fast``) against the best published results.
+
+Every run is ``medexp train experiment=medmnist_fast data.name=<dataset> seed=S [variant]``, as a
+user types it; the script reads the run's metrics.json and appends one JSON row per run to
+``--out`` (rows already there are skipped, so an interrupted benchmark continues).
+
+    # variants, seed 0, judged on validation metrics only
+    python scripts/benchmark_medmnist_fast.py variants --data-root ../shared/data/medmnist
+    # the chosen recipe, 3 seeds, test metrics reported
+    python scripts/benchmark_medmnist_fast.py final --data-root ../shared/data/medmnist
+    # training images/s of the recipe's network and of ResNet-18 (28), same machine, one run
+    python scripts/benchmark_medmnist_fast.py throughput
+    # the Markdown tables of docs/benchmarks.md
+    python scripts/benchmark_medmnist_fast.py table
+
+CPU time is the user + system time of the training process (its 2 threads), wall time the
+run's whole ``medexp train`` (data check, training, validation, test, report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATASETS = ("breastmnist", "retinamnist", "pneumoniamnist")
+# test AUC / ACC at 28x28: MedMNIST v2 (Yang et al., 2023, Table 3) and the best 28 px entries of
+# MedMNIST+ (Doerrich et al., 2024)
+PUBLISHED = {
+    "breastmnist": {
+        "ResNet-18 (28), MedMNIST v2": (0.901, 0.863),
+        "Google AutoML Vision, MedMNIST v2 (best AUC)": (0.919, 0.861),
+        "best 28 px, MedMNIST+": (0.891, 0.865),
+    },
+    "retinamnist": {
+        "ResNet-18 (28), MedMNIST v2": (0.717, 0.524),
+        "Google AutoML Vision, MedMNIST v2 (best)": (0.750, 0.531),
+        "best 28 px, MedMNIST+": (0.754, 0.543),
+    },
+    "pneumoniamnist": {
+        "ResNet-18 (28), MedMNIST v2": (0.944, 0.854),
+        "Google AutoML Vision, MedMNIST v2": (0.991, 0.946),
+    },
+}
+# each variant changes the recipe in one place (overrides on top of experiment=medmnist_fast)
+VARIANTS = {
+    "recipe": [],
+    "no_ema": ["callbacks.ema.decay=null"],
+    "no_tta": ["model.tta_flips=null"],
+    "no_batch_aug": ["data.batch_augmentations=[]"],
+    "no_label_smoothing": ["model.label_smoothing=0.0"],
+    "mixup_0.2": ["model.mixup_alpha=0.2"],
+    "cutmix_1": ["model.cutmix_alpha=1.0"],
+    "tta_shift_1": ["model.tta_shift=1"],
+    "warmup_cosine": ["scheduler=warmup_cosine"],
+    "sgd": ["optimizer=sgd", "optimizer.lr=0.05", "optimizer.weight_decay=5e-4"],
+    "epochs_20": ["trainer.max_epochs=20"],
+    "epochs_80": ["trainer.max_epochs=80"],
+    "resnet18": [
+        "model=resnet18",
+        "model.label_smoothing=0.1",
+        "model.channels_last=true",
+        "model.tta_flips=${data.flip_axes}",
+    ],
+}
+
+
+def medexp_train(run_dir: Path, overrides: list[str]) -> tuple[dict, float, float]:
+    """Run ``medexp train`` into ``run_dir``: its metrics, CPU minutes and wall minutes."""
+    command = [
+        sys.executable,
+        "-m",
+        "medexp.train",
+        f"hydra.run.dir={run_dir}",
+        "callbacks.rich_progress_bar=null",
+        "extras.print_config=false",
+        *overrides,
+    ]
+    print("+", " ".join(command), flush=True)
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
+    wall = (time.perf_counter() - start) / 60
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / 60
+    return json.loads((run_dir / "metrics.json").read_text()), cpu, wall
+
+
+def done(out: Path) -> set[tuple[str, str, int]]:
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return {(r["dataset"], r["variant"], r["seed"]) for r in rows}
+
+
+def train_rows(args: argparse.Namespace, variants: list[str], seeds: list[int]) -> None:
+    out = Path(args.out)
+    for dataset in args.datasets:
+        for variant in variants:
+            for seed in seeds:
+                if (dataset, variant, seed) in done(out):
+                    continue
+                run_dir = Path(args.log_dir) / f"{dataset}_{variant}_seed{seed}"
+                overrides = [
+                    "experiment=medmnist_fast",
+                    f"data.name={dataset}",
+                    f"data.root={args.data_root}",
+                    f"seed={seed}",
+                    *VARIANTS[variant],
+                ]
+                metrics, cpu, wall = medexp_train(run_dir, overrides)
+                row = {
+                    "dataset": dataset,
+                    "variant": variant,
+                    "seed": seed,
+                    "overrides": VARIANTS[variant],
+                    "val_auc": metrics["val"]["val/auroc"],
+                    "val_acc": metrics["val"]["val/accuracy"],
+                    "test_auc": metrics["test"]["test/auroc"],
+                    "test_acc": metrics["test"]["test/accuracy"],
+                    "epochs": metrics["fit"].get("epoch"),
+                    "cpu_min": round(cpu, 2),
+                    "wall_min": round(wall, 2),
+                }
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+
+
+def throughput(args: argparse.Namespace) -> None:
+    """Training images/s (forward, backward, AdamW step; batch 128, 1x28x28, 2 threads) of each
+    model config's network, built by Hydra from medexp's own YAML, one after the other."""
+    import torch
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    from medexp.resolvers import register_resolvers
+
+    register_resolvers()
+    torch.set_num_threads(2)
+    rows = []
+    setups = [
+        ("resnet10_fast", False, False),
+        ("resnet10_fast", True, False),
+        ("resnet10_fast", True, True),
+        ("resnet18", False, False),
+        ("resnet18", True, False),
+    ]
+    for model, channels_last, compiled in setups:
+        with initialize_config_module("medexp.conf", version_base="1.3"):
+            cfg = compose("train", overrides=["data=medmnist", f"model={model}", "data.root=."])
+        torch.manual_seed(0)
+        net = instantiate(cfg.model.net)
+        x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 2, (128,))
+        if channels_last:
+            net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        if compiled:
+            net.compile()
+        optimizer = torch.optim.AdamW(net.parameters())
+        times = []
+        steps = args.steps if model == "resnet10_fast" else max(3, args.steps // 3)
+        for _ in range(steps + 2):
+            start = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        row = {
+            "model": model,
+            "channels_last": channels_last,
+            "compile": compiled,
+            "images_per_s": round(128 / statistics.median(times[2:]), 1),
+            # the first two steps, which pay the compilation when compiled
+            "first_steps_s": round(sum(times[:2]), 1),
+            "parameters_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    Path(args.throughput_out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def table(args: argparse.Namespace) -> None:
+    rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
+    print("| dataset | variant | seeds | val AUC | val ACC | test AUC | test ACC | CPU min | wall min |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    keys = sorted({(r["dataset"], r["variant"]) for r in rows}, key=lambda k: (k[0], k[1] != "recipe", k[1]))
+    for dataset, variant in keys:
+        group = [r for r in rows if r["dataset"] == dataset and r["variant"] == variant]
+
+        def cell(key: str, group: list[dict] = group) -> str:
+            values = [r[key] for r in group]
+            if len(values) == 1:
+                return f"{values[0]:.3f}"
+            return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+        seeds = ",".join(str(r["seed"]) for r in group)
+        print(
+            f"| {dataset} | {variant} | {seeds} | {cell('val_auc')} | {cell('val_acc')} | {cell('test_auc')} | "
+            f"{cell('test_acc')} | {cell('cpu_min')} | {cell('wall_min')} |"
+        )
+    for dataset, entries in PUBLISHED.items():
+        for name, (auc, acc) in entries.items():
+            print(f"| {dataset} | {name} | | | | {auc:.3f} | {acc:.3f} | | |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["variants", "final", "throughput", "table"])
+    parser.add_argument("--data-root", default="../shared/data/medmnist")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--log-dir", default="logs/benchmark_medmnist_fast")
+    parser.add_argument("--out", default=None, help="JSON lines (default: docs/benchmark_medmnist_fast_<phase>.jsonl)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per network (throughput)")
+    parser.add_argument("--throughput-out", default="docs/benchmark_medmnist_fast_throughput.jsonl")
+    args = parser.parse_args()
+    if args.phase == "throughput":
+        return throughput(args)
+    args.out = args.out or f"docs/benchmark_medmnist_fast_{'variants' if args.phase == 'variants' else 'final'}.jsonl"
+    if args.phase == "table":
+        return table(args)
+    if args.phase == "variants":
+        return train_rows(args, args.variants, [0])
+    return train_rows(args, ["recipe"], args.seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""The fast MedMNIST recipe and its switches: batch augmentation, mixup/CutMix, test-time
+augmentation from the dataset's metadata, EMA weights, budget-aware schedules, channels-last and
+torch.compile, each driven through `medexp train` / Hydra where it matters."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+from torch import nn
+
+from medexp.checkpoints.checkpoint import Checkpoint
+from medexp.data.batch_augment import BatchFlip, BatchTranslate, mix, shift, tta_views
+from medexp.data.medmnist_info import FLIP_AXES, MEDMNIST
+from medexp.tasks.schedules import BudgetSchedule
+from medexp.train import train
+from medexp.utils.config import build
+from medexp.utils.errors import MedexpError
+from tests.conftest import QUIET, compose_config, run_cli
+from tests.helpers import write_medmnist_npz
+
+SPLITS = {"train": 96, "val": 32, "test": 32}
+FAST = ["experiment=medmnist_fast", *QUIET, "report=false", "extras.print_config=false", "data.batch_size=32"]
+
+
+@pytest.fixture
+def breast(tmp_path) -> Path:
+    write_medmnist_npz(tmp_path / "breastmnist.npz", SPLITS, num_classes=2)
+    return tmp_path
+
+
+# --- whole-batch augmentation ---------------------------------------------------------------
+
+
+def test_shift_moves_each_sample_by_its_own_offset():
+    x = torch.arange(2 * 1 * 6 * 7, dtype=torch.float32).reshape(2, 1, 6, 7)
+    offsets = torch.tensor([[1, -2], [0, 0]])
+    out = shift(x, offsets, pixels=2)
+    # sample 0 moved down 1 row and left 2 columns: the interior equals the original shifted
+    assert torch.equal(out[0, 0, 1:, :-2], x[0, 0, :-1, 2:])
+    assert torch.equal(out[1], x[1])
+    # reflect padding fills the border from the image, not zeros
+    assert torch.equal(out[0, 0, 0, :-2], x[0, 0, 1, 2:])
+
+
+def test_batch_flip_and_translate_draw_per_sample():
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    flipped = BatchFlip(axes=[1], prob=0.5)(x)
+    same = (flipped == x).flatten(1).all(1)
+    mirrored = (flipped == x.flip(3)).flatten(1).all(1)
+    assert (same | mirrored).all() and 10 < int(mirrored.sum()) < 54
+    assert torch.equal(BatchFlip(axes=[], prob=1.0)(x), x)
+    assert torch.equal(BatchFlip(axes=[0, 1], prob=1.0)(x), x.flip(2).flip(3))
+    moved = BatchTranslate(pixels=2)(x)
+    assert moved.shape == x.shape and not torch.equal(moved, x)
+    with pytest.raises(MedexpError, match=r"BatchFlip axes=\[2\]; expected distinct spatial axes from \[0, 1\]"):
+        BatchFlip(axes=[2])(x)
+    with pytest.raises(MedexpError, match="BatchTranslate pixels=8 is not smaller than the images"):
+        BatchTranslate(pixels=8)(x)
+    with pytest.raises(MedexpError, match="BatchTranslate mode='wrap'; expected one of"):
+        BatchTranslate(mode="wrap")
+
+
+def test_mixup_and_cutmix_mix_with_the_lambda_they_report():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 10, 10)
+    mixed, perm, lam = mix(x, mixup_alpha=0.4, cutmix_alpha=0.0)
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
+    mixed, perm, lam = mix(x, mixup_alpha=0.0, cutmix_alpha=1.0)
+    moved = perm != torch.arange(16)
+    from_other = ((mixed == x[perm]) & (mixed != x))[moved]
+    # the share of pixels pasted from the other image is 1 - lam, the same box in every image
+    assert moved.any() and float(from_other.float().mean()) == pytest.approx(1 - lam, abs=1e-6)
+    assert ((mixed == x) | (mixed == x[perm])).all()
+
+
+def test_tta_views_are_every_flip_combination_and_shifts():
+    x = torch.rand(2, 1, 8, 8)
+    assert len(tta_views(x, [], 0)) == 1
+    views = tta_views(x, [0, 1], 0)
+    assert len(views) == 4 and torch.equal(views[3], x.flip(2).flip(3))
+    assert len(tta_views(x, [1], 1)) == 6
+
+
+# --- the dataset's flip axes and the recipe's composition -----------------------------------
+
+
+def test_every_medmnist_dataset_names_its_flip_axes_and_the_recipe_reads_them(tmp_path):
+    assert set(FLIP_AXES) == set(MEDMNIST)
+    # left and right matter in chest X-rays and in the organ sets (femur-left/right are classes)
+    for name in ("chestmnist", "pneumoniamnist", "organamnist", "organcmnist", "organsmnist"):
+        assert FLIP_AXES[name] == []
+    for name in sorted(n for n, info in MEDMNIST.items() if info["dims"] == 2):
+        cfg = compose_config([*FAST, f"data.name={name}", f"data.root={tmp_path}"], output_dir=tmp_path)
+        assert list(cfg.model.tta_flips) == FLIP_AXES[name]
+        assert list(cfg.data.batch_augmentations[0].axes) == FLIP_AXES[name]
+        assert cfg.model.net.num_classes == len(MEDMNIST[name]["labels"])
+    gpu = compose_config(["experiment=medmnist_fast_gpu", "data.name=retinamnist"], output_dir=tmp_path)
+    assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed" and gpu.model.compile
+    assert list(gpu.model.tta_flips) == [1] and gpu.callbacks.ema.decay == 0.99
+    # overridable in one place
+    cfg = compose_config([*FAST, "data.name=breastmnist", "data.flip_axes=[]"], output_dir=tmp_path)
+    assert list(cfg.model.tta_flips) == [] and list(cfg.data.batch_augmentations[0].axes) == []
+
+
+def test_bad_flip_axes_and_tta_options_are_one_line_errors(breast):
+    cfg = compose_config([*FAST, f"data.root={breast}", "data.flip_axes=[3]"], output_dir=breast / "run")
+    with pytest.raises(MedexpError, match=r"data.flip_axes=\[3\]; expected distinct spatial axes from \[0, 1\]"):
+        build(cfg.data)
+    for override, message in (
+        ("model.tta_shift=-1", r"model.tta_shift=-1; expected a whole number of pixels >= 0"),
+        ("model.mixup_alpha=-0.2", r"model.mixup_alpha=-0.2; expected a number >= 0"),
+        ("model.mix_prob=2", r"model.mix_prob=2; expected a probability in \[0, 1\]"),
+    ):
+        with pytest.raises(MedexpError, match=message):
+            build(compose_config([*FAST, f"data.root={breast}", override], output_dir=breast / "run").model)
+
+
+# --- the task's mixup and test-time augmentation ---------------------------------------------
+
+
+def classifier(*overrides: str, root: Path):
+    return build(compose_config([*FAST, f"data.root={root}", *overrides], output_dir=root / "run").model)
+
+
+def test_mixed_batches_are_scored_against_both_labels(breast):
+    torch.manual_seed(0)
+    model = classifier("model.mixup_alpha=1.0", "model.label_smoothing=0.0", root=breast)
+    batch = {"image": torch.randn(8, 1, 28, 28), "label": torch.randint(0, 2, (8,))}
+    mixed = model.prepare_batch(batch, "train")
+    assert not torch.equal(mixed["image"], batch["image"])
+    lam, perm = float(mixed["mix_lambda"]), mixed["mix_index"]
+    logits = model(mixed["image"])
+    expected = lam * nn.functional.cross_entropy(logits, batch["label"]) + (1 - lam) * nn.functional.cross_entropy(
+        logits, batch["label"][perm]
+    )
+    assert torch.allclose(model.batch_loss(logits, mixed), expected)
+    # never outside training
+    assert model.prepare_batch(batch, "val")["image"] is batch["image"]
+
+
+def test_test_time_flips_average_the_logits_of_the_views(breast):
+    model = classifier("model.tta_shift=1", root=breast).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = torch.stack([model(view) for view in tta_views(x, [1], 1)]).mean(0)
+        assert torch.allclose(model.infer(x), expected, atol=1e-6)
+        assert not torch.allclose(model.infer(x), model(x), atol=1e-4)
+    plain = classifier("model.tta_flips=null", root=breast).eval()
+    with torch.no_grad():
+        assert torch.equal(plain.infer(x), plain(x))
+
+
+# --- EMA weights ----------------------------------------------------------------------------
+
+
+def test_ema_weights_are_validated_tested_saved_and_evaluated(breast):
+    """With callbacks.ema the checkpoint's weights are the average (the raw ones kept for resuming),
+    the validation score that chose it is the average's, and train's test metrics equal
+    `medexp eval` of the checkpoint."""
+    out = breast / "run"
+    metrics = train(
+        compose_config(
+            [*FAST, f"data.root={breast}", "trainer.max_epochs=3", "callbacks.ema.decay=0.9", "model.tta_flips=null"],
+            output_dir=out,
+        )
+    )
+    contents = Checkpoint(out / "checkpoints" / "best.ckpt").contents
+    averaged, raw = contents["state_dict"], contents["current_model_state"]
+    assert any(not torch.equal(averaged[name], raw[name]) for name in averaged if name.startswith("net."))
+    run_cli(
+        "eval",
+        f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}",
+        "splits=[val]",
+        f"hydra.run.dir={breast / 'ev'}",
+        cwd=breast,
+    )
+    evaluated = json.loads((breast / "ev" / "metrics.json").read_text())
+    assert evaluated["val"]["val/auroc"] == pytest.approx(metrics["best_score"], abs=1e-6)
+    run_cli("eval", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={breast / 'et'}", cwd=breast)
+    tested = json.loads((breast / "et" / "metrics.json").read_text())
+    assert tested["test"]["test/auroc"] == pytest.approx(metrics["test"]["test/auroc"], abs=1e-6)
+
+
+def test_ema_off_and_bad_decay(breast):
+    from medexp.callbacks.averaging import EMA
+
+    with pytest.raises(MedexpError, match=r"callbacks.ema.decay=1.5; expected a number in \(0, 1\)"):
+        EMA(decay=1.5)
+    out = breast / "off"
+    train(
+        compose_config(
+            [*FAST, f"data.root={breast}", "trainer.max_epochs=1", "callbacks.ema.decay=null"], output_dir=out
+        )
+    )
+    assert "current_model_state" not in Checkpoint(out / "checkpoints" / "best.ckpt").contents
+
+
+# --- schedules over the budget --------------------------------------------------------------
+
+
+class Tiny(L.LightningModule):
+    """A linear model on random data whose steps sleep, to make time the budget."""
+
+    def __init__(self, scheduler: dict, sleep: float = 0.0) -> None:
+        super().__init__()
+        self.layer, self.options, self.sleep, self.lrs = nn.Linear(4, 1), scheduler, sleep, []
+
+    def training_step(self, batch, batch_idx):
+        if self.sleep:
+            import time
+
+            time.sleep(self.sleep)
+        self.lrs.append(self.optimizers().param_groups[0]["lr"])
+        return self.layer(batch[0]).pow(2).mean()
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(40, 4)), batch_size=4)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=1.0)
+        scheduler = BudgetSchedule(optimizer, **self.options)
+        scheduler.attach_budget(self.trainer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def fit_tiny(model: Tiny, **trainer: object) -> list[float]:
+    L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **trainer
+    ).fit(model)
+    return model.lrs
+
+
+def test_one_cycle_spans_the_step_budget():
+    lrs = fit_tiny(Tiny({"warmup": 0.25, "shape": "linear", "start": 0.1}), max_epochs=4)  # 40 steps
+    assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0, abs=0.05)
+    assert lrs.index(max(lrs)) == 10 and lrs[-1] == pytest.approx(1 / 40, abs=1e-6)
+    cosine = fit_tiny(Tiny({"warmup": 0.0, "shape": "cosine", "start": 1.0}), max_steps=20)
+    assert cosine[0] == 1.0 and cosine[10] == pytest.approx(0.5) and cosine[-1] < 0.01
+
+
+def test_schedule_follows_the_clock_when_max_time_ends_the_run():
+    """1000 epochs will not fit in 2 seconds: the schedule ends with the time instead."""
+    lrs = fit_tiny(
+        Tiny({"warmup": 0.0, "shape": "linear", "start": 1.0}, sleep=0.05), max_epochs=1000, max_time={"seconds": 2}
+    )
+    assert 10 < len(lrs) < 60 and lrs[-1] < 0.15 and lrs[len(lrs) // 2] == pytest.approx(0.5, abs=0.15)
+
+
+def test_schedule_without_an_end_is_refused():
+    with pytest.raises(MedexpError, match="the run has no end: set trainer.max_epochs, trainer.max_steps"):
+        fit_tiny(Tiny({}), max_epochs=-1)
+
+
+# --- the recipe end to end, channels-last and compile ---------------------------------------
+
+
+def test_fast_recipe_trains_tests_and_predicts_with_its_switches(breast):
+    """`medexp train experiment=medmnist_fast` with EMA, batch flips and shifts, TTA flips from the
+    metadata and the one-cycle schedule; `medexp predict` applies the same test-time flips."""
+    out = breast / "run"
+    run_cli(
+        "train",
+        *FAST,
+        f"data.root={breast}",
+        "trainer.max_epochs=2",
+        "model.mixup_alpha=0.2",
+        f"hydra.run.dir={out}",
+        cwd=breast,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["test/auroc"] <= 1.0
+    cfg = Checkpoint(out / "checkpoints" / "best.ckpt").config
+    assert cfg["model"]["tta_flips"] == [1] and cfg["callbacks"]["ema"]["decay"] == 0.99
+    model = Checkpoint(out / "checkpoints" / "best.ckpt").build_model().eval()
+    assert model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    # test-time flips along the columns make a prediction the same for an image and its mirror
+    from PIL import Image
+
+    image = torch.randint(0, 255, (28, 28), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
+    Image.fromarray(image).save(breast / "a.png")
+    Image.fromarray(image[:, ::-1].copy()).save(breast / "b.png")
+    run_cli(
+        "predict",
+        f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}",
+        "input=*.png",
+        "output=preds",
+        f"hydra.run.dir={breast / 'p'}",
+        cwd=breast,
+    )
+    rows = {Path(r["image"]).name: r for r in csv.DictReader(next((breast / "preds").glob("*.csv")).open())}
+    probs = [float(rows[name][key]) for name in ("a.png", "b.png") for key in rows[name] if key.startswith("prob")]
+    assert len(probs) == 4 and probs[:2] != pytest.approx([0.5, 0.5], abs=1e-3)
+    assert probs[: len(probs) // 2] == pytest.approx(probs[len(probs) // 2 :], abs=1e-6)
+
+
+def test_channels_last_in_2d_and_3d_keeps_the_outputs(tmp_path):
+    from medexp.nets.simple_cnn import SimpleCNN
+    from medexp.tasks.classification import ClassificationTask
+
+    for dims in (2, 3):
+        torch.manual_seed(0)
+        net = SimpleCNN(dims, 1, 2, channels=(4, 8)).eval()
+        x = torch.randn(2, 1, *[8] * dims)
+        expected = net(x)
+        task = ClassificationTask(net, "binary", 2, optimizer=torch.optim.SGD, channels_last=True).eval()
+        layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+        assert net.features[0].conv.weight.is_contiguous(memory_format=layout)
+        assert torch.allclose(task(x), expected, atol=1e-5)
+
+
+def test_compile_trains_the_net_compiled_and_saves_plain_names(breast):
+    """model.compile with options (the eager backend: dynamo's capture without a C++ build, which
+    the default inductor backend needs and takes a minute for); checkpoints keep the plain names."""
+    out = breast / "compiled"
+    run_cli(
+        "train",
+        *FAST,
+        f"data.root={breast}",
+        "trainer.max_epochs=1",
+        "model.compile={backend: eager}",
+        "model.tta_flips=null",
+        "callbacks.ema.decay=null",
+        f"hydra.run.dir={out}",
+        cwd=breast,
+    )
+    assert "model.compile: ResNet compiled with torch.compile(backend='eager')" in (out / "train.log").read_text()
+    names = list(Checkpoint(out / "checkpoints" / "best.ckpt").contents["state_dict"])
+    assert names and not any("_orig_mod" in name for name in names)
+
+
+def test_exports_carry_the_test_time_flips(breast):
+    """A MONAI bundle and an ONNX file of a model with test-time flips give medexp predict's
+    probabilities; a bundle cannot express shifts, and says so in one line."""
+    from medexp.checkpoints.checkpoint import load_checkpoint
+    from medexp.export import export
+
+    out = breast / "run"
+    train(
+        compose_config(
+            [*FAST, f"data.root={breast}", "trainer.max_epochs=1", "callbacks.ema.decay=null", "test=false"],
+            output_dir=out,
+        )
+    )
+    ckpt = out / "checkpoints" / "best.ckpt"
+    metadata = export(
+        compose_config(
+            [f"ckpt_path={ckpt}", "format=bundle", f"output={breast / 'bundle'}", "verify.batches=1"],
+            "export",
+            output_dir=breast / "ex",
+        )
+    )
+    record = json.loads(metadata.read_text())["medexp"]
+    assert record["tta_flip_dims"] == [[], [3]] and record["verification"]["passed"] is True
+    onnx = export(
+        compose_config(
+            [f"ckpt_path={ckpt}", "format=onnx", f"output={breast / 'onnx'}"], "export", output_dir=breast / "ex2"
+        )
+    )
+    verification = json.loads(onnx.read_text())["verification"]
+    assert (onnx.parent / "model.onnx").is_file() and verification["passed"] and verification["max_abs_diff"] < 1e-4
+    contents = load_checkpoint(ckpt)
+    contents["medexp_config"]["model"]["tta_shift"] = 1
+    torch.save(contents, breast / "shifted.ckpt")
+    with pytest.raises(MedexpError, match="model.tta_shift=1: a MONAI bundle expresses test-time flips, not shifts"):
+        export(
+            compose_config(
+                [f"ckpt_path={breast / 'shifted.ckpt'}", "format=bundle", f"output={breast / 'b2'}"],
+                "export",
+                output_dir=breast / "ex3",
+            )
+        )
