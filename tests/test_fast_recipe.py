@@ -33,6 +33,26 @@ def breast(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory) -> Path:
+    """One `medexp train experiment=medmnist_fast` run (EMA, batch flips and shifts, test-time
+    flips from the metadata, one-cycle schedule, channels-last, mixup), shared by the tests that
+    evaluate, predict and export it."""
+    root = tmp_path_factory.mktemp("fast")
+    write_medmnist_npz(root / "breastmnist.npz", SPLITS, num_classes=2)
+    run_cli(
+        "train",
+        *FAST,
+        f"data.root={root}",
+        "trainer.max_epochs=3",
+        "model.mixup_alpha=0.2",
+        "callbacks.ema.decay=0.9",
+        f"hydra.run.dir={root / 'run'}",
+        cwd=root,
+    )
+    return root / "run"
+
+
 # --- whole-batch augmentation ---------------------------------------------------------------
 
 
@@ -159,32 +179,20 @@ def test_test_time_flips_average_the_logits_of_the_views(breast):
 # --- EMA weights ----------------------------------------------------------------------------
 
 
-def test_ema_weights_are_validated_tested_saved_and_evaluated(breast):
+def test_ema_weights_are_validated_tested_saved_and_evaluated(fast_run):
     """With callbacks.ema the checkpoint's weights are the average (the raw ones kept for resuming),
     the validation score that chose it is the average's, and train's test metrics equal
     `medexp eval` of the checkpoint."""
-    out = breast / "run"
-    metrics = train(
-        compose_config(
-            [*FAST, f"data.root={breast}", "trainer.max_epochs=3", "callbacks.ema.decay=0.9", "model.tta_flips=null"],
-            output_dir=out,
-        )
-    )
-    contents = Checkpoint(out / "checkpoints" / "best.ckpt").contents
+    from medexp.eval import evaluate
+
+    metrics = json.loads((fast_run / "metrics.json").read_text())
+    ckpt = fast_run / "checkpoints" / "best.ckpt"
+    contents = Checkpoint(ckpt).contents
     averaged, raw = contents["state_dict"], contents["current_model_state"]
     assert any(not torch.equal(averaged[name], raw[name]) for name in averaged if name.startswith("net."))
-    run_cli(
-        "eval",
-        f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}",
-        "splits=[val]",
-        f"hydra.run.dir={breast / 'ev'}",
-        cwd=breast,
-    )
-    evaluated = json.loads((breast / "ev" / "metrics.json").read_text())
+    evaluated = evaluate(compose_config([f"ckpt_path={ckpt}", "splits=[val,test]"], "eval", fast_run.parent / "ev"))
     assert evaluated["val"]["val/auroc"] == pytest.approx(metrics["best_score"], abs=1e-6)
-    run_cli("eval", f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}", f"hydra.run.dir={breast / 'et'}", cwd=breast)
-    tested = json.loads((breast / "et" / "metrics.json").read_text())
-    assert tested["test"]["test/auroc"] == pytest.approx(metrics["test"]["test/auroc"], abs=1e-6)
+    assert evaluated["test"]["test/auroc"] == pytest.approx(metrics["test"]["test/auroc"], abs=1e-6)
 
 
 def test_ema_off_and_bad_decay(breast):
@@ -239,7 +247,7 @@ def fit_tiny(model: Tiny, **trainer: object) -> list[float]:
 def test_one_cycle_spans_the_step_budget():
     lrs = fit_tiny(Tiny({"warmup": 0.25, "shape": "linear", "start": 0.1}), max_epochs=4)  # 40 steps
     assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0, abs=0.05)
-    assert lrs.index(max(lrs)) == 10 and lrs[-1] == pytest.approx(1 / 40, abs=1e-6)
+    assert lrs.index(max(lrs)) == 10 and lrs[-1] == pytest.approx(1 - (39 / 40 - 0.25) / 0.75, abs=1e-6)
     cosine = fit_tiny(Tiny({"warmup": 0.0, "shape": "cosine", "start": 1.0}), max_steps=20)
     assert cosine[0] == 1.0 and cosine[10] == pytest.approx(0.5) and cosine[-1] < 0.01
 
@@ -260,43 +268,29 @@ def test_schedule_without_an_end_is_refused():
 # --- the recipe end to end, channels-last and compile ---------------------------------------
 
 
-def test_fast_recipe_trains_tests_and_predicts_with_its_switches(breast):
-    """`medexp train experiment=medmnist_fast` with EMA, batch flips and shifts, TTA flips from the
-    metadata and the one-cycle schedule; `medexp predict` applies the same test-time flips."""
-    out = breast / "run"
-    run_cli(
-        "train",
-        *FAST,
-        f"data.root={breast}",
-        "trainer.max_epochs=2",
-        "model.mixup_alpha=0.2",
-        f"hydra.run.dir={out}",
-        cwd=breast,
-    )
-    metrics = json.loads((out / "metrics.json").read_text())
+def test_fast_recipe_trains_tests_and_predicts_with_its_switches(fast_run):
+    """The recipe's run records its switches; `medexp predict` applies the same test-time flips."""
+    metrics = json.loads((fast_run / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["test/auroc"] <= 1.0
-    cfg = Checkpoint(out / "checkpoints" / "best.ckpt").config
-    assert cfg["model"]["tta_flips"] == [1] and cfg["callbacks"]["ema"]["decay"] == 0.99
-    model = Checkpoint(out / "checkpoints" / "best.ckpt").build_model().eval()
+    ckpt = fast_run / "checkpoints" / "best.ckpt"
+    cfg = Checkpoint(ckpt).config
+    assert cfg["model"]["tta_flips"] == [1] and cfg["scheduler"]["_target_"].endswith("BudgetSchedule")
+    model = Checkpoint(ckpt).build_model().eval()
     assert model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     # test-time flips along the columns make a prediction the same for an image and its mirror
     from PIL import Image
 
+    folder = fast_run.parent / "pngs"
+    folder.mkdir()
     image = torch.randint(0, 255, (28, 28), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
-    Image.fromarray(image).save(breast / "a.png")
-    Image.fromarray(image[:, ::-1].copy()).save(breast / "b.png")
-    run_cli(
-        "predict",
-        f"ckpt_path={out / 'checkpoints' / 'best.ckpt'}",
-        "input=*.png",
-        "output=preds",
-        f"hydra.run.dir={breast / 'p'}",
-        cwd=breast,
-    )
-    rows = {Path(r["image"]).name: r for r in csv.DictReader(next((breast / "preds").glob("*.csv")).open())}
-    probs = [float(rows[name][key]) for name in ("a.png", "b.png") for key in rows[name] if key.startswith("prob")]
-    assert len(probs) == 4 and probs[:2] != pytest.approx([0.5, 0.5], abs=1e-3)
-    assert probs[: len(probs) // 2] == pytest.approx(probs[len(probs) // 2 :], abs=1e-6)
+    Image.fromarray(image).save(folder / "a.png")
+    Image.fromarray(image[:, ::-1].copy()).save(folder / "b.png")
+    run_cli("predict", f"ckpt_path={ckpt}", "input=*.png", "output=preds", "hydra.run.dir=p", cwd=folder)
+    rows = {Path(r["image"]).name: r for r in csv.DictReader(next((folder / "preds").glob("*.csv")).open())}
+    # one probability column per class, named by the class
+    probs = [float(rows[name][key]) for name in ("a.png", "b.png") for key in ("malignant", "normal, benign")]
+    assert probs[:2] != pytest.approx([0.5, 0.5], abs=1e-4)
+    assert probs[:2] == pytest.approx(probs[2:], abs=1e-6)
 
 
 def test_channels_last_in_2d_and_3d_keeps_the_outputs(tmp_path):
@@ -334,44 +328,37 @@ def test_compile_trains_the_net_compiled_and_saves_plain_names(breast):
     assert names and not any("_orig_mod" in name for name in names)
 
 
-def test_exports_carry_the_test_time_flips(breast):
+def test_exports_carry_the_test_time_flips(fast_run, tmp_path):
     """A MONAI bundle and an ONNX file of a model with test-time flips give medexp predict's
     probabilities; a bundle cannot express shifts, and says so in one line."""
     from medexp.checkpoints.checkpoint import load_checkpoint
     from medexp.export import export
 
-    out = breast / "run"
-    train(
-        compose_config(
-            [*FAST, f"data.root={breast}", "trainer.max_epochs=1", "callbacks.ema.decay=null", "test=false"],
-            output_dir=out,
-        )
-    )
-    ckpt = out / "checkpoints" / "best.ckpt"
+    ckpt = fast_run / "checkpoints" / "best.ckpt"
     metadata = export(
         compose_config(
-            [f"ckpt_path={ckpt}", "format=bundle", f"output={breast / 'bundle'}", "verify.batches=1"],
+            [f"ckpt_path={ckpt}", "format=bundle", f"output={tmp_path / 'bundle'}", "verify.batches=1"],
             "export",
-            output_dir=breast / "ex",
+            output_dir=tmp_path / "ex",
         )
     )
     record = json.loads(metadata.read_text())["medexp"]
     assert record["tta_flip_dims"] == [[], [3]] and record["verification"]["passed"] is True
     onnx = export(
         compose_config(
-            [f"ckpt_path={ckpt}", "format=onnx", f"output={breast / 'onnx'}"], "export", output_dir=breast / "ex2"
+            [f"ckpt_path={ckpt}", "format=onnx", f"output={tmp_path / 'onnx'}"], "export", output_dir=tmp_path / "ex2"
         )
     )
     verification = json.loads(onnx.read_text())["verification"]
     assert (onnx.parent / "model.onnx").is_file() and verification["passed"] and verification["max_abs_diff"] < 1e-4
     contents = load_checkpoint(ckpt)
     contents["medexp_config"]["model"]["tta_shift"] = 1
-    torch.save(contents, breast / "shifted.ckpt")
+    torch.save(contents, tmp_path / "shifted.ckpt")
     with pytest.raises(MedexpError, match="model.tta_shift=1: a MONAI bundle expresses test-time flips, not shifts"):
         export(
             compose_config(
-                [f"ckpt_path={breast / 'shifted.ckpt'}", "format=bundle", f"output={breast / 'b2'}"],
+                [f"ckpt_path={tmp_path / 'shifted.ckpt'}", "format=bundle", f"output={tmp_path / 'b2'}"],
                 "export",
-                output_dir=breast / "ex3",
+                output_dir=tmp_path / "ex3",
             )
         )
