@@ -60,6 +60,8 @@ VARIANTS = {
     "tta_shift_1": ["model.tta_shift=1"],
     "warmup_cosine": ["scheduler=warmup_cosine"],
     "sgd": ["optimizer=sgd", "optimizer.lr=0.05", "optimizer.weight_decay=5e-4"],
+    "lr_1e-3": ["optimizer.lr=1e-3"],
+    "wd_0.01": ["optimizer.weight_decay=0.01"],
     "epochs_20": ["trainer.max_epochs=20"],
     "epochs_80": ["trainer.max_epochs=80"],
     "resnet18": [
@@ -91,6 +93,27 @@ def medexp_train(run_dir: Path, overrides: list[str]) -> tuple[dict, float, floa
     return json.loads((run_dir / "metrics.json").read_text()), cpu, wall
 
 
+def validation_at_best(run_dir: Path) -> tuple[float, float, int]:
+    """Validation AUROC and accuracy of the epoch that best.ckpt holds (the first with the highest
+    val/auroc), and the epochs trained, read from the run's CSV log: the rows of every validation
+    during fit, then one re-validation of best.ckpt, which is left out."""
+    import csv
+
+    log = next(run_dir.glob("csv/**/metrics.csv"))
+    rows = [r for r in csv.DictReader(log.open()) if r.get("val/auroc")][:-1]
+    best = max(range(len(rows)), key=lambda i: (float(rows[i]["val/auroc"]), -i))
+    return float(rows[best]["val/auroc"]), float(rows[best]["val/accuracy"]), len(rows)
+
+
+def refresh(out: Path, log_dir: Path) -> None:
+    """Re-read the validation figures of every row of ``out`` from its run's log."""
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        run_dir = log_dir / f"{row['dataset']}_{row['variant']}_seed{row['seed']}"
+        row["val_auc"], row["val_acc"], row["epochs"] = validation_at_best(run_dir)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def done(out: Path) -> set[tuple[str, str, int]]:
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     return {(r["dataset"], r["variant"], r["seed"]) for r in rows}
@@ -112,6 +135,7 @@ def train_rows(args: argparse.Namespace, variants: list[str], seeds: list[int]) 
                     *VARIANTS[variant],
                 ]
                 metrics, cpu, wall = medexp_train(run_dir, overrides)
+                val_auc, val_acc, epochs = validation_at_best(run_dir)
                 row = {
                     "dataset": dataset,
                     "variant": variant,
@@ -121,7 +145,7 @@ def train_rows(args: argparse.Namespace, variants: list[str], seeds: list[int]) 
                     "val_acc": metrics["val"]["val/accuracy"],
                     "test_auc": metrics["test"]["test/auroc"],
                     "test_acc": metrics["test"]["test/accuracy"],
-                    "epochs": metrics["fit"].get("epoch"),
+                    "epochs": epochs,
                     "cpu_min": round(cpu, 2),
                     "wall_min": round(wall, 2),
                 }
@@ -244,7 +268,7 @@ def table(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["variants", "final", "throughput", "table"])
+    parser.add_argument("phase", choices=["variants", "final", "throughput", "table", "refresh"])
     parser.add_argument("--data-root", default="../shared/data/medmnist")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -259,6 +283,8 @@ def main() -> None:
     args.out = args.out or f"docs/benchmark_medmnist_fast_{'variants' if args.phase == 'variants' else 'final'}.jsonl"
     if args.phase == "table":
         return table(args)
+    if args.phase == "refresh":
+        return refresh(Path(args.out), Path(args.log_dir))
     if args.phase == "variants":
         return train_rows(args, args.variants, [0])
     return train_rows(args, ["recipe"], args.seeds)

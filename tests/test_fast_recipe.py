@@ -362,3 +362,50 @@ def test_exports_carry_the_test_time_flips(fast_run, tmp_path):
                 output_dir=tmp_path / "ex3",
             )
         )
+
+
+class Recorder(L.LightningModule):
+    """A linear model that records the weight each validation runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.validated = nn.Linear(4, 1), []
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            self.validated.append(self.layer.weight.detach().clone())
+
+    def loader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+
+    train_dataloader = val_dataloader = loader
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_validation_after_fit_runs_on_the_checkpoint_it_loads(tmp_path):
+    """`trainer.validate(ckpt_path=<an earlier epoch>)` after an EMA fit validates that epoch's
+    averaged weights (what medexp train's re-validation of best.ckpt does), not the last average."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from medexp.callbacks.averaging import EMA
+
+    model = Recorder()
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=[EMA(decay=0.5), saver],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model)
+    first = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)["state_dict"]["layer.weight"]
+    assert not torch.equal(first, model.layer.weight.detach())
+    trainer.validate(model, ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
+    assert torch.equal(model.validated[-1], first)

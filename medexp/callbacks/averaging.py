@@ -68,6 +68,9 @@ class EMA(WeightAveraging):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._average_model is not None:
             super().on_train_end(trainer, pl_module)
+        # the average has served: a validate/test after fit (ckpt_path="best") must run on the
+        # checkpoint it loads, which Lightning's validation hooks would swap for the last average
+        self._average_model = None
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # test/validate after fit (ckpt_path="best") must keep the averaged weights the checkpoint
