@@ -73,7 +73,7 @@ def test_completion_of_commands_groups_options_and_keys():
     assert complete("medexp tr") == ["train"]
     # a config group's options: bash replaces only the part after `=` (a word break)
     assert {"resnet18", "resnet50", "unet"} <= set(complete("medexp train model="))
-    assert complete("medexp train model=resnet1") == ["resnet18", "resnet18_3d"]
+    assert complete("medexp train model=resnet1") == ["resnet10_fast", "resnet18", "resnet18_3d"]
     assert "model=resnet18" in complete("medexp train model=", wordbreaks="")  # zsh: whole words
     assert "trainer.max_epochs=" in complete("medexp train trainer.max_")
     # keys of the config the earlier overrides compose, and a key's current value
@@ -102,7 +102,7 @@ def test_the_bash_function_completes_through_the_installed_command(tmp_path):
     env = {**ENV, "PATH": f"{MEDEXP.parent}{os.pathsep}{ENV['PATH']}"}
     proc = subprocess.run(["bash", "-c", line], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["resnet18", "resnet18_3d", "resnet50"]
+    assert proc.stdout.split() == ["resnet10_fast", "resnet18", "resnet18_3d", "resnet50"]
 
 
 def type_with_tab(shell: str, typed: str, home: Path) -> str:
