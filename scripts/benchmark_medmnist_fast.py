@@ -4,8 +4,10 @@ Every run is ``medexp train experiment=medmnist_fast data.name=<dataset> seed=S 
 user types it; the script reads the run's metrics.json and appends one JSON row per run to
 ``--out`` (rows already there are skipped, so an interrupted benchmark continues).
 
-    # variants, seed 0, judged on validation metrics only
-    python scripts/benchmark_medmnist_fast.py variants --data-root ../shared/data/medmnist
+    # variants, seed 0, judged on validation metrics only (docs/benchmark_medmnist_fast_variants.jsonl
+    # was measured on the draft recipe, which had test-time flips on)
+    python scripts/benchmark_medmnist_fast.py variants --data-root ../shared/data/medmnist \
+        --base 'model.tta_flips=${data.flip_axes}'
     # the chosen recipe, 3 seeds, test metrics reported
     python scripts/benchmark_medmnist_fast.py final --data-root ../shared/data/medmnist
     # training images/s of the recipe's network and of ResNet-18 (28), same machine, one run
@@ -105,11 +107,11 @@ def validation_at_best(run_dir: Path) -> tuple[float, float, int]:
     return float(rows[best]["val/auroc"]), float(rows[best]["val/accuracy"]), len(rows)
 
 
-def refresh(out: Path, log_dir: Path) -> None:
+def refresh(out: Path, log_dir: Path, phase: str) -> None:
     """Re-read the validation figures of every row of ``out`` from its run's log."""
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     for row in rows:
-        run_dir = log_dir / f"{row['dataset']}_{row['variant']}_seed{row['seed']}"
+        run_dir = log_dir / phase / f"{row['dataset']}_{row['variant']}_seed{row['seed']}"
         row["val_auc"], row["val_acc"], row["epochs"] = validation_at_best(run_dir)
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -126,9 +128,10 @@ def train_rows(args: argparse.Namespace, variants: list[str], seeds: list[int]) 
             for seed in seeds:
                 if (dataset, variant, seed) in done(out):
                     continue
-                run_dir = Path(args.log_dir) / f"{dataset}_{variant}_seed{seed}"
+                run_dir = Path(args.log_dir) / args.phase / f"{dataset}_{variant}_seed{seed}"
                 overrides = [
                     "experiment=medmnist_fast",
+                    *args.base,
                     f"data.name={dataset}",
                     f"data.root={args.data_root}",
                     f"seed={seed}",
@@ -275,6 +278,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--log-dir", default="logs/benchmark_medmnist_fast")
     parser.add_argument("--out", default=None, help="JSON lines (default: docs/benchmark_medmnist_fast_<phase>.jsonl)")
+    parser.add_argument(
+        "--base",
+        nargs="*",
+        default=[],
+        help="overrides of every run before the variant's; the committed variants were measured on the draft "
+        "recipe with test-time flips: --base 'model.tta_flips=${data.flip_axes}'",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per network (throughput)")
     parser.add_argument("--throughput-out", default="docs/benchmark_medmnist_fast_throughput.jsonl")
     args = parser.parse_args()
@@ -284,7 +294,7 @@ def main() -> None:
     if args.phase == "table":
         return table(args)
     if args.phase == "refresh":
-        return refresh(Path(args.out), Path(args.log_dir))
+        return refresh(Path(args.out), Path(args.log_dir), "variants" if "variants" in args.out else "final")
     if args.phase == "variants":
         return train_rows(args, args.variants, [0])
     return train_rows(args, ["recipe"], args.seeds)

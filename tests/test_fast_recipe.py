@@ -35,8 +35,8 @@ def breast(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory) -> Path:
-    """One `medexp train experiment=medmnist_fast` run (EMA, batch flips and shifts, test-time
-    flips from the metadata, one-cycle schedule, channels-last, mixup), shared by the tests that
+    """One `medexp train experiment=medmnist_fast` run (EMA, batch flips and shifts, one-cycle
+    schedule, channels-last, plus mixup and test-time flips from the metadata), shared by the tests that
     evaluate, predict and export it."""
     root = tmp_path_factory.mktemp("fast")
     write_medmnist_npz(root / "breastmnist.npz", SPLITS, num_classes=2)
@@ -47,6 +47,7 @@ def fast_run(tmp_path_factory) -> Path:
         "trainer.max_epochs=3",
         "model.mixup_alpha=0.2",
         "callbacks.ema.decay=0.9",
+        "model.tta_flips=${data.flip_axes}",
         f"hydra.run.dir={root / 'run'}",
         cwd=root,
     )
@@ -117,15 +118,17 @@ def test_every_medmnist_dataset_names_its_flip_axes_and_the_recipe_reads_them(tm
         assert FLIP_AXES[name] == []
     for name in sorted(n for n, info in MEDMNIST.items() if info["dims"] == 2):
         cfg = compose_config([*FAST, f"data.name={name}", f"data.root={tmp_path}"], output_dir=tmp_path)
-        assert list(cfg.model.tta_flips) == FLIP_AXES[name]
         assert list(cfg.data.batch_augmentations[0].axes) == FLIP_AXES[name]
+        assert cfg.model.tta_flips is None  # test-time flips measured no gain on validation
+        with_tta = compose_config([*FAST, f"data.name={name}", "model.tta_flips=${data.flip_axes}"])
+        assert list(with_tta.model.tta_flips) == FLIP_AXES[name]
         assert cfg.model.net.num_classes == len(MEDMNIST[name]["labels"])
     gpu = compose_config(["experiment=medmnist_fast_gpu", "data.name=retinamnist"], output_dir=tmp_path)
     assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed" and gpu.model.compile
-    assert list(gpu.model.tta_flips) == [1] and gpu.callbacks.ema.decay == 0.99
+    assert gpu.callbacks.ema.decay == 0.99 and gpu.model.net.block_inplanes == [32, 64, 128, 256]
     # overridable in one place
     cfg = compose_config([*FAST, "data.name=breastmnist", "data.flip_axes=[]"], output_dir=tmp_path)
-    assert list(cfg.model.tta_flips) == [] and list(cfg.data.batch_augmentations[0].axes) == []
+    assert list(cfg.data.batch_augmentations[0].axes) == []
 
 
 def test_bad_flip_axes_and_tta_options_are_one_line_errors(breast):
@@ -165,7 +168,7 @@ def test_mixed_batches_are_scored_against_both_labels(breast):
 
 
 def test_test_time_flips_average_the_logits_of_the_views(breast):
-    model = classifier("model.tta_shift=1", root=breast).eval()
+    model = classifier("model.tta_flips=[1]", "model.tta_shift=1", root=breast).eval()
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         expected = torch.stack([model(view) for view in tta_views(x, [1], 1)]).mean(0)
