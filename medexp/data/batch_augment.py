@@ -1,9 +1,9 @@
 """Augmentations of whole batches: one vectorised operation per batch instead of a MONAI
 transform per sample, each sample drawing its own flip and shift.
 
-On a CPU a per-sample MONAI chain of a flip and a 2-pixel shift costs about 2 ms per 28x28 image
+On a CPU a per-sample MONAI chain of a flip and a 2-pixel shift costs about 1.7 ms per 28x28 image
 (one thread), in the one process that also trains; the same on whole batches
-costs about 20 microseconds per image (``scripts/benchmark_medmnist_fast.py throughput``). So a
+costs about 10 microseconds per image (``scripts/benchmark_medmnist_fast.py throughput``). So a
 fast recipe augments the batch after it is collated (``data.batch_augmentations``, applied in the
 DataModule's ``on_after_batch_transfer`` to training batches only, on the batch's device).
 The same shift serves test-time augmentation (:func:`shift`).
