@@ -198,8 +198,12 @@ def test_ema_weights_are_validated_tested_saved_and_evaluated(fast_run):
     assert evaluated["test"]["test/auroc"] == pytest.approx(metrics["test"]["test/auroc"], abs=1e-6)
 
 
-def test_ema_off_and_bad_decay(breast):
+def test_ema_off_and_bad_decay(breast, caplog):
+    import logging
+
     from medexp.callbacks.averaging import EMA
+
+    caplog.set_level(logging.INFO)
 
     with pytest.raises(MedexpError, match=r"callbacks.ema.decay=1.5; expected a number in \(0, 1\)"):
         EMA(decay=1.5)
@@ -210,6 +214,8 @@ def test_ema_off_and_bad_decay(breast):
         )
     )
     assert "current_model_state" not in Checkpoint(out / "checkpoints" / "best.ckpt").contents
+    # off, it is silent: no "You're using the WeightAveraging callback" at every checkpoint
+    assert "WeightAveraging" not in caplog.text
 
 
 # --- schedules over the budget --------------------------------------------------------------
@@ -278,6 +284,13 @@ def test_fast_recipe_trains_tests_and_predicts_with_its_switches(fast_run):
     ckpt = fast_run / "checkpoints" / "best.ckpt"
     cfg = Checkpoint(ckpt).config
     assert cfg["model"]["tta_flips"] == [1] and cfg["scheduler"]["_target_"].endswith("BudgetSchedule")
+    # one cycle over the run's 9 optimiser steps (3 epochs of 3 batches), stepped per step: the
+    # learning rate logged at the start of each epoch rises past the peak (step 2) and falls again
+    log = next(fast_run.glob("csv/**/metrics.csv"))
+    lrs = [float(r["lr-AdamW"]) for r in csv.DictReader(log.open()) if r.get("lr-AdamW")]
+    peak = cfg["optimizer"]["lr"]
+    assert len(lrs) == 3 and lrs[0] == pytest.approx(0.1 * peak) and lrs[1] > lrs[2] > lrs[0]
+    assert lrs[1] == pytest.approx(peak * (1 - (3 / 9 - 0.25) / 0.75))
     model = Checkpoint(ckpt).build_model().eval()
     assert model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     # test-time flips along the columns make a prediction the same for an image and its mirror

@@ -72,6 +72,11 @@ class EMA(WeightAveraging):
         # checkpoint it loads, which Lightning's validation hooks would swap for the last average
         self._average_model = None
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # without an average (off, or after fit) the checkpoint is the model's own, as without EMA
+        if self._average_model is not None:
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # test/validate after fit (ckpt_path="best") must keep the averaged weights the checkpoint
         # holds as its state_dict; only a resumed fit restores the raw ones beside the average
