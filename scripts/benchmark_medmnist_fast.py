@@ -66,6 +66,7 @@ VARIANTS = {
     "wd_0.01": ["optimizer.weight_decay=0.01"],
     "epochs_20": ["trainer.max_epochs=20"],
     "epochs_80": ["trainer.max_epochs=80"],
+    "width_48": ["model.net.block_inplanes=[48,96,192,384]"],
     "resnet18": [
         "model=resnet18",
         "model.label_smoothing=0.1",
@@ -275,7 +276,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="../shared/data/medmnist")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 for variants, 0 1 2 for final")
     parser.add_argument("--log-dir", default="logs/benchmark_medmnist_fast")
     parser.add_argument("--out", default=None, help="JSON lines (default: docs/benchmark_medmnist_fast_<phase>.jsonl)")
     parser.add_argument(
@@ -296,8 +297,8 @@ def main() -> None:
     if args.phase == "refresh":
         return refresh(Path(args.out), Path(args.log_dir), "variants" if "variants" in args.out else "final")
     if args.phase == "variants":
-        return train_rows(args, args.variants, [0])
-    return train_rows(args, ["recipe"], args.seeds)
+        return train_rows(args, args.variants, args.seeds or [0])
+    return train_rows(args, ["recipe"], args.seeds or [0, 1, 2])
 
 
 if __name__ == "__main__":
