@@ -1,15 +1,18 @@
 """GANs end to end: training with both optimisers, sample grids, `medexp sample`, domain FID/KID
-on a medexp classifier's features, and GAN-augmented classification."""
+on a medexp classifier's features, GAN-augmented classification, and the adversarial losses (bce, hinge,
+wgan_gp)."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
 import pytest
 import torch
 
+from medexp.tasks.adversarial import discriminator_loss, generator_loss, gradient_penalty
 from medexp.train import train
 from medexp.utils.errors import MedexpError
 from tests.conftest import QUIET, compose_config, run_cli
@@ -293,3 +296,91 @@ def test_a_gan_trains_under_ddp(tmp_path):
         "AdversarialTask under DDP: trainer.strategy=ddp_find_unused_parameters_true"
         in (tmp_path / "run" / "train.log").read_text()
     )
+
+
+# ---------------------------------------------------------------------------------- adversarial losses
+REAL = torch.tensor([2.0, -1.0])
+FAKE = torch.tensor([0.5, -3.0])
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_adversarial_losses_match_a_hand_computation():
+    # bce: -mean(log s(r)) - mean(log(1 - s(f))); log(1 - s(x)) = log s(-x)
+    bce_d = -(_log_sigmoid(2.0) + _log_sigmoid(-1.0)) / 2 - (_log_sigmoid(-0.5) + _log_sigmoid(3.0)) / 2
+    assert discriminator_loss("bce", REAL, FAKE).item() == pytest.approx(bce_d, rel=1e-5)
+    # one-sided label smoothing: real images' target 0.9
+    smoothed = -sum(0.9 * _log_sigmoid(r) + 0.1 * _log_sigmoid(-r) for r in (2.0, -1.0)) / 2
+    smoothed -= (_log_sigmoid(-0.5) + _log_sigmoid(3.0)) / 2
+    assert discriminator_loss("bce", REAL, FAKE, real_label=0.9).item() == pytest.approx(smoothed, rel=1e-5)
+    # hinge: mean(relu(1 - r)) + mean(relu(1 + f)) = mean(0, 2) + mean(1.5, 0)
+    assert discriminator_loss("hinge", REAL, FAKE).item() == pytest.approx(1.0 + 0.75)
+    # Wasserstein: mean(f) - mean(r) = -1.25 - 0.5
+    assert discriminator_loss("wgan_gp", REAL, FAKE).item() == pytest.approx(-1.75)
+    # the generator: non-saturating -mean(log s(f)); hinge and Wasserstein -mean(f)
+    assert generator_loss("bce", FAKE).item() == pytest.approx(-(_log_sigmoid(0.5) + _log_sigmoid(-3.0)) / 2)
+    assert generator_loss("hinge", FAKE).item() == pytest.approx(1.25)
+    assert generator_loss("wgan_gp", FAKE).item() == pytest.approx(1.25)
+    with pytest.raises(
+        MedexpError, match=r"model.adversarial_loss='lsgan'; expected one of \['bce', 'hinge', 'wgan_gp'\]"
+    ):
+        discriminator_loss("lsgan", REAL, FAKE)
+
+
+@pytest.mark.parametrize(("scale", "expected"), [(3.0, 4.0), (1.0, 0.0), (0.5, 0.25)])
+def test_the_gradient_penalty_of_a_linear_critic_is_its_norm_minus_one_squared(scale, expected):
+    # critic(x) = <w, x>: its gradient is w everywhere, so the penalty is (|w| - 1)^2 wherever it is taken
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(1, 2, 4, 4, generator=generator)
+    weight = (scale * direction / direction.norm()).requires_grad_(True)
+
+    def critic(x: torch.Tensor) -> torch.Tensor:
+        return (x * weight).flatten(1).sum(dim=1)
+
+    real, fake = torch.rand(5, 2, 4, 4, generator=generator), torch.rand(5, 2, 4, 4, generator=generator)
+    penalty = gradient_penalty(critic, real, fake)
+    assert penalty.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # differentiable for the critic's step: d/dw (|w| - 1)^2 = 2 (|w| - 1) w / |w|
+    penalty.backward()
+    expected_grad = 2 * (scale - 1) * weight.detach() / scale
+    assert torch.allclose(weight.grad, expected_grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["bce", "hinge", "wgan_gp"])
+def test_each_adversarial_loss_trains_a_gan(tmp_path, loss):
+    n_critic = 2 if loss == "wgan_gp" else 1
+    metrics = train(
+        compose_config(
+            [
+                *QUIET,
+                "model=gan",
+                f"model.adversarial_loss={loss}",
+                f"model.n_critic={n_critic}",
+                "model.latent_size=16",
+                "data.image_size=16",
+                "data.num_samples={train: 32, val: 16, test: 16}",
+                "data.batch_size=16",
+                "trainer.log_every_n_steps=1",
+                "trainer.max_epochs=1",
+                "test=false",
+            ],
+            output_dir=tmp_path,
+        )
+    )
+    assert all(np.isfinite(metrics["fit"][f"val/{name}"]) for name in ("loss", "d_loss", "d_real", "d_fake"))
+    if loss == "bce":  # probabilities; the others log raw critic scores
+        assert 0 < metrics["fit"]["val/d_real"] < 1
+    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
+    steps = [int(next(iter(state["state"].values()))["step"]) for state in checkpoint["optimizer_states"]]
+    # 2 batches: the generator steps once per batch, the discriminator n_critic times
+    assert steps == [2, 2 * n_critic]
+    assert checkpoint["hyper_parameters"]["adversarial_loss"] == loss
+
+
+def test_an_unknown_adversarial_loss_is_refused_before_anything_is_built(tmp_path):
+    with pytest.raises(MedexpError, match=r"model.adversarial_loss='lsgan'; expected one of"):
+        train(compose_config([*QUIET, "model=gan", "model.adversarial_loss=lsgan"], output_dir=tmp_path))
+    with pytest.raises(MedexpError, match=r"model.n_critic=0; expected a positive integer"):
+        train(compose_config([*QUIET, "model=gan", "model.n_critic=0"], output_dir=tmp_path))
