@@ -18,8 +18,8 @@ def find_inputs(spec: str) -> list[Path]:
     """The image files that ``input=spec`` names, in a stable order.
 
     ``spec`` is one file, a glob pattern (``**`` recurses), a folder (its image files, sorted,
-    sub-folders not included) or a CSV file with an ``image`` column whose relative paths resolve
-    against the CSV's folder.
+    sub-folders not included) or a CSV file with an ``image`` column (a translation manifest:
+    ``source``) whose relative paths resolve against the CSV's folder.
 
     Raises:
         MedexpError: naming what was looked for when nothing matches, the CSV has no ``image``
@@ -50,14 +50,19 @@ def _read_image_list(path: Path) -> list[Path]:
     from medexp.data.paths import listing, resolve_path
 
     columns, rows = read_csv(path, f"input={str(path)!r}")
-    if "image" not in columns:
-        raise MedexpError(f"input={str(path)!r}: no 'image' column (found {columns})")
+    # a translation manifest (data=files_translation) lists the images to translate as `source`
+    column = "image" if "image" in columns else "source" if "source" in columns else None
+    if column is None:
+        raise MedexpError(
+            f"input={str(path)!r}: no 'image' column (found {columns}); a CSV lists the images in an 'image' "
+            "column (a translation manifest: 'source')"
+        )
     base = path.absolute().parent
-    images = [resolve_path(base, row["image"]) for _, row in rows]
+    images = [resolve_path(base, row[column]) for _, row in rows]
     missing = [
-        f"line {line}: {row['image']!r}"
+        f"line {line}: {row[column]!r}"
         for (line, row), image in zip(rows, images)
-        if not row["image"] or not image.exists()
+        if not row[column] or not image.exists()
     ]
     if missing:
         raise MedexpError(

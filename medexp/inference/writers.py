@@ -1,7 +1,8 @@
 """What ``medexp predict`` writes, per kind of prediction a task declares (its
 ``prediction_writer``): class probabilities in a table (:class:`TableWriter`), masks in the
 inputs' geometry (:class:`MaskWriter`), boxes (:class:`BoxWriter`), warped images and
-displacement fields (:class:`RegistrationWriter`); :func:`prediction_writer` picks one."""
+displacement fields (:class:`RegistrationWriter`), translated images in the inputs' format and
+geometry (:class:`ImageWriter`); :func:`prediction_writer` picks one."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from medexp.utils.errors import MedexpError
 
-WRITERS = ("table", "masks", "boxes", "registration")
+WRITERS = ("table", "masks", "boxes", "registration", "images")
 # the columns that uncertainty=... adds to the table (see TableWriter)
 UNCERTAINTY_COLUMNS = ("entropy", "std")
 
@@ -46,6 +47,8 @@ def prediction_writer(
             return BoxWriter(datamodule.file_boxes, datamodule.spatial_dims, datamodule.class_names)
         case "registration":
             return RegistrationWriter(transform, inputs, output)
+        case "images":
+            return ImageWriter(transform, inputs, mask_paths(inputs, output), datamodule.target_intensity_range)
         case _:
             raise ValueError(f"prediction_writer={kind!r}; expected one of {list(WRITERS)}")
 
@@ -147,6 +150,62 @@ class MaskWriter(BasePredictionWriter):
 
     def save(self, path: Path) -> None:
         write_csv(path, ["image", "mask"], self.rows)
+
+
+class ImageWriter(BasePredictionWriter):
+    """Write each input's predicted image ``(C_out, *spatial)`` (a translation) in the input's
+    format and geometry, and list them in ``predictions.csv`` (``image, translated``).
+
+    The spatial transforms of ``transform`` (e.g. the resize to ``data.image_size``) are undone
+    (``monai.transforms.Invertd``, linear interpolation), so the output has the input's shape,
+    and the input's affine travels with it. NIfTI stays NIfTI (float32, the predicted values);
+    raster inputs (PNG, JPEG, TIFF, ...) become 8-bit PNG, ``value_range`` mapped onto 0..255;
+    anything else (DICOM) becomes NIfTI.
+
+    Args:
+        transform: the chain that prepared the inputs (``predict_transform()``).
+        inputs: the input files; paths: where their outputs go (see
+            :func:`~medexp.inference.inputs.mask_paths`).
+        value_range: ``[low, high]`` of the predicted values (the data's ``target_intensity_range``).
+    """
+
+    def __init__(self, transform: Any, inputs: list[Path], paths: list[Path], value_range: Any) -> None:
+        from monai.transforms import Invertd
+
+        super().__init__(write_interval="batch")
+        self.invert = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)
+        self.path_of = {str(image): path for image, path in zip(inputs, paths)}
+        self.low, self.high = (float(v) for v in value_range)
+        self.savers: dict[str, Any] = {}
+        self.rows: list[list[str]] = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        from monai.data import MetaTensor, decollate_batch
+        from monai.transforms import SaveImage
+
+        from medexp.utils.privacy import geometry_only
+
+        images = prediction.detach().float().cpu()  # (B, C_out, *spatial)
+        for item, image, file in zip(decollate_batch(batch["image"].cpu()), images, batch_files(batch)):
+            if item.applied_operations:  # spatial transforms to undo
+                inverted = self.invert({"image": item, "pred": image})["pred"]
+            else:
+                inverted = MetaTensor(image, meta=item.meta)
+            path = self.path_of[file]
+            suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+            if suffix == ".png":
+                scaled = (inverted - self.low) / (self.high - self.low) * 255
+                inverted = scaled.clamp(0, 255).round()
+            if suffix not in self.savers:
+                dtype = np.uint8 if suffix == ".png" else np.float32
+                self.savers[suffix] = SaveImage(output_ext=suffix, output_dtype=dtype, resample=False, print_log=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # only the geometry of the input's metadata: never its DICOM tags (patient name, ID...)
+            self.savers[suffix](geometry_only(inverted), filename=str(path)[: -len(suffix)])
+            self.rows.append([file, str(path)])
+
+    def save(self, path: Path) -> None:
+        write_csv(path, ["image", "translated"], self.rows)
 
 
 class BoxWriter(BasePredictionWriter):

@@ -1,4 +1,4 @@
-"""The evaluation report of a classification or segmentation checkpoint on one split.
+"""The evaluation report of a checkpoint on one split (classification, segmentation, detection, translation).
 
 :func:`write_report` runs one prediction pass over the split (the test split by default) with
 the model as it stands (after ``trainer.test(ckpt_path=best)``: the best checkpoint), on the
@@ -37,6 +37,10 @@ equal the test metrics, and overlays of the ``worst`` cases by Dice.
 Detection: mAP and FROC (equal to the test metrics), the FROC curve, per-image counts of lesions
 found and missed and of false positives, and box overlays of the ``worst`` cases (see
 :mod:`medexp.reports.detection`).
+
+Image-to-image translation: MAE, PSNR and SSIM of the translated images against their targets
+and of the sources themselves (the identity baseline), and source | translated | target |
+difference of the ``worst`` cases by MAE and the median case (see :mod:`medexp.reports.translation`).
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ log = logging.getLogger("medexp")
 
 N_BOOT = 1000
 BOOT_SEED = 0
+# the report kinds a task may declare (its ``report_kind``)
+REPORT_KINDS = ("classification", "segmentation", "detection", "translation")
 WORST_CASES = 4
 
 
@@ -410,6 +416,8 @@ AGREEING = {
     "map_10": "map_10",
     "map_50": "map_50",
     "froc": "froc",
+    # translation (medexp.reports.translation): translated vs target, and the source's baseline
+    **{f"{name}{suffix}": f"{name}{suffix}" for name in ("mae", "psnr", "ssim") for suffix in ("", "_source")},
 }
 
 
@@ -490,8 +498,8 @@ def write_report(
     from medexp.reports import render
 
     kind = getattr(model, "report_kind", None)  # what the task declares
-    if kind not in ("classification", "segmentation", "detection"):
-        log.info("no evaluation report for %s (classification, segmentation and detection only)", type(model).__name__)
+    if kind not in REPORT_KINDS:
+        log.info("no evaluation report for %s (%s only)", type(model).__name__, ", ".join(REPORT_KINDS))
         return None
     start = time.perf_counter()
     out = Path(out_dir)
@@ -521,6 +529,12 @@ def write_report(
         numbers, cases = collect_detection(trainer, model, loader, limit, worst)
         report.update(task="detection", **numbers)
         figures = detection_figures(out, report, cases)
+    elif kind == "translation":
+        from medexp.reports.translation import collect_translation, translation_figures
+
+        numbers, cases = collect_translation(trainer, model, datamodule, loader, limit, worst)
+        report.update(task="translation", **numbers)
+        figures = translation_figures(out, report, cases)
     else:
         with _test_time_adaptation(trainer, model, split):
             dice, hd_sum, hd_count, cases = _collect_segmentation(trainer, model, loader, limit, worst)

@@ -224,6 +224,10 @@ def _blocks(report: dict[str, Any], figures: list[Path]) -> list[tuple]:
         from medexp.reports.detection import detection_blocks
 
         return blocks + detection_blocks(report, images, recorded)
+    if report["task"] == "translation":
+        from medexp.reports.translation import translation_blocks
+
+        return blocks + translation_blocks(report, images, recorded)
     if report["task"] == "segmentation":
         return blocks + _segmentation_blocks(report, images, recorded)
     return blocks + _classification_blocks(report, images, recorded)

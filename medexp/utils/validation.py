@@ -126,7 +126,7 @@ PRECISIONS = (
     "bf16-mixed",
     "transformer-engine",
 )
-TASKS = ("binary", "multiclass", "multilabel", "segmentation", "registration", "detection")
+TASKS = ("binary", "multiclass", "multilabel", "segmentation", "registration", "detection", "translation")
 
 RULES: tuple[Rule, ...] = (
     Rule("seed", "int", 0, 2**32 - 1, optional=True),
@@ -148,7 +148,8 @@ RULES: tuple[Rule, ...] = (
     Rule("data.spatial_dims", (2, 3)),
     Rule("data.batch_size", "int", 1),
     Rule("data.num_workers", "int", 0),
-    Rule("data.image_size", "int", 1),
+    # null: file data keep their files' sizes (data=files_reg, files_translation)
+    Rule("data.image_size", "int", 1, optional=True),
     Rule("data.val_fraction", "number", 0, 1, high_open=True),
     Rule("data.test_fraction", "number", 0, 1, high_open=True),
     Rule("data.lesion_contrast", "number", 0, low_open=True),
@@ -411,6 +412,133 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
     match_key = getattr(task_class, "net_outputs", "num_classes")
     if outputs is not None and match_key in data and outputs != data[match_key]:
         problems.append(f"the net has {outputs} outputs but data.{match_key}={data[match_key]}; they must match")
+    problems.extend(check_transformer_sizes(config))
+    return problems
+
+
+# MONAI's transformers, by _target_: (what the input size must divide by, the key naming it)
+TRANSFORMERS = {
+    "monai.networks.nets.ViT": "patch_size",
+    "monai.networks.nets.vit.ViT": "patch_size",
+    "monai.networks.nets.UNETR": "patch",
+    "monai.networks.nets.unetr.UNETR": "patch",
+    "monai.networks.nets.SwinUNETR": "swin",
+    "monai.networks.nets.swin_unetr.SwinUNETR": "swin",
+}
+UNETR_PATCH = 16  # fixed in MONAI's UNETR
+
+
+def _nearest_multiples(size: int, step: int) -> list[int]:
+    """The multiples of ``step`` nearest ``size`` (one below and one above, at least ``step``)."""
+    below = max(step, size // step * step)
+    return sorted({below, below + step} if below != size else {size})
+
+
+def _divisors(size: int, low: int = 2) -> list[int]:
+    return [d for d in range(low, size + 1) if size % d == 0]
+
+
+def _sizes(value: Any, dims: int) -> list[int] | None:
+    """One size per spatial axis from an int or a list; None where not all are known integers."""
+    sizes = list(value) if isinstance(value, list | tuple) else [value] * dims
+    ok = len(sizes) == dims and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes)
+    return sizes if ok else None
+
+
+def check_transformer_sizes(config: dict[str, Any]) -> list[str]:
+    """Input sizes MONAI's transformers cannot take, found before anything is built (MONAI finds
+    them in the first forward pass, after the data, or not at all):
+
+    - ``ViT``: ``img_size`` (``data.image_size``) a multiple of ``patch_size`` on every axis;
+    - ``UNETR``: ``img_size`` (``model.roi_size``, by default the whole image) a multiple of its
+      fixed 16-pixel patches, the same as ``model.roi_size``;
+    - ``SwinUNETR``: the whole image (``data.image_size``) or the sliding window
+      (``model.roi_size``) a multiple of ``patch_size ** 5`` (32) on every axis, and
+      ``feature_size`` a multiple of 12; with instance norm (MONAI's default) more than 32 per axis;
+    - all: ``hidden_size`` a multiple of ``num_heads``.
+
+    Returns:
+        One line per problem naming the keys, the values and the nearest valid sizes.
+    """
+    data, model = config.get("data") or {}, config.get("model") or {}
+    net = model.get("net") if isinstance(model.get("net"), dict) else {}
+    kind = TRANSFORMERS.get(str(net.get("_target_", "")))
+    if kind is None:
+        return []
+    name = str(net["_target_"]).rsplit(".", 1)[-1]
+    dims = net.get("spatial_dims", data.get("spatial_dims", 3))
+    dims = dims if dims in (2, 3) else 2
+    problems = []
+    hidden, heads = net.get("hidden_size"), net.get("num_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads:
+        problems.append(
+            f"model.net.hidden_size={hidden} is not a multiple of model.net.num_heads={heads} ({name}); e.g. "
+            f"num_heads in {_divisors(hidden)[:6]} or hidden_size in {_nearest_multiples(hidden, heads)}"
+        )
+    if kind in ("patch_size", "patch"):
+        patch = _sizes(net.get("patch_size"), dims) if kind == "patch_size" else [UNETR_PATCH] * dims
+        where = "model.net.img_size" + (" (model.roi_size)" if kind == "patch" else " (data.image_size)")
+        value = net.get("img_size")
+        sizes = _sizes(value, dims)
+        if sizes is None:
+            fix = (
+                "set model.roi_size (one size per axis, a multiple of 16: UNETR is built for one input size; "
+                "data of other sizes are cropped to it for training and inferred with sliding windows)"
+                if kind == "patch"
+                else "set data.image_size"
+            )
+            problems.append(f"{where}={value!r}; {name} needs the input's size, a positive integer per axis: {fix}")
+            return problems
+        if patch is None:
+            problems.append(f"model.net.patch_size={net.get('patch_size')!r}; expected a positive integer per axis")
+            return problems
+        for size, step in zip(sizes, patch, strict=True):
+            if size % step:
+                divisors = [d for d in _divisors(size) if d <= size // 2]
+                other = (
+                    f" or model.net.patch_size in {divisors[-4:] if len(divisors) > 4 else divisors}"
+                    if kind == "patch_size" and divisors
+                    else ""
+                )
+                problems.append(
+                    f"{where}={value} is not a multiple of the {'model.net.patch_size' if kind == 'patch_size' else 'patch size'}"
+                    f"={step} of {name}; nearest valid sizes: {_nearest_multiples(size, step)}{other}"
+                )
+                break
+        roi = model.get("roi_size")
+        if kind == "patch" and roi is not None and _sizes(roi, dims) != sizes:
+            problems.append(
+                f"model.net.img_size={value} but model.roi_size={roi}; UNETR runs on windows of its img_size: set "
+                "model.net.img_size=${model.roi_size}"
+            )
+        return problems
+    # SwinUNETR
+    feature = net.get("feature_size", 24)
+    if isinstance(feature, int) and feature % 12:
+        problems.append(
+            f"model.net.feature_size={feature} is not a multiple of 12 (SwinUNETR); nearest valid: "
+            f"{_nearest_multiples(feature, 12)}"
+        )
+    patch = net.get("patch_size", 2)
+    step = patch**5 if isinstance(patch, int) and patch > 0 else 32
+    roi = model.get("roi_size")
+    key, value = ("model.roi_size", roi) if roi is not None else ("data.image_size", data.get("image_size"))
+    sizes = _sizes(value, dims)
+    if sizes is not None:
+        bad = [size for size in sizes if size % step]
+        fix = "" if roi is not None else " (or sliding windows of such a size: model.roi_size)"
+        if bad:
+            problems.append(
+                f"{key}={value} is not a multiple of {step} (SwinUNETR halves it 5 times: patch_size={patch} ** 5) on "
+                f"every axis; nearest valid sizes: {_nearest_multiples(bad[0], step)}{fix}"
+            )
+        elif str(net.get("norm_name", "instance")).lower() == "instance" and min(sizes) <= step:
+            # its bottleneck is size / 32 per axis: one voxel, which instance norm cannot normalise
+            problems.append(
+                f"{key}={value}: SwinUNETR's bottleneck has one voxel at {step} per axis, which "
+                f"model.net.norm_name=instance cannot normalise; use at least {2 * step} per axis{fix} "
+                "or model.net.norm_name=batch"
+            )
     return problems
 
 
