@@ -1,9 +1,9 @@
 """``medexp sample ckpt_path=... n=64 output=...`` (or ``python -m medexp.sample``): generate images
-with a GAN checkpoint.
+with a generative model's checkpoint (``model=gan``, ``model=ddpm``).
 
-Writes ``<output>/samples.png`` (a grid; a conditional GAN's classes in blocks) and
+Writes ``<output>/samples.png`` (a grid; a conditional model's classes in blocks) and
 ``<output>/samples.npz`` (``images`` ``(n, C, *spatial)`` float32 in the data's intensity range,
-``labels`` for a conditional GAN). With ``features_ckpt`` (a classifier trained on the same
+``labels`` for a conditional model). With ``features_ckpt`` (a classifier trained on the same
 data), also ``<output>/quality.json``: domain FID and KID of the samples against the real images
 of ``reference_split`` (see :mod:`medexp.metrics.domain`).
 """
@@ -26,9 +26,14 @@ log = logging.getLogger("medexp")
 register_resolvers()
 
 SPLITS = ("train", "val", "test")
+# a diffusion model's sampling settings that `medexp sample` may change (null: as trained)
+SAMPLING = ("sampler", "sample_steps", "guidance_scale")
 RULES = (
     Rule("n", "int", 1, exact=True, message="expected a positive number of images"),
     Rule("reference_split", SPLITS),
+    Rule("sampler", ("ddim", "ddpm"), optional=True),
+    Rule("sample_steps", "int", 1, optional=True),
+    Rule("guidance_scale", "number", 0, optional=True),
 )
 
 
@@ -51,41 +56,42 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 
     tidy_library_output()
     checkpoint = Checkpoint(cfg.ckpt_path, cfg.allowed_targets)
-    gan = checkpoint.build_generator()
-    images, labels = gan.sample(cfg.n, _labels(cfg, gan), torch.Generator().manual_seed(cfg.seed))
+    model = checkpoint.build_generator({key: cfg[key] for key in SAMPLING if cfg.get(key) is not None})
+    images, labels = model.sample(cfg.n, _labels(cfg, model), torch.Generator().manual_seed(cfg.seed))
     output = Path(cfg.output).expanduser()
-    written = _write_samples(output, images, labels, gan)
+    written = _write_samples(output, images, labels, model)
     log.info("%d samples: %s, %s", cfg.n, written["grid"], written["npz"])
     if cfg.features_ckpt:
-        written.update(_quality(cfg, checkpoint, gan, images, output))
+        written.update(_quality(cfg, checkpoint, model, images, output))
     return written
 
 
-def _labels(cfg: DictConfig, gan: Any) -> Any:
-    """The classes to generate: ``label`` for all, else a conditional GAN's classes in blocks;
-    None for an unconditional GAN."""
+def _labels(cfg: DictConfig, model: Any) -> Any:
+    """The classes to generate: ``label`` for all, else a conditional model's classes in blocks;
+    None for an unconditional one."""
     import torch
 
+    kind = getattr(model, "generator_kind", "GAN")
     if cfg.label is not None:
-        if not gan.conditional:
-            raise MedexpError(f"label={cfg.label}: this GAN is not class-conditional; leave label unset")
-        if not 0 <= cfg.label < gan.num_classes:
-            raise MedexpError(f"label={cfg.label}; this GAN generates classes 0..{gan.num_classes - 1}")
+        if not model.conditional:
+            raise MedexpError(f"label={cfg.label}: this {kind} is not class-conditional; leave label unset")
+        if not 0 <= cfg.label < model.num_classes:
+            raise MedexpError(f"label={cfg.label}; this {kind} generates classes 0..{model.num_classes - 1}")
         return torch.full((cfg.n,), int(cfg.label))
-    if gan.conditional:
-        return torch.arange(cfg.n) * gan.num_classes // cfg.n  # classes in blocks
+    if model.conditional:
+        return torch.arange(cfg.n) * model.num_classes // cfg.n  # classes in blocks
     return None
 
 
-def _write_samples(output: Path, images: Any, labels: Any, gan: Any) -> dict[str, Any]:
+def _write_samples(output: Path, images: Any, labels: Any, model: Any) -> dict[str, Any]:
     """``samples.png`` (a grid) and ``samples.npz`` (images, intensity range, classes)."""
     import numpy as np
 
     from medexp.utils.images import grid, save_png
 
     output.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Any] = {"grid": save_png(grid(images, (gan.low, gan.high)), output / "samples.png")}
-    arrays = {"images": images.numpy().astype(np.float32), "intensity_range": np.array([gan.low, gan.high])}
+    written: dict[str, Any] = {"grid": save_png(grid(images, (model.low, model.high)), output / "samples.png")}
+    arrays = {"images": images.numpy().astype(np.float32), "intensity_range": np.array([model.low, model.high])}
     if labels is not None:
         arrays["labels"] = labels.numpy().astype(np.int64)
     written["npz"] = output / "samples.npz"
@@ -93,17 +99,16 @@ def _write_samples(output: Path, images: Any, labels: Any, gan: Any) -> dict[str
     return written
 
 
-def _quality(cfg: DictConfig, checkpoint: Any, gan: Any, images: Any, output: Path) -> dict[str, Any]:
-    """Domain FID and KID of ``images`` against the GAN's ``reference_split``, measured with the
+def _quality(cfg: DictConfig, checkpoint: Any, model: Any, images: Any, output: Path) -> dict[str, Any]:
+    """Domain FID and KID of ``images`` against the generator's ``reference_split``, measured with the
     features of the classifier ``features_ckpt``; written to ``quality.json``."""
     import torch
 
     from medexp.metrics.domain import DomainFeatures, quality_metrics
-    from medexp.tasks.adversarial import GENERATE_ONLY
     from medexp.utils.run_info import write_json
 
-    features = DomainFeatures.from_checkpoint(cfg.features_ckpt, gan.low, gan.high)
-    datamodule, _ = checkpoint.build(cfg.data, model_overrides=GENERATE_ONLY)
+    features = DomainFeatures.from_checkpoint(cfg.features_ckpt, model.low, model.high)
+    datamodule, _ = checkpoint.build(cfg.data, model_overrides=model.generator_overrides)
     datamodule.setup("test")
     loader = torch.utils.data.DataLoader(datamodule.datasets[cfg.reference_split], batch_size=256)
     real_count = len(datamodule.datasets[cfg.reference_split])

@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from medexp.tasks.adversarial import AdversarialTask
+from medexp.tasks.diffusion import DiffusionTask
 from medexp.utils.config import check_config
 from tests.conftest import REPO
 
@@ -29,6 +30,12 @@ DATA_FOR_TASK = {
     ],
     "registration": [["data=synthetic_reg"], ["data=synthetic_reg", "data.spatial_dims=3"]],
     "detection": [["data=synthetic_det"], ["data=synthetic_det", "data.spatial_dims=3"]],
+    "translation": [["data=synthetic_translation"], ["data=synthetic_translation", "data.spatial_dims=3"]],
+    # few DDIM steps: the test samples
+    "diffusion": [
+        ["data.task=binary", "model.sample_steps=2"],
+        ["data.task=multiclass", "data.num_classes=3", "model.conditional=true", "model.sample_steps=2"],
+    ],
 }
 SMALL = ["data.image_size=32", "data.num_samples={train: 4, val: 2, test: 2}"]
 # models that need other data than their task's usual (sequences, volumes)
@@ -109,6 +116,13 @@ def test_model_builds_and_runs_on_matching_data(compose_cfg, model, data):
     datamodule.setup()
     batch = next(iter(datamodule.train_dataloader()))
     task_module = instantiate(cfg.model, _convert_="all").eval()
+    if isinstance(task_module, DiffusionTask):  # generates images like the data's, learns their noise
+        samples, labels = task_module.sample(3)
+        assert samples.shape == (3, *batch["image"].shape[1:]) and (labels is not None) == task_module.conditional
+        assert samples.min() >= cfg.data.intensity_range[0] and samples.max() <= cfg.data.intensity_range[1]
+        with torch.no_grad():
+            assert torch.isfinite(task_module._shared_step(batch, "val"))
+        return
     if isinstance(task_module, AdversarialTask):  # a GAN: generates images like the data's, judges them
         samples, labels = task_module.sample(3)
         assert samples.shape == (3, *batch["image"].shape[1:]) and (labels is not None) == task_module.conditional

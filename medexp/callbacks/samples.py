@@ -1,4 +1,4 @@
-"""Grids of a GAN's samples from fixed latent codes, to watch the generator learn."""
+"""Grids of a generative model's samples from fixed latent codes (noise), to watch it learn."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ class SampleGrids(L.Callback):
     TensorBoard and a local MLflow store, remote loggers only with ``remote_images``
     (``logger.log_images=true``; a GAN can reproduce its training images).
 
-    Acts on GANs (:class:`~medexp.tasks.adversarial.AdversarialTask`) only.
+    Acts on tasks that generate images (a ``generator_overrides``: GANs, diffusion models), with
+    the weights validation uses (``callbacks.ema``'s average when it is on).
     """
 
     def __init__(
@@ -35,9 +36,21 @@ class SampleGrids(L.Callback):
         self.dirname, self.remote_images = dirname, remote_images
         self._withheld_noted = False
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        # after the first batch rather than at the epoch's end: the model holds the weights validation
+        # runs on (callbacks.ema's average) whichever order the callbacks' epoch-end hooks run in
         if (
-            getattr(pl_module, "generator_overrides", None) is None  # a task that generates images
+            batch_idx != 0
+            or dataloader_idx != 0
+            or getattr(pl_module, "generator_overrides", None) is None  # a task that generates images
             or trainer.sanity_checking
             or trainer.state.fn != "fit"
             or not trainer.is_global_zero

@@ -115,18 +115,30 @@ class Checkpoint:
         run_cfg = OmegaConf.create({"model": self.checked_config("model"), "privacy": bool(self.get("privacy"))})
         return self._model(run_cfg, overrides).eval()
 
-    def build_generator(self) -> L.LightningModule:
-        """The model of a task that generates images (a GAN), rebuilt for generating alone (its
-        task's ``generator_overrides``), in evaluation mode.
+    def build_generator(self, sampling: Mapping[str, Any] | None = None) -> L.LightningModule:
+        """The model of a task that generates images (a GAN, a diffusion model), rebuilt for
+        generating alone (its task's ``generator_overrides``), in evaluation mode.
+
+        Args:
+            sampling: ``model.*`` values that change how it samples (a diffusion model's
+                ``sampler``, ``sample_steps``, ``guidance_scale``); each must be a key of the
+                recorded model config.
 
         Raises:
-            MedexpError: naming the checkpoint when its task does not generate.
+            MedexpError: naming the checkpoint when its task does not generate, or a sampling key
+                its model does not take.
         """
         overrides = getattr(self.task_class, "generator_overrides", None)
+        name = self.model_target.rsplit(".", 1)[-1] or "non-medexp"
         if overrides is None:
-            name = self.model_target.rsplit(".", 1)[-1] or "non-medexp"
-            raise MedexpError(f"{self.where}: a {name} checkpoint; expected a GAN's (model=gan)")
-        return self.build_model(overrides)
+            raise MedexpError(
+                f"{self.where}: a {name} checkpoint; expected a GAN's (model=gan) or a diffusion model's (model=ddpm)"
+            )
+        recorded = self.get("model") or {}
+        for key, value in (sampling or {}).items():
+            if key not in recorded:
+                raise MedexpError(f"{key}={value!r}: the {name} of {self.where} does not take it (model=ddpm does)")
+        return self.build_model({**overrides, **(sampling or {})})
 
     def build(
         self,

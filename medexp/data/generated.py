@@ -1,4 +1,5 @@
-"""GAN-augmented training: images from a class-conditional GAN mixed into the training split."""
+"""Generated-data augmentation: images from a class-conditional generative model (a GAN, a
+diffusion model) mixed into the training split."""
 
 from __future__ import annotations
 
@@ -36,14 +37,15 @@ class GeneratedDataset(Dataset):
 class GeneratedImages:
     """``data.generated``: how many generated images join the training split, and from where.
 
-    The GAN (a medexp ``model=gan model.conditional=true`` checkpoint) must have been trained on
-    images like these after their transforms (same shape, channels, classes and intensity range):
-    its samples skip the data's augmentations and transforms. Images are generated once, at the
+    The generator (a medexp ``model=gan`` or ``model=ddpm`` checkpoint with
+    ``model.conditional=true``) must have been trained on images like these after their
+    transforms (same shape, channels, classes and intensity range): its samples skip the data's
+    augmentations and transforms. Images are generated once, at the
     first training epoch, from ``seed``, so every run (and every DDP process) mixes in the same
     ones; they count in the data fingerprint, not in ``class_weights=auto``.
 
     Args:
-        ckpt: the GAN checkpoint.
+        ckpt: the generative model's checkpoint.
         ratio: generated images per real training image (0: none; 1: as many as real ones).
         labels: the classes to generate: ``train`` (drawn with the training split's class
             frequencies) or ``balanced`` (every class equally often: oversampling rare classes).
@@ -85,7 +87,7 @@ class GeneratedImages:
         ckpt = config.get("ckpt")
         if not ckpt or not Path(str(ckpt)).expanduser().is_file():
             raise MedexpError(
-                f"data.generated.ckpt={ckpt!r}: no such file; give a GAN checkpoint (model=gan model.conditional=true)"
+                f"data.generated.ckpt={ckpt!r}: no such file; give a class-conditional generative model's checkpoint (model=gan or model=ddpm, model.conditional=true)"
             )
         return cls(**{**config, "ckpt": str(Path(str(ckpt)).expanduser())})
 
@@ -105,19 +107,20 @@ class GeneratedImages:
         checkpoint = Checkpoint(self.ckpt, self.allowed_targets, name="data.generated.ckpt")
         where = checkpoint.where
         gan = checkpoint.build_generator()
+        kind = getattr(gan, "generator_kind", "GAN")
         if not gan.conditional:
             raise MedexpError(
-                f"{where}: an unconditional GAN; expected a class-conditional GAN (model=gan model.conditional=true)"
+                f"{where}: an unconditional {kind}; expected a class-conditional {kind} (model.conditional=true)"
             )
         if gan.num_classes != datamodule.num_classes:
             raise MedexpError(
-                f"{where}: the GAN generates {gan.num_classes} classes; data.num_classes={datamodule.num_classes}"
+                f"{where}: the {kind} generates {gan.num_classes} classes; data.num_classes={datamodule.num_classes}"
             )
         trained = checkpoint.get("data.intensity_range")
         if datamodule.intensity_range is not None and [gan.low, gan.high] != datamodule.intensity_range:
             raise MedexpError(
-                f"{where}: the GAN makes images in {[gan.low, gan.high]} (its data.intensity_range={trained}); these data "
-                f"are in {datamodule.intensity_range}: train the GAN on the same data and transforms"
+                f"{where}: the {kind} makes images in {[gan.low, gan.high]} (its data.intensity_range={trained}); these data "
+                f"are in {datamodule.intensity_range}: train the {kind} on the same data and transforms"
             )
         counts, _ = datamodule.label_counts()
         n = round(self.ratio * int(np.sum(counts)))
@@ -130,12 +133,13 @@ class GeneratedImages:
         real_shape = tuple(datamodule.datasets["train"][0]["image"].shape)
         if tuple(images.shape[1:]) != real_shape:
             raise MedexpError(
-                f"{where}: the GAN makes images of shape {tuple(images.shape[1:])}; the training images are {real_shape} "
+                f"{where}: the {kind} makes images of shape {tuple(images.shape[1:])}; the training images are {real_shape} "
                 "after data.transforms"
             )
         log.info(
-            "GAN-augmented training: %d generated images (%s classes, ratio %g) join %d real ones, from %s",
+            "generated-data augmentation: %d images from a %s (%s classes, ratio %g) join %d real ones, from %s",
             n,
+            kind,
             self.labels,
             self.ratio,
             int(np.sum(counts)),
