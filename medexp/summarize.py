@@ -11,7 +11,14 @@ directory. Writes into ``DIR`` (or ``--output``):
 - ``summary.png``: the objective against each swept parameter;
 - with runs that differ in ``data.fold`` (k-fold cross-validation): ``cv_summary.csv``,
   ``cv_summary.md``: per setting of the other parameters and per metric, the folds' mean, standard
-  deviation and a bootstrap 95% confidence interval of the mean (:func:`medexp.utils.stats.pool`).
+  deviation and a bootstrap 95% confidence interval of the mean (:func:`medexp.utils.stats.pool`);
+- for an Optuna sweep (``hparams_search=optuna``): ``study.csv``, ``study.md``: every trial of
+  the study as its storage holds it (journal file, SQLite or a database server, named in the
+  sweep's ``study.yaml``; ``--storage URL`` and ``--study NAME`` to give it): number, state,
+  value, pruning reports, parameters and job directory, best first. Trials whose jobs ran
+  elsewhere, or are still running, are there too; the study alone is enough when ``DIR`` holds no
+  run. A database password is never stored in ``study.yaml``: give it in ``PGPASSWORD`` (or
+  ``~/.pgpass``), or in ``--storage``.
 
 The objective is ``--metric`` or the runs' ``optimized_metric``; whether lower is better follows
 from its name (:func:`medexp.utils.config.metric_mode`). Not a Hydra app, and it imports no
@@ -189,15 +196,111 @@ class Row:
     values: dict[str, Any]  # column -> value, for every column of the table
 
 
-def summarize(root: Path, metric: str | None = None, output: Path | None = None) -> dict[str, Path]:
+def summarize(
+    root: Path,
+    metric: str | None = None,
+    output: Path | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+) -> dict[str, Path]:
     """Write the summary files of the runs in ``root`` (see the module docstring) and print the
     tables.
 
+    Args:
+        storage, study_name: the Optuna study of the sweep; by default those of ``root/study.yaml``.
+
     Returns:
-        The files written, by name (``summary.csv``, ``summary.md``, ``summary.png``, and
-        ``cv_summary.csv``, ``cv_summary.md`` for a cross-validation sweep).
+        The files written, by name (``summary.csv``, ``summary.md``, ``summary.png``,
+        ``cv_summary.csv``, ``cv_summary.md`` for a cross-validation sweep, and ``study.csv``,
+        ``study.md`` for an Optuna sweep).
     """
-    jobs = find_jobs(root)
+    files: dict[str, Path] = {}
+    study = find_study(root, storage, study_name)
+    if study is not None:
+        files.update(summarize_study(root, output or root, *study))
+    try:
+        jobs = find_jobs(root)
+    except MedexpError:
+        if files:  # the study is all there is here (its jobs ran elsewhere)
+            return files
+        raise
+    return {**files, **_summarize_jobs(root, jobs, metric, output)}
+
+
+STUDY_FILE = "study.yaml"
+
+
+def find_study(root: Path, storage: str | None, study_name: str | None) -> tuple[str, str] | None:
+    """``(storage URL, study name)`` of the sweep in ``root``: the arguments, else what the
+    Optuna sweeper wrote into ``root/study.yaml``; None when neither names a study.
+
+    Raises:
+        MedexpError: when only one of them is known.
+    """
+    recorded: dict[str, Any] = {}
+    if (root / STUDY_FILE).is_file():
+        recorded = yaml.safe_load((root / STUDY_FILE).read_text()) or {}
+    storage = storage or recorded.get("storage")
+    study_name = study_name or recorded.get("study_name")
+    if storage is None and study_name is None:
+        return None
+    if not storage or not study_name:
+        given = "--storage" if storage else "--study"
+        raise MedexpError(
+            f"{given} needs {'--study NAME' if storage else '--storage URL'} too (no {root / STUDY_FILE})"
+        )
+    return str(storage), str(study_name)
+
+
+def summarize_study(root: Path, output: Path, storage: str, study_name: str) -> dict[str, Path]:
+    """``study.csv`` and ``study.md``: the trials of the study, read from its storage."""
+    from hydra_plugins.medexp.storage import load_stored_study, masked
+
+    study = load_stored_study(storage, study_name)
+    trials = study.trials
+    keys = list(dict.fromkeys(key for trial in trials for key in trial.params))
+    complete = [trial for trial in trials if trial.state.name == "COMPLETE"]
+    direction = "max" if study.direction.name == "MAXIMIZE" else "min"
+    sign = -1.0 if direction == "max" else 1.0
+    ordered = sorted(trials, key=lambda t: (t.value is None, sign * (t.value or 0.0), t.number))
+    rows = []
+    for trial in ordered:
+        reports = trial.intermediate_values
+        job = root / str(trial.number)
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name.lower(),
+                "value": trial.value,
+                "reports": len(reports),
+                "last_step": max(reports) if reports else None,
+                **{key: trial.params.get(key) for key in keys},
+                "job": job.name if job.is_dir() else "",
+            }
+        )
+    columns = ["trial", "state", "value", "reports", "last_step", *keys, "job"]
+    output.mkdir(parents=True, exist_ok=True)
+    states = Counter(row["state"] for row in rows)
+    text = [
+        f"# Study {study_name!r} in {masked(storage)}",
+        "",
+        f"{len(trials)} trial(s): "
+        + ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        + (
+            f"; best value {ordered[0].value:.4g} (trial {ordered[0].number}, {'higher' if direction == 'max' else 'lower'} is better)"
+            if complete
+            else ""
+        ),
+        "",
+        markdown_table(columns, rows) if rows else "(no trial yet)",
+    ]
+    return {
+        "study.csv": _write_csv(output / "study.csv", columns, rows),
+        "study.md": _write_markdown(output / "study.md", text),
+    }
+
+
+def _summarize_jobs(root: Path, jobs: list[Job], metric: str | None, output: Path | None) -> dict[str, Path]:
     objective = choose_objective(jobs, metric)
     mode = metric_mode(objective)
     swept, fixed = swept_keys(jobs)
@@ -392,9 +495,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--metric", metavar="NAME", help="the objective, e.g. val/loss (default: the runs' optimized_metric)"
     )
     parser.add_argument("--output", type=Path, metavar="DIR", help="where the summary files go (default: DIR)")
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help="the Optuna study's storage, e.g. postgresql://user@host/db (default: DIR/study.yaml's)",
+    )
+    parser.add_argument("--study", metavar="NAME", help="the Optuna study's name (default: DIR/study.yaml's)")
     args = parser.parse_args(argv)
     with user_errors():
-        summarize(args.dir.expanduser(), args.metric, args.output.expanduser() if args.output else None)
+        summarize(
+            args.dir.expanduser(),
+            args.metric,
+            args.output.expanduser() if args.output else None,
+            args.storage,
+            args.study,
+        )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pruner stopped the run), ``seed``, ``fit``, ``monitor``, ``best_score``,
         ``best_checkpoint``, ``calibration`` (with ``model.calibrate=true``), ``val`` and ``test``.
     """
+    _resume_requeued_job(cfg)
     _check_before_building(cfg)
     # imported before tidy_library_output, which removes the console handler lightning attaches
     import lightning.pytorch as L
@@ -98,6 +99,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 _DRAWN_SEED = "MEDEXP_DRAWN_SEED"
+
+
+def _resume_requeued_job(cfg: DictConfig) -> None:
+    """A SLURM job requeued before its time limit resumes from the checkpoint it saved then, in
+    this run directory (see :mod:`medexp.callbacks.faults`)."""
+    if not cfg.train or cfg.get("ckpt_path"):
+        return
+    from medexp.callbacks.faults import requeued_checkpoint
+
+    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
+    filename = OmegaConf.select(cfg, "callbacks.fault_tolerance.filename", default="interrupted.ckpt")
+    path = requeued_checkpoint(Path(folder), filename)
+    if path is not None:
+        log.info("requeued SLURM job (restart %s): resuming from %s", os.environ["SLURM_RESTART_COUNT"], path)
+        with open_dict(cfg):
+            cfg.ckpt_path = str(path)
 
 
 def _check_before_building(cfg: DictConfig) -> None:

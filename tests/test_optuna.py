@@ -12,6 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from hydra_plugins.medexp.optuna_sweeper import search_space
+from hydra_plugins.medexp.storage import open_storage
 from tests.conftest import QUIET, run_cli
 
 TINY = [
@@ -23,9 +24,12 @@ TINY = [
 ]
 
 
-def _study(sweep_dir):
+def _study(sweep_dir, storage=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name="study", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    # the default storage: a journal file in the sweep directory
+    return optuna.load_study(
+        study_name="study", storage=open_storage(storage or f"journal:///{sweep_dir}/optuna.journal")
+    )
 
 
 def test_search_space_maps_hydra_sweep_syntax_to_optuna_distributions():
@@ -132,9 +136,11 @@ def test_cv_folds_make_each_trial_a_cross_validation_scored_by_its_mean(tmp_path
         "hydra.sweeper.study_name=study",
         "hydra.sweeper.n_trials=1",
         "hydra.sweeper.cv_folds=2",
+        # SQLite, the storage for one machine
+        f"hydra.sweeper.storage=sqlite:///{sweep}/optuna.db",
         cwd=tmp_path,
     )
-    (trial,) = _study(sweep).trials
+    (trial,) = _study(sweep, f"sqlite:///{sweep}/optuna.db").trials
     folds = [json.loads((sweep / str(job) / "metrics.json").read_text())["fit"]["val/auroc_best"] for job in (0, 1)]
     assert trial.value == pytest.approx(sum(folds) / 2) and trial.user_attrs["fold_values"] == folds
     assert trial.user_attrs["cv"]["n"] == 2
@@ -145,3 +151,6 @@ def test_cv_folds_make_each_trial_a_cross_validation_scored_by_its_mean(tmp_path
     run_cli("summarize", str(sweep), cwd=tmp_path)
     pooled = [row for row in csv.DictReader((sweep / "cv_summary.csv").open()) if row["metric"] == "val/auroc_best"]
     assert len(pooled) == 1 and float(pooled[0]["mean"]) == pytest.approx(trial.value)
+    # ... and lists the study's trial, read from its SQLite file
+    (row,) = csv.DictReader((sweep / "study.csv").open())
+    assert (row["trial"], row["state"], float(row["value"])) == ("0", "complete", pytest.approx(trial.value))

@@ -4,7 +4,9 @@ A NaN or Inf loss stops the run at once, before the diverged weights reach any c
 names the last good one; so does a loss that explodes while staying finite (see
 :class:`FaultTolerance`). A signal saves ``checkpoints/interrupted.ckpt`` at the next batch
 boundary and exits; ``medexp train ckpt_path=<that file>`` continues the run exactly where it
-stopped, even in the middle of an epoch (see :class:`FaultTolerance`).
+stopped, even in the middle of an epoch (see :class:`FaultTolerance`). On SLURM, the signal sent
+before a job's time limit (SIGUSR1, or submitit's SIGUSR2) saves the same checkpoint and requeues
+the job, which resumes from it in the same directory (:func:`requeued_checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,38 @@ class TrainingInterrupted(RunStopped):
         self.exit_code = 128 + signum
 
 
+class TrainingRequeued(TrainingInterrupted):
+    """SLURM's warning before the time limit: a resumable checkpoint was saved and the job was put
+    back in SLURM's queue; when it starts again it resumes from that checkpoint."""
+
+    status = "requeued"
+    kind = "requeued"
+
+
+def slurm_job_id() -> str | None:
+    """This SLURM job's id as ``scontrol requeue`` takes it (``<array job>_<task>`` in an array);
+    None outside SLURM."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeued_checkpoint(checkpoint_dir: Path, filename: str = "interrupted.ckpt") -> Path | None:
+    """The checkpoint a requeued SLURM job resumes from: ``filename`` in its checkpoint directory,
+    when SLURM says the job was restarted (``SLURM_RESTART_COUNT`` >= 1); None otherwise.
+
+    A requeued job runs its command again (submitit: the same job, with the same overrides, so
+    the same run directory and Optuna trial; plain ``sbatch``: the same script, which needs a fixed
+    ``hydra.run.dir``), and finds the checkpoint its previous start saved.
+    """
+    try:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        restarts = 0
+    path = Path(checkpoint_dir) / filename
+    return path if restarts >= 1 and path.is_file() else None
+
+
 class FaultTolerance(L.Callback):
     """Stop on a non-finite loss; on SIGTERM/SIGINT save a checkpoint to resume from, then exit.
 
@@ -89,7 +124,15 @@ class FaultTolerance(L.Callback):
     SIGINT (Ctrl-C) are noted, the current batch is finished, and ``interrupted.ckpt`` is saved
     next to the other checkpoints (written to a temporary file first, so a second, hard kill
     cannot leave a broken one). The run then stops with exit status 143 or 130 and the command
-    that resumes it. A second Ctrl-C stops at once, without saving. A signal during an epoch's
+    that resumes it.
+
+    **SLURM requeue.** In a SLURM job, ``requeue_signals`` (SLURM's warning before the time
+    limit: ``#SBATCH --signal=USR1@120``, or SIGUSR2, which submitit asks for) are handled the same
+    way, and then the job is requeued: by the handler in force before training when there is one
+    (submitit's, which resubmits the same job), else with ``scontrol requeue <job id>``. The
+    requeued job resumes from the checkpoint (:func:`requeued_checkpoint`, used by ``medexp
+    train``). Lightning's own SLURM requeue (an ``hpc_ckpt_<n>.ckpt`` saved in the middle of a
+    step) is turned off, so that only one checkpoint, resumable exactly, is written. A second Ctrl-C stops at once, without saving. A signal during an epoch's
     last batch or its validation is acted on after the next epoch's first batch (or when
     training ends: the checkpoint then resumes to testing).
 
@@ -108,6 +151,7 @@ class FaultTolerance(L.Callback):
         explode_factor: how many times the first step's loss magnitude (at least 1) a loss may
             reach before it counts as exploded; null turns the check off.
         explode_steps: exploded steps that stop the run.
+        requeue_signals: in a SLURM job, the signals that save the checkpoint and requeue the job.
     """
 
     def __init__(
@@ -116,6 +160,7 @@ class FaultTolerance(L.Callback):
         filename: str = "interrupted.ckpt",
         explode_factor: float | None = 1e6,
         explode_steps: int = 3,
+        requeue_signals: list[str] | tuple[str, ...] = ("SIGUSR1", "SIGUSR2"),
     ) -> None:
         if check_every_n_steps < 1:
             raise MedexpError(f"check_every_n_steps={check_every_n_steps}; expected an integer >= 1")
@@ -123,6 +168,11 @@ class FaultTolerance(L.Callback):
             raise MedexpError(f"explode_factor={explode_factor!r}; expected a number > 1 (e.g. 1e6) or null")
         if isinstance(explode_steps, bool) or not isinstance(explode_steps, int) or explode_steps < 1:
             raise MedexpError(f"explode_steps={explode_steps!r}; expected an integer >= 1")
+        known = {item.name for item in signal.Signals}
+        for name in requeue_signals or ():
+            if name not in known or name in ("SIGKILL", "SIGSTOP"):
+                raise MedexpError(f"requeue_signals: {name!r} is not a signal that can be caught; e.g. SIGUSR1")
+        self.requeue_signals = tuple(signal.Signals[name] for name in requeue_signals or ())
         self.check_every_n_steps = check_every_n_steps
         self.filename = filename
         self.explode_factor = explode_factor
@@ -144,6 +194,24 @@ class FaultTolerance(L.Callback):
         for key, value in self._callback_metrics.items():
             trainer.callback_metrics.setdefault(key, value)
         self._callback_metrics = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # before Lightning sets its signal handlers: its SLURM requeue would save hpc_ckpt_<n>.ckpt
+        # in the middle of a step (not resumable exactly) and requeue; ours saves at a batch boundary
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        if not self._requeueing():
+            return
+        # a single-device strategy has none of its own: the trainer's (what Lightning asks) counts
+        for environment in (
+            getattr(trainer.strategy, "cluster_environment", None),
+            getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None),
+        ):
+            if isinstance(environment, SLURMEnvironment):
+                environment.auto_requeue = False
+
+    def _requeueing(self) -> bool:
+        return bool(self.requeue_signals) and slurm_job_id() is not None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ceiling = self._exploded = None  # the scale of an exploded loss: from this fit's first step
@@ -268,7 +336,7 @@ class FaultTolerance(L.Callback):
         self._restore_callback_metrics(trainer)
         if trainer.received_sigterm:
             self._signal = signal.SIGTERM
-        for signum in _SIGNALS:
+        for signum in (*_SIGNALS, *(self.requeue_signals if self._requeueing() else ())):
             try:
                 self._handlers[signum] = signal.signal(signum, self._on_signal)
             except ValueError:  # not the main thread: leave signals to Lightning
@@ -314,6 +382,8 @@ class FaultTolerance(L.Callback):
     def _interrupt(self, trainer: L.Trainer, pl_module: L.LightningModule, where: str, batches_done: int) -> None:
         """Save the interrupted checkpoint and stop (the signal arrived; we are at ``where``)."""
         self._check_flag(trainer)
+        requeue = self._signal in self.requeue_signals
+        previous = self._handlers.get(self._signal) if requeue else None
         self._restore_handlers()
         path = self._path(trainer) / self.filename
         tmp = path.with_name(path.name + ".tmp")
@@ -332,12 +402,39 @@ class FaultTolerance(L.Callback):
         if trainer.is_global_zero:
             os.replace(tmp, path)
         name = signal.Signals(self._signal or signal.SIGTERM).name
+        if requeue:
+            self._requeue(trainer, previous, f"{name} {where}; saved {path}", str(path))
         log.info("resume with: medexp train ckpt_path=%s", path)
         raise TrainingInterrupted(
             f"{name} {where}; saved {path}. Resume with: medexp train ckpt_path={path}",
             str(path),
             int(self._signal or signal.SIGTERM),
         )
+
+    def _requeue(self, trainer: L.Trainer, previous: Any, saved: str, path: str) -> None:
+        """Put this SLURM job back in the queue (the checkpoint is saved): through the handler in
+        force before training (submitit's resubmits the job and exits), else ``scontrol requeue``."""
+        signum = int(self._signal)
+        # (not Lightning's: it would save a second checkpoint, mid-step, and requeue again)
+        if callable(previous) and not type(previous).__module__.startswith("lightning"):
+            log.info("%s; handing the requeue to %s", saved, getattr(previous, "__qualname__", previous))
+            previous(signum, None)  # submitit's exits here; one that returns leaves the rest to us
+        job = slurm_job_id()
+        if not trainer.is_global_zero:
+            raise TrainingRequeued(f"{saved}; rank 0 requeues SLURM job {job}", path, signum)
+        try:
+            done = subprocess.run(["scontrol", "requeue", str(job)], capture_output=True, text=True, timeout=60)
+            problem = (done.stderr or done.stdout).strip() if done.returncode else ""
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            problem = str(exc)
+        if problem:
+            raise TrainingInterrupted(
+                f"{saved}; `scontrol requeue {job}` failed ({problem}). Resume with: medexp train ckpt_path={path}",
+                path,
+                signum,
+            )
+        log.info("requeued SLURM job %s: it resumes from %s", job, path)
+        raise TrainingRequeued(f"{saved}; requeued SLURM job {job}, which resumes from it", path, signum)
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._handlers.items():

@@ -13,7 +13,8 @@ log = logging.getLogger("medexp")
 class OptunaPruning(L.Callback):
     """Report the monitored metric to an Optuna trial after each validation; stop when pruned.
 
-    The trial lives in the study's storage (SQLite), not in this process, so this works whether
+    The trial lives in the study's storage (a journal file, SQLite or a database server: see
+    :mod:`hydra_plugins.medexp.storage`), not in this process, so this works whether
     the sweeper runs the job in-process or a launcher (submitit) runs it elsewhere. The sweeper
     sets ``trial``; with ``trial=None`` (an ordinary run, or a reproduced trial) it does nothing.
     A pruned run stops like early stopping, and ``medexp train`` records ``status: pruned``.
@@ -38,7 +39,9 @@ class OptunaPruning(L.Callback):
             return
         import optuna
 
-        storage = optuna.storages.RDBStorage(self.storage)
+        from hydra_plugins.medexp.storage import open_storage
+
+        storage = open_storage(self.storage)
         study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner)
         study_id = storage.get_study_id_from_name(self.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, self.trial_number)

@@ -4,9 +4,12 @@ hydra-optuna-sweeper 1.3 pins optuna < 3 and its SQLite storage breaks on SQLAlc
 medexp carries this small replacement. ``hydra/sweeper=optuna`` (see ``conf/hparams_search/``)
 selects it. What it adds over a plain loop of trials:
 
-- the study lives in an SQLite file in the sweep directory: re-running the same command loads
-  it and runs trials until ``n_trials`` trials are finished in total (an interrupted sweep
-  resumes; its unfinished trials are marked failed);
+- the study lives in ``storage`` (:mod:`hydra_plugins.medexp.storage`): by default a journal
+  file in the sweep directory, safe for parallel launchers and shared filesystems; SQLite for
+  one machine, a PostgreSQL or MySQL server for many nodes. The storage is checked before any
+  job starts. Re-running the same command loads the study and runs trials until ``n_trials``
+  trials are finished in total (an interrupted sweep resumes; its unfinished trials are marked
+  failed);
 - ``n_jobs`` trials are asked at once and launched as one batch, so a parallel launcher
   (submitit) runs them side by side;
 - pruning: each job reports its validation metric to its trial through the shared storage
@@ -39,6 +42,9 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.medexp.storage import check_storage, journal_path, masked, open_storage
+from medexp.utils.errors import MedexpError
 
 log = logging.getLogger("medexp")
 
@@ -100,7 +106,8 @@ class OptunaSweeper(Sweeper):
 
     Args:
         study_name: the study's name in ``storage``; re-running with the same name resumes it.
-        storage: an Optuna storage URL, normally ``sqlite:///<sweep dir>/optuna.db``.
+        storage: ``journal:///<file>`` (default ``<sweep dir>/optuna.journal``),
+            ``sqlite:///<file>``, or a ``postgresql://``/``mysql://`` database URL.
         direction: ``maximize``, ``minimize``, or null to derive it from ``optimized_metric``
             (lower is better for losses and errors).
         n_trials: trials to have finished in total, counting those of earlier runs of the study.
@@ -165,23 +172,31 @@ class OptunaSweeper(Sweeper):
             )
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        # before any job starts: the storage is reachable, and is the one earlier runs used
+        check_storage(self.storage)
+        self._check_not_moved(sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # where `medexp summarize` finds the study (without a password: PGPASSWORD, ~/.pgpass)
+        OmegaConf.save(
+            OmegaConf.create({"study_name": self.study_name, "storage": masked(self.storage)}), sweep_dir / "study.yaml"
+        )
+        storage = open_storage(self.storage)
         study = optuna.create_study(
-            study_name=self.study_name, storage=self.storage, direction=self._direction(), load_if_exists=True
+            study_name=self.study_name, storage=storage, direction=self._direction(), load_if_exists=True
         )
         # trials of an interrupted run never got an answer: count them as failed, not running
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
             study.tell(stale.number, state=TrialState.FAIL)
         done = len(study.trials)
         study = optuna.load_study(
-            study_name=self.study_name, storage=self.storage, sampler=self._sampler(done), pruner=self.pruner
+            study_name=self.study_name, storage=storage, sampler=self._sampler(done), pruner=self.pruner
         )
         if done:
             log.info(
                 "study %r in %s: %d trials finished, %d to go",
                 self.study_name,
-                self.storage,
+                masked(self.storage),
                 done,
                 max(0, self.n_trials - done),
             )
@@ -196,6 +211,18 @@ class OptunaSweeper(Sweeper):
                 self._tell(study, trial, returns[index * folds : (index + 1) * folds])
             done += len(trials)
         return self._report(study, sweep_dir)
+
+    def _check_not_moved(self, sweep_dir: Path) -> None:
+        """A sweep directory whose study is in the SQLite file of medexp's earlier default, run
+        now with the journal default, would silently start a new study: say how to continue it."""
+        old = sweep_dir / "optuna.db"
+        path = journal_path(self.storage)
+        if path is None or path.exists() or not old.is_file():
+            return
+        raise MedexpError(
+            f"hydra.sweeper.storage={self.storage}: no journal yet, but {old} holds this sweep's earlier study; "
+            f"continue it with hydra.sweeper.storage=sqlite:///{old} (or move it away to start a new study)"
+        )
 
     def _sampler(self, done: int) -> Any:
         """The sampler, its seed moved on by the trials already finished: a resumed study must
@@ -249,7 +276,7 @@ class OptunaSweeper(Sweeper):
         states = [trial.state.name.lower() for trial in study.trials]
         summary: dict[str, Any] = {
             "study_name": self.study_name,
-            "storage": self.storage,
+            "storage": masked(self.storage),
             "direction": study.direction.name.lower(),
             "optimized_metric": self.config.get("optimized_metric"),
             "trials": {state: states.count(state) for state in sorted(set(states))},
