@@ -11,7 +11,10 @@ as ``medexp predict`` does. For each image, the map of one class (the predicted 
   spatial extent, i.e. the last convolutional block after its normalisation and activation,
   e.g. ``features.5`` of ``model=cnn`` or ``layer4`` of a MONAI ResNet);
 - ``occlusion`` (occlusion sensitivity): how much the class's probability drops when a patch
-  around each pixel is occluded (negative drops count as 0).
+  around each pixel is occluded (negative drops count as 0);
+- ``attention`` (attention rollout, Abnar and Zuidema 2020) of a vision transformer
+  (``model=vit``): how much each patch flows through the attention of every block into the class
+  token the classifier reads; one map for all classes.
 
 Maps are upsampled (bi/trilinear) to the input's size and scaled to [0, 1] per image. Written
 into ``output``:
@@ -54,6 +57,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from medexp.explainability.maps import (
+    LAYERLESS,
     METHODS,
     SaliencyMaps,
     check_explainable,
@@ -281,8 +285,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         with open_dict(cfg):
             cfg.split = DEFAULT_SPLIT
         log.info("explaining the checkpoint's %s split (input=<images> explains your files)", DEFAULT_SPLIT)
-    if cfg.method == "occlusion" and cfg.layer is not None:
-        log.warning("layer=%s is ignored: occlusion sensitivity has no layer", cfg.layer)
+    if cfg.method in LAYERLESS and cfg.layer is not None:
+        log.warning("layer=%s is ignored: %s has no layer", cfg.layer, METHODS[cfg.method])
 
     from medexp.checkpoints.checkpoint import INFERENCE, Checkpoint
     from medexp.inference.inputs import find_inputs, mask_files
@@ -316,7 +320,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "checkpoint": str(cfg.ckpt_path),
         "method": cfg.method,
-        "layer": layer if cfg.method != "occlusion" else None,
+        "layer": layer if cfg.method not in LAYERLESS else None,
         "class_index": cfg.class_index,
         "source": f"split={cfg.split}" if cfg.split is not None else f"input={cfg.input}",
         "steps": cfg.steps,
@@ -372,7 +376,7 @@ def _explain_batches(
             images = batch.images.to(device)
             if not rows:
                 maps.prepare(images)
-                default = cfg.layer is None and cfg.method != "occlusion"
+                default = cfg.layer is None and cfg.method not in LAYERLESS
                 note = (
                     " (the net's last feature map; layer=<module name of model.net> picks another)" if default else ""
                 )

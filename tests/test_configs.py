@@ -46,6 +46,12 @@ DATA_FOR_MODEL = {
     ],
     # GlobalNet is built for one input size on every axis (see conf/model/globalnet.yaml)
     "globalnet": [["data=synthetic_reg", *SMALL], ["data=synthetic_reg", "data.spatial_dims=3", *SMALL]],
+    # SwinUNETR's bottleneck is 1/32 of the input: one pixel at 32, which instance norm (its default)
+    # cannot normalise (see conf/model/swin_unetr.yaml); batch norm can
+    "swin_unetr": [
+        ["data=synthetic_seg", *SMALL, "data.image_size=64"],
+        ["data=synthetic_seg", "data.spatial_dims=3", "data.num_classes=3", *SMALL, "model.net.norm_name=batch"],
+    ],
 }
 # options that need a value no default can give
 REQUIRED = {

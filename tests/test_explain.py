@@ -283,7 +283,9 @@ def test_bad_options_are_user_errors(lesion_run, tmp_path):
     def run(*overrides: str) -> None:
         explain(compose_config([f"ckpt_path={ckpt}", f"output={tmp_path}", *overrides], "explain", output_dir=tmp_path))
 
-    with pytest.raises(MedexpError, match=r"method='lime'; expected one of \['gradcam', 'gradcampp', 'occlusion'\]"):
+    with pytest.raises(
+        MedexpError, match=r"method='lime'; expected one of \['gradcam', 'gradcampp', 'occlusion', 'attention'\]"
+    ):
         run("split=test", "method=lime")
     with pytest.raises(MedexpError, match=r"layer='features\.9' does not exist.*features\.0.*features\.3"):
         run("split=test", "layer=features.9", "limit=2")

@@ -98,7 +98,9 @@ def test_a_reconstruction_model_is_refused_on_segmentation_data(tmp_path):
     with pytest.raises(MedexpError) as error:
         train(cfg)
     assert "trains on data.task in ['binary', 'multiclass', 'multilabel']" in str(error.value)
-    assert "models for segmentation data: model=attention_unet,basic_unet,segresnet,unet" in str(error.value)
+    assert "models for segmentation data: model=attention_unet,basic_unet,segresnet,swin_unetr,unet,unetr" in str(
+        error.value
+    )
 
 
 def test_psnr_uses_the_data_value_range(compose_cfg):

@@ -65,12 +65,13 @@ BAD_CONFIGS = [
     ),
     (
         ["data=synthetic_seg", "model=cnn"],
-        "models for segmentation data: model=attention_unet,basic_unet,segresnet,unet",
+        "models for segmentation data: model=attention_unet,basic_unet,segresnet,swin_unetr,unet,unetr",
     ),
     (["model.net.in_channels=3"], "model.net.in_channels=3 but data.in_channels=1; they must match"),
     (["model.net.spatial_dims=3"], "model.net.spatial_dims=3 but data.spatial_dims=2; they must match"),
     (["model.net.out_channels=5"], "the net has 5 outputs but data.num_classes=2; they must match"),
     (["model.monitor=val/dice"], "model.monitor='val/dice'; ClassificationTask logs"),
+    (["data.image_size=null"], "data.image_size=null, but SyntheticDataModule draws its images at a size"),
 ]
 
 

@@ -11,7 +11,14 @@ fine-tuned. The file may be:
 - a MONAI bundle: its directory or its ``models/model.pt`` (``models/model.safetensors``);
 - ImageNet weights in the layout of torchvision or timm for the ResNet and DenseNet families:
   MONAI's ResNets name their modules as torchvision does, and DenseNets are mapped
-  (``denselayerN.norm1`` -> ``denselayerN.layers.norm1``, ``classifier`` -> ``class_layers.out``).
+  (``denselayerN.norm1`` -> ``denselayerN.layers.norm1``, ``classifier`` -> ``class_layers.out``);
+- MONAI's self-supervised SwinUNETR encoders: ``model_swinvit.pt`` (Tang et al. 2022, a
+  ``state_dict`` of ``module.*`` names) and ``ssl_pretrained_weights.pth`` (a ``model`` dict of
+  ``encoder.*`` names), mapped onto ``swinViT.*`` as MONAI's ``load_from`` and
+  ``filter_swinunetr`` map them;
+- ViT weights: MONAI's (a ``ViT``, a ``ViTAutoEnc``, or a UNETR's ``vit.*`` with
+  ``strip_prefix=vit.``) as named, or timm's layout (``pos_embed``, ``blocks.N.mlp.fc1``, ...),
+  whose position embeddings lose the class token's and are resized to the net's patch grid.
 
 The file's tensors are matched by name to the network's state (parameters and buffers), after
 ``key`` (the sub-dict holding them; found by itself where it is one of the usual ones),
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -223,8 +231,67 @@ def _densenet_layout(name: str) -> str:
     return re.sub(r"^classifier\.", "class_layers.out.", name)
 
 
-# other layouts of the same networks, tried when names do not match as they are
-LAYOUTS: dict[str, Callable[[str], str]] = {"torchvision/timm DenseNet": _densenet_layout}
+def _swinvit_layout(name: str) -> str:
+    """MONAI's self-supervised Swin encoder of Tang et al. 2022 (``model_swinvit.pt``: a
+    ``state_dict`` of ``module.patch_embed.*``, ``module.layers1.0.blocks.0.*``, ..., what
+    ``SwinUNETR.load_from`` reads): the encoder is SwinUNETR's ``swinViT``."""
+    return name if name.startswith("swinViT.") else f"swinViT.{name}"
+
+
+def _swin_ssl_layout(name: str) -> str | None:
+    """MONAI's ``ssl_pretrained_weights.pth`` (Valanarasu et al. 2023, Disruptive Autoencoders:
+    a ``model`` dict of ``encoder.*`` and the pre-training decoder's ``out.*``), renamed as
+    MONAI's ``filter_swinunetr`` does; what it leaves out (the mask token, the encoder's last
+    norm, the reconstruction head, whose name is SwinUNETR's segmentation head's) is None."""
+    from monai.networks.nets.swin_unetr import filter_swinunetr
+
+    renamed = filter_swinunetr(name, None)
+    return renamed[0] if renamed else None
+
+
+# timm/Hugging Face ViT names -> MONAI ViT's (qkv rows are laid out (3, heads, head_dim) in both)
+_TIMM_VIT = (
+    (re.compile(r"^pos_embed$"), "patch_embedding.position_embeddings"),
+    (re.compile(r"^patch_embed\.proj\."), "patch_embedding.patch_embeddings."),
+    (re.compile(r"^(blocks\.\d+)\.attn\.proj\."), r"\1.attn.out_proj."),
+    (re.compile(r"^(blocks\.\d+)\.mlp\.fc([12])\."), r"\1.mlp.linear\2."),
+    (re.compile(r"^head\."), "classification_head."),
+)
+
+
+def _timm_vit_layout(name: str) -> str:
+    for pattern, replacement in _TIMM_VIT:
+        name = pattern.sub(replacement, name)
+    return name
+
+
+# other layouts of the same networks, tried when names do not match as they are: each maps a
+# name of the file to the net's, or to None for a tensor the layout leaves out
+LAYOUTS: dict[str, Callable[[str], str | None]] = {
+    "torchvision/timm DenseNet": _densenet_layout,
+    "MONAI SwinUNETR self-supervised (model_swinvit.pt)": _swinvit_layout,
+    "MONAI SwinUNETR self-supervised (ssl_pretrained_weights.pth)": _swin_ssl_layout,
+    "timm ViT": _timm_vit_layout,
+}
+
+
+def _adapt_positions(value: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, str] | None:
+    """A ViT's position embeddings ``(1, tokens, hidden)`` made to the net's: a class token's
+    position (timm keeps one, MONAI's patch embedding does not) dropped, and a square grid of
+    patches of another size resized (bicubic, as timm does) to the net's square grid."""
+    if value.ndim != 3 or len(shape) != 3 or value.shape[2] != shape[2]:
+        return None
+    done = []
+    side, target = math.isqrt(value.shape[1]), math.isqrt(shape[1])
+    if side * side != value.shape[1] and math.isqrt(value.shape[1] - 1) ** 2 == value.shape[1] - 1:
+        value, side = value[:, 1:], math.isqrt(value.shape[1] - 1)
+        done.append("class token's position dropped")
+    if value.shape[1] != shape[1] and side * side == value.shape[1] and target * target == shape[1]:
+        grid = value.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        grid = torch.nn.functional.interpolate(grid, size=(target, target), mode="bicubic", align_corners=False)
+        value = grid.permute(0, 2, 3, 1).reshape(1, shape[1], -1).to(value.dtype)
+        done.append(f"{side}x{side} patch grid resized to {target}x{target}")
+    return (value, ", ".join(done)) if done and value.shape == shape else None
 
 
 def _renamed(weights: dict[str, torch.Tensor], opts: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -264,11 +331,14 @@ def match_weights(net: nn.Module, weights: dict[str, torch.Tensor], opts: dict[s
     renamed = _renamed(weights, opts)
     layout = "as named"
     best = sum(name in target for name in renamed)
+    dropped: list[str] = []  # the file's names a layout leaves out (reported as unexpected)
     for name, rename in LAYOUTS.items():
-        candidate = {rename(key): value for key, value in renamed.items()}
+        names = {key: rename(key) for key in renamed}
+        candidate = {new: renamed[key] for key, new in names.items() if new is not None}
         hits = sum(key in target for key in candidate)
         if hits > best:
             renamed, layout, best = candidate, name, hits
+            dropped = sorted(key for key, new in names.items() if new is None)
     excluded = sorted(name for name in target if any(fnmatch.fnmatchcase(name, p) for p in opts["exclude"]))
     tensors, adapted, mismatched = {}, [], []
     for name, expected in target.items():
@@ -278,7 +348,11 @@ def match_weights(net: nn.Module, weights: dict[str, torch.Tensor], opts: dict[s
         if value.shape == expected.shape:
             tensors[name] = value
             continue
-        change = _adapt(value, expected.shape, opts)
+        change = (
+            _adapt_positions(value, expected.shape)
+            if name.endswith("position_embeddings")
+            else _adapt(value, expected.shape, opts)
+        )
         if change is None:
             mismatched.append(f"{name}: file {tuple(value.shape)}, net {tuple(expected.shape)}")
         else:
@@ -294,7 +368,7 @@ def match_weights(net: nn.Module, weights: dict[str, torch.Tensor], opts: dict[s
         "loaded": sorted(tensors),
         "excluded": excluded,
         "missing": missing,
-        "unexpected": sorted(name for name in renamed if name not in target),
+        "unexpected": sorted([*(name for name in renamed if name not in target), *dropped]),
         "adapted": adapted,
         "mismatched": mismatched,
     }

@@ -1,5 +1,5 @@
-"""Saliency maps of classifiers (MONAI's Grad-CAM, Grad-CAM++, occlusion sensitivity), their
-scores against lesion masks, and pictures of them; used by ``medexp explain`` and the
+"""Saliency maps of classifiers (MONAI's Grad-CAM, Grad-CAM++, occlusion sensitivity; attention
+rollout of vision transformers), their scores against lesion masks, and pictures of them; used by ``medexp explain`` and the
 :class:`~medexp.callbacks.saliency.SaliencyWatch` callback."""
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from torch import nn
 
 from medexp.utils.errors import MedexpError
 
-METHODS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "occlusion": "occlusion sensitivity"}
+METHODS = {
+    "gradcam": "Grad-CAM",
+    "gradcampp": "Grad-CAM++",
+    "occlusion": "occlusion sensitivity",
+    "attention": "attention rollout",
+}
+# methods without a layer to pick
+LAYERLESS = ("occlusion", "attention")
 # MONAI's occlusion sensitivity indexes with lists, which torch >= 2.8 warns about on every call
 _MONAI_INDEXING = r"Using a non-tuple sequence for multidimensional indexing"
 
@@ -139,6 +146,84 @@ def _hooks_class() -> type:
     return Hooks
 
 
+def attention_blocks(net: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    """The self-attention blocks of a MONAI vision transformer (``SABlock``, in forward order)
+    and its patch embedding (``PatchEmbeddingBlock``).
+
+    Raises:
+        MedexpError: for a net without them or without a class token (what rollout reads).
+    """
+    from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
+    from monai.networks.blocks.selfattention import SABlock
+
+    blocks = [module for module in net.modules() if isinstance(module, SABlock)]
+    embedding = next((module for module in net.modules() if isinstance(module, PatchEmbeddingBlock)), None)
+    if not blocks or embedding is None or not hasattr(net, "cls_token"):
+        raise MedexpError(
+            f"method=attention needs a vision transformer with a class token (model=vit); {type(net).__name__} "
+            "has none: use method=gradcam or method=occlusion"
+        )
+    if any(getattr(block, "use_flash_attention", False) for block in blocks):
+        raise MedexpError(
+            f"method=attention: {type(net).__name__} uses flash attention, which keeps no attention weights; "
+            "set model.net.use_flash_attention=false"
+        )
+    return blocks, embedding
+
+
+def attention_rollout(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Attention rollout (Abnar and Zuidema 2020) of a ViT: the attention of each block averaged
+    over its heads, plus the identity for the residual connection (``0.5 A + 0.5 I``, rows
+    normalised), multiplied through the blocks; the class token's row, over the patches, is
+    how much each patch flows into the token the classifier reads. It is the same map for
+    every class (the attention does not depend on the class explained).
+
+    Args:
+        net: a MONAI ``ViT`` with ``classification=True`` (its class token first).
+        images: ``(B, C, *spatial)``.
+
+    Returns:
+        ``(B, 1, *spatial)`` maps, upsampled (bi/trilinear) from the patch grid, not normalised.
+    """
+    import torch.nn.functional as F
+
+    blocks, embedding = attention_blocks(net)
+    saved = [block.save_attn for block in blocks]
+    training = net.training
+    try:
+        for block in blocks:
+            block.save_attn = True
+        net.eval()
+        with torch.no_grad():
+            net(images)
+        matrices = [block.att_mat for block in blocks]
+    finally:
+        net.train(training)
+        for block, flag in zip(blocks, saved, strict=True):
+            block.save_attn = flag
+            block.att_mat = torch.Tensor()
+    tokens = matrices[0].shape[-1]
+    identity = torch.eye(tokens, device=images.device)
+    rollout = identity.expand(images.shape[0], tokens, tokens)
+    for attention in matrices:
+        mixed = 0.5 * attention.float().mean(dim=1) + 0.5 * identity
+        rollout = (mixed / mixed.sum(dim=-1, keepdim=True)) @ rollout
+    spatial = images.shape[2:]
+    kernel = getattr(getattr(embedding, "patch_embeddings", None), "kernel_size", None)
+    if kernel is None:  # perceptron patches: the same size on every axis
+        side = round((math.prod(spatial) / (tokens - 1)) ** (1 / len(spatial)))
+        kernel = (side,) * len(spatial)
+    grid = [size // patch for size, patch in zip(spatial, kernel, strict=True)]
+    if math.prod(grid) != tokens - 1:
+        raise MedexpError(
+            f"method=attention: {tokens - 1} patch tokens do not fit a {'x'.join(map(str, grid))} grid of "
+            f"{'x'.join(map(str, spatial))} images"
+        )
+    maps = rollout[:, 0, 1:].reshape(images.shape[0], 1, *grid)
+    mode = "bilinear" if len(spatial) == 2 else "trilinear"
+    return F.interpolate(maps, size=tuple(spatial), mode=mode, align_corners=False)
+
+
 class SaliencyMaps:
     """Saliency maps of a classifier's images with ``monai.visualize``.
 
@@ -148,7 +233,8 @@ class SaliencyMaps:
 
     Args:
         model: a :class:`~medexp.tasks.classification.ClassificationTask`.
-        method: ``gradcam``, ``gradcampp`` or ``occlusion``.
+        method: ``gradcam``, ``gradcampp``, ``occlusion`` or ``attention`` (attention rollout
+            of a vision transformer, :func:`attention_rollout`; the same map for every class).
         layer: the Grad-CAM layer, a module name of ``model.net``; None: :func:`default_layer`.
         patch: occlusion: the side of the occluded patch in pixels; None: 1/8 of the image's
             smallest side (3D: 1/4), odd, at least 3.
@@ -186,6 +272,8 @@ class SaliencyMaps:
         self.layer = layer
         self.patch, self.occlusion_mode, self.overlap = patch, occlusion_mode, overlap
         self.occlusion_batch = max(1, int(occlusion_batch))
+        if method == "attention":
+            attention_blocks(self.net)  # refuses nets without attention weights to read
         self.layer_shape: tuple[int, ...] | None = None
         self._cam: Any = None
         self._hooks: Any = None
@@ -194,6 +282,8 @@ class SaliencyMaps:
         """The method and its layer (or patch), for logs."""
         if self.method == "occlusion":
             return f"{METHODS[self.method]} (patch {self.patch or 'auto'} px, {self.occlusion_mode})"
+        if self.method == "attention":
+            return f"{METHODS[self.method]} over {len(attention_blocks(self.net)[0])} attention blocks"
         if self.layer is None:
             return METHODS[self.method]
         kind = type(dict(self.net.named_modules())[self.layer]).__name__
@@ -202,7 +292,7 @@ class SaliencyMaps:
 
     def prepare(self, example: torch.Tensor) -> None:
         """Pick and check the layer with one input ``(1, C, *spatial)``; the first call does it."""
-        if self.method == "occlusion" or self._cam is not None:
+        if self.method in LAYERLESS or self._cam is not None:
             return
         shapes = feature_layers(self.net, example[:1])
         if self.layer is None:
@@ -239,6 +329,8 @@ class SaliencyMaps:
         classes = torch.as_tensor(classes, device=images.device).long().reshape(-1)
         if self.method == "occlusion":
             return normalise(self._occlusion(images, classes))
+        if self.method == "attention":
+            return normalise(attention_rollout(self.net, images))
         self.prepare(images)
         return self._cam(images, class_idx=classes).float()
 

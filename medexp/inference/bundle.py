@@ -178,6 +178,12 @@ def bundle_problem(model: Any, target: str) -> str | None:
             f"model.tta_shift={model.hparams.tta_shift}: a MONAI bundle expresses test-time flips, not shifts; "
             "export it as format=onnx or format=pt2 (the shifts are in the graph), or train with model.tta_shift=0"
         )
+    if model.hparams.get("select_output") is not None:
+        return (
+            f"cannot export {type(model.net).__name__} as a MONAI bundle: it returns several outputs and the task uses "
+            f"one (model.select_output={model.hparams.select_output!r}), which a bundle's network_def cannot pick; "
+            "export it as format=onnx or format=pt2 (the selection is in the graph)"
+        )
     if model.extra_inputs:
         return (
             f"cannot export {type(model.net).__name__} as a MONAI bundle: a sequence model that takes "

@@ -18,6 +18,40 @@ from medexp.utils.errors import MedexpError
 log = logging.getLogger(__name__)
 
 
+class OutputSelection:
+    """A forward hook that replaces a net's output by one of its parts: ``output[which]`` of a
+    tuple or list (an index), or of a dict (a key). One place for every net that returns more
+    than the task uses, rather than a wrapper per model (which would rename its weights).
+
+    Raises:
+        MedexpError: when the output has no such part, naming ``model.select_output`` and the
+            parts there are.
+    """
+
+    def __init__(self, which: int | str) -> None:
+        if isinstance(which, bool) or not isinstance(which, int | str):
+            raise MedexpError(
+                f"model.select_output={which!r}; expected an index (of a tuple output), a key (of a dict output) or null"
+            )
+        self.which = which
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        name, which = type(module).__name__, self.which
+        if isinstance(output, dict):
+            if which not in output:
+                raise MedexpError(f"model.select_output={which!r}; {name} returns a dict with keys {sorted(output)}")
+            return output[which]
+        if isinstance(output, tuple | list):
+            if not isinstance(which, int) or not -len(output) <= which < len(output):
+                raise MedexpError(
+                    f"model.select_output={which!r}; {name} returns {len(output)} outputs: an index in 0..{len(output) - 1}"
+                )
+            return output[which]
+        raise MedexpError(
+            f"model.select_output={which!r}, but {name} returns one {type(output).__name__}; set model.select_output=null"
+        )
+
+
 class BaseTask(L.LightningModule):
     """Base of all tasks.
 
@@ -38,6 +72,11 @@ class BaseTask(L.LightningModule):
         compile: ``torch.compile`` the net in place when training starts (true, or its options);
             evaluation of a rebuilt model runs uncompiled.
         channels_last: keep the net's weights and its 4D/5D inputs in channels-last memory format.
+        select_output: which of the net's outputs the task uses, for nets that return several
+            (MONAI's ``ViT`` returns ``(logits, hidden_states)``): an index of a tuple or list, or
+            a key of a dict; None: the output as it is. Applied by a forward hook on the net
+            (:class:`OutputSelection`), so every caller of the net gets that tensor: the steps,
+            sliding windows, saliency maps and exports.
     """
 
     input_key = "image"
@@ -94,12 +133,15 @@ class BaseTask(L.LightningModule):
         pretrained_lr_scale: float | None = 1.0,
         compile: bool | dict[str, Any] = False,
         channels_last: bool = False,
+        select_output: int | str | None = None,
     ) -> None:
         if not isinstance(compile, bool | dict) and not hasattr(compile, "keys"):
             raise MedexpError(f"model.compile={compile!r}; expected true, false or the options of torch.compile")
         super().__init__()
         self.save_hyperparameters(ignore=list(self.injected), logger=False)
         self.net = net
+        if select_output is not None:
+            net.register_forward_hook(OutputSelection(select_output))
         # what model.init_weights loaded (run_info.json records it), then the frozen parameters
         self.init_report: dict[str, Any] | None = None
         if init_weights and init_weights.get("path"):

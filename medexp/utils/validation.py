@@ -376,6 +376,15 @@ def check_combinations(config: dict[str, Any]) -> list[str]:
             "(data.spatial_dims=3, read as a sequence of slices)"
         )
     size = data.get("image_size")
+    # null keeps the files' own sizes: only data modules that read files (their default is None) can
+    data_class = _locate(str(data.get("_target_", "")))
+    if "image_size" in data and size is None and data_class is not None:
+        default = inspect.signature(data_class).parameters.get("image_size")
+        if default is not None and default.default is not None:
+            problems.append(
+                f"data.image_size=null, but {data_class.__name__} draws its images at a size: "
+                f"set a number of pixels (voxels) per side, e.g. data.image_size={default.default}"
+            )
     # MONAI's DenseNets halve the resolution five times: below 29 pixels a pooling layer gets nothing
     if str(net.get("_target_", "")).startswith("monai.networks.nets.DenseNet") and isinstance(size, int) and size < 29:
         problems.append(
@@ -494,12 +503,9 @@ def check_transformer_sizes(config: dict[str, Any]) -> list[str]:
             return problems
         for size, step in zip(sizes, patch, strict=True):
             if size % step:
-                divisors = [d for d in _divisors(size) if d <= size // 2]
-                other = (
-                    f" or model.net.patch_size in {divisors[-4:] if len(divisors) > 4 else divisors}"
-                    if kind == "patch_size" and divisors
-                    else ""
-                )
+                # the patch sizes that divide the image, nearest the one given first
+                near = sorted(sorted((d for d in _divisors(size) if d <= size // 2), key=lambda d: abs(d - step))[:3])
+                other = f" or model.net.patch_size in {near}" if kind == "patch_size" and near else ""
                 problems.append(
                     f"{where}={value} is not a multiple of the {'model.net.patch_size' if kind == 'patch_size' else 'patch size'}"
                     f"={step} of {name}; nearest valid sizes: {_nearest_multiples(size, step)}{other}"
