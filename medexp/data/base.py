@@ -329,6 +329,29 @@ class DataModule(L.LightningDataModule):
         (e.g. one simulated site's share in ``medexp federate``). Call after :meth:`setup`."""
         return self._make_loader(Subset(self.datasets[split], [int(i) for i in indices]), shuffle)
 
+    def resolve_findings(
+        self,
+        findings: list[validation.Finding],
+        scanned: dict[str, tuple[int, int]],
+        start: float,
+        verb: str = "checked",
+    ) -> set[tuple[str, int]]:
+        """Report the data check's ``findings`` as ``on_bad`` says (see
+        :func:`~medexp.data.validation.resolve`); the ``(split, index)`` of the cases to leave out,
+        kept in :attr:`skipped` for ``skipped.csv``. For data modules with a data check (``scan``,
+        ``on_bad``, ``describe``); ``verb``: how the log says the cases were scanned."""
+        drop = validation.resolve(
+            findings,
+            scanned,
+            time.perf_counter() - start,
+            source=self.describe(),
+            scan=self.scan,
+            on_bad=self.on_bad,
+            verb=verb,
+        )
+        self.skipped = [finding for finding in findings if (finding.split, finding.index) in drop]
+        return drop
+
 
 class ArrayDataModule(DataModule):
     """Base of DataModules whose splits fit in memory as arrays (synthetic data, MedMNIST).
@@ -571,24 +594,6 @@ class ArrayDataModule(DataModule):
             arrays[split] = images[keep], labels[keep]
             kept[split] = kept[split][keep]
         return kept
-
-    def resolve_findings(
-        self, findings: list[validation.Finding], scanned: dict[str, tuple[int, int]], start: float
-    ) -> set[tuple[str, int]]:
-        """Report the data check's ``findings`` as ``on_bad`` says (see
-        :func:`~medexp.data.validation.resolve`); the ``(split, index)`` of the cases to leave out,
-        kept in :attr:`skipped` for ``skipped.csv``."""
-        drop = validation.resolve(
-            findings,
-            scanned,
-            time.perf_counter() - start,
-            source=self.describe(),
-            scan=self.scan,
-            on_bad=self.on_bad,
-            verb="checked",
-        )
-        self.skipped = [finding for finding in findings if (finding.split, finding.index) in drop]
-        return drop
 
     def save_skipped(self, key_column: str, key: Callable[[str, int], Any]) -> None:
         """Write the cases ``on_bad="skip"`` left out to ``<output_dir>/skipped.csv`` (see

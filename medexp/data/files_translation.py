@@ -505,16 +505,7 @@ class FileTranslationDataModule(TranslationDataModule):
                 else:
                     problems = self.reader.problems(item, sample)
                 findings += [validation.Finding(kind, split, index, file, detail) for kind, file, detail in problems]
-        drop = validation.resolve(
-            findings,
-            scanned,
-            time.perf_counter() - start,
-            source=self.describe(),
-            scan=self.scan,
-            on_bad=self.on_bad,
-            verb="read",
-        )
-        self.skipped = [finding for finding in findings if (finding.split, finding.index) in drop]
+        drop = self.resolve_findings(findings, scanned, start, verb="read")
         # skipped.csv names each case by a file of it (the first problem's), as the cases are renumbered below
         for finding in reversed(self.skipped):
             self._skipped_names[(finding.split, finding.index)] = finding.name

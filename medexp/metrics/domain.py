@@ -101,6 +101,26 @@ def quality_metrics(features: DomainFeatures, kid_subset_size: int = 50) -> dict
         }
 
 
+def check_kid_subsets(trainer: object, stage: str, kid_subset_size: int) -> None:
+    """Refuse, before training, a ``model.kid_subset_size`` larger than the validation or test
+    split of the trainer's data module (KID draws subsets of that many real images).
+
+    Raises:
+        MedexpError: naming the splits, their sizes and the largest valid ``kid_subset_size``.
+    """
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None or not hasattr(datamodule, "datasets"):
+        return
+    datamodule.setup(stage)
+    sizes = {split: len(datamodule.datasets[split]) for split in ("val", "test") if split in datamodule.datasets}
+    small = {split: size for split, size in sizes.items() if size < kid_subset_size}
+    if small:
+        raise MedexpError(
+            f"model.kid_subset_size={kid_subset_size} but the split(s) {small} hold fewer images; "
+            f"set model.kid_subset_size to at most {min(small.values())}"
+        )
+
+
 class MeanKID(KernelInceptionDistance):
     """torchmetrics' ``KernelInceptionDistance`` whose ``compute`` gives the mean over subsets
     alone (a value loggers and checkpoint monitors take); :meth:`compute_with_std` gives both."""

@@ -315,17 +315,10 @@ class GANBase(BaseTask):
         self._adversarial_step(batch, "test")
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if self.hparams.feature_ckpt is None or datamodule is None or not hasattr(datamodule, "datasets"):
-            return
-        datamodule.setup(stage)
-        sizes = {split: len(datamodule.datasets[split]) for split in ("val", "test") if split in datamodule.datasets}
-        small = {split: size for split, size in sizes.items() if size < self.hparams.kid_subset_size}
-        if small:
-            raise MedexpError(
-                f"model.kid_subset_size={self.hparams.kid_subset_size} but the split(s) {small} hold fewer images; "
-                f"set model.kid_subset_size to at most {min(small.values())}"
-            )
+        if self.hparams.feature_ckpt is not None:
+            from medexp.metrics.domain import check_kid_subsets
+
+            check_kid_subsets(self.trainer, stage, self.hparams.kid_subset_size)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
