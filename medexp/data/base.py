@@ -239,6 +239,32 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray([item["label"] for item in dataset.data])
 
 
+def read_8bit_images(spatial_dims: int) -> list[Callable]:
+    """MONAI transforms that read the ``image`` files of a prediction as in-memory samples are
+    served: 8-bit values scaled to [0, 1], in numpy's axis order."""
+    from monai.transforms import LoadImaged, ScaleIntensityRanged, Transposed
+
+    with warnings.catch_warnings():
+        # LoadImage registers MONAI's GPU DICOM decoder too, which warns wherever nvImageCodec is absent
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+        read = LoadImaged(keys="image", image_only=True, ensure_channel_first=True)
+    head: list[Callable] = [read]
+    if spatial_dims == 2:
+        # PIL reads (W, H) (MONAI's reverse_indexing); arrays are (H, W). An invertible
+        # transpose, so masks written back come out in the file's own orientation.
+        head.append(Transposed(keys="image", indices=[0, 2, 1]))
+    head.append(ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0))
+    return head
+
+
+def check_num_samples(num_samples: dict[str, int] | None) -> dict[str, int]:
+    """``data.num_samples`` of synthetic data (default 400/100/100), checked: a positive count per split."""
+    num_samples = dict(num_samples or {"train": 400, "val": 100, "test": 100})
+    if sorted(num_samples) != sorted(SPLITS) or min(num_samples.values()) < 1:
+        raise MedexpError(f"data.num_samples={num_samples}; expected positive counts for {list(SPLITS)}")
+    return num_samples
+
+
 class DataModule(L.LightningDataModule):
     """The base every medexp DataModule follows: what tasks, commands and model configs read from
     the data, and loaders over its splits.
@@ -660,19 +686,7 @@ class ArrayDataModule(DataModule):
         In-memory samples are ``uint8`` arrays in numpy's axis order that :class:`ArrayDataset`
         scales to [0, 1]; files are read and scaled the same way.
         """
-        from monai.transforms import LoadImaged, ScaleIntensityRanged, Transposed
-
-        with warnings.catch_warnings():
-            # LoadImage registers MONAI's GPU DICOM decoder too, which warns wherever nvImageCodec is absent
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
-            read = LoadImaged(keys="image", image_only=True, ensure_channel_first=True)
-        head: list[Callable] = [read]
-        if self.spatial_dims == 2:
-            # PIL reads (W, H) (MONAI's reverse_indexing); arrays are (H, W). An invertible
-            # transpose, so masks written back come out in the file's own orientation.
-            head.append(Transposed(keys="image", indices=[0, 2, 1]))
-        head.append(ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0))
-        return self.transform("predict", head=head)
+        return self.transform("predict", head=read_8bit_images(self.spatial_dims))
 
     def _check_split(self, split: str, images: np.ndarray, labels: np.ndarray) -> None:
         where = f"{self.describe()} {split} split"

@@ -33,7 +33,7 @@ from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityRanged
 from torch.utils.data import Dataset
 
 from medexp.data import validation
-from medexp.data.base import SPLITS, DataModule, monai_chain
+from medexp.data.base import SPLITS, DataModule, check_num_samples, monai_chain
 from medexp.data.caching import memory_cache
 from medexp.data.manifest import Case, assign_splits, read_csv_rows
 from medexp.data.paths import file_digest, has_geometry, listing, located, resolve_path
@@ -307,9 +307,7 @@ class SyntheticRegistrationDataModule(RegistrationDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        num_samples = dict(num_samples or {"train": 400, "val": 100, "test": 100})
-        if sorted(num_samples) != sorted(SPLITS) or min(num_samples.values()) < 1:
-            raise MedexpError(f"data.num_samples={num_samples}; expected positive counts for {list(SPLITS)}")
+        num_samples = check_num_samples(num_samples)
         if self.in_channels != 1:
             raise MedexpError(f"data.in_channels={self.in_channels}; synthetic pairs are grey (1 channel)")
         if image_size < 16:

@@ -16,7 +16,6 @@ and test keep their aligned targets wherever ``truth`` holds.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medexp.data.base import SPLITS, DataModule, monai_chain
+from medexp.data.base import SPLITS, DataModule, check_num_samples, monai_chain, read_8bit_images
 from medexp.data.phantoms import make_phantoms
 from medexp.data.sampling import EpochShuffleSampler, epoch_seed
 from medexp.utils.errors import MedexpError
@@ -256,9 +255,7 @@ class SyntheticTranslationDataModule(TranslationDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        num_samples = dict(num_samples or {"train": 400, "val": 100, "test": 100})
-        if sorted(num_samples) != sorted(SPLITS) or min(num_samples.values()) < 1:
-            raise MedexpError(f"data.num_samples={num_samples}; expected positive counts for {list(SPLITS)}")
+        num_samples = check_num_samples(num_samples)
         if not self.truth:
             raise MedexpError("data.truth=false; synthetic pairs always have their true targets (data.truth=true)")
         if (self.in_channels, self.out_channels) != (1, 1):
@@ -301,16 +298,7 @@ class SyntheticTranslationDataModule(TranslationDataModule):
     def predict_transform(self) -> Callable:
         """Image files read as the sources are served: 8-bit values scaled to [0, 1], 2D images
         in numpy's axis order (see :meth:`~medexp.data.base.ArrayDataModule.predict_transform`)."""
-        from monai.transforms import LoadImaged, ScaleIntensityRanged, Transposed
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
-            read = LoadImaged(keys="image", image_only=True, ensure_channel_first=True)
-        head: list[Callable] = [read]
-        if self.spatial_dims == 2:
-            head.append(Transposed(keys="image", indices=[0, 2, 1]))
-        head.append(ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0))
-        return self.transform(head=head, predict=True)
+        return self.transform(head=read_8bit_images(self.spatial_dims), predict=True)
 
     def fingerprint(self) -> str:
         """SHA-256 of the pairs of every split (sources and targets, in order). Call after :meth:`setup`."""
