@@ -266,6 +266,12 @@ class SaliencyMaps:
             )
         if not 0.0 <= overlap < 1.0:
             raise MedexpError(f"occlusion.overlap={overlap}; expected a value in [0, 1)")
+        members = model.hparams.get("ensemble", 1)
+        if members > 1 and method != "occlusion":
+            raise MedexpError(
+                f"method={method} reads one network's layers or attention, and this model averages {members} "
+                "(model.ensemble); method=occlusion explains the ensemble's prediction as a whole"
+            )
         if patch is not None and patch < 1:
             raise MedexpError(f"occlusion.patch={patch}; expected a positive number of pixels")
         self.model, self.net, self.method = model, model.net, method

@@ -184,6 +184,12 @@ def bundle_problem(model: Any, target: str) -> str | None:
             f"one (model.select_output={model.hparams.select_output!r}), which a bundle's network_def cannot pick; "
             "export it as format=onnx or format=pt2 (the selection is in the graph)"
         )
+    members = model.hparams.get("ensemble", 1)
+    if members > 1:
+        return (
+            f"cannot export an ensemble of {members} networks (model.ensemble) as a MONAI bundle: its network_def "
+            "builds one network; export it as format=onnx or format=pt2 (the averaging is in the graph)"
+        )
     if model.extra_inputs:
         return (
             f"cannot export {type(model.net).__name__} as a MONAI bundle: a sequence model that takes "

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 
+from medexp.nets.ensemble import Ensemble, check_members
 from medexp.tasks.finetuning import Finetuning
 from medexp.utils.config import metric_mode
 from medexp.utils.errors import MedexpError
@@ -77,6 +78,10 @@ class BaseTask(L.LightningModule):
             a key of a dict; None: the output as it is. Applied by a forward hook on the net
             (:class:`OutputSelection`), so every caller of the net gets that tensor: the steps,
             sliding windows, saliency maps and exports.
+        ensemble: train this many copies of the net side by side, each on its own loss, and
+            evaluate the mean of their probabilities (:class:`medexp.nets.ensemble.Ensemble`);
+            1: one net. Tasks that say how to average their outputs (:attr:`ensemble_combine`)
+            take it.
     """
 
     input_key = "image"
@@ -120,6 +125,9 @@ class BaseTask(L.LightningModule):
     pixel_classes = False
     # saliency maps of its predictions (medexp explain, callbacks.saliency)
     explainable = False
+    # how model.ensemble averages its members' outputs (medexp.nets.ensemble.COMBINES: "softmax"
+    # over dim 1, "sigmoid", "mean"); None: the task takes no ensemble
+    ensemble_combine: str | None = None
 
     def __init__(
         self,
@@ -134,6 +142,7 @@ class BaseTask(L.LightningModule):
         compile: bool | dict[str, Any] = False,
         channels_last: bool = False,
         select_output: int | str | None = None,
+        ensemble: int = 1,
     ) -> None:
         if not isinstance(compile, bool | dict) and not hasattr(compile, "keys"):
             raise MedexpError(f"model.compile={compile!r}; expected true, false or the options of torch.compile")
@@ -149,6 +158,14 @@ class BaseTask(L.LightningModule):
 
             self.init_report = load_initial_weights(net, init_weights)
         loaded = self.init_report["loaded"] if self.init_report else []
+        if check_members(ensemble) > 1:
+            if self.ensemble_combine is None:
+                raise MedexpError(
+                    f"model.ensemble={ensemble}: a {type(self).__name__} does not average several networks; "
+                    "set model.ensemble=1 (ensembles: classifiers and segmenters)"
+                )
+            net = self.net = Ensemble(net, ensemble, self.ensemble_combine, keep=loaded)
+            loaded = [f"members.{k}.{name}" for k in range(ensemble) for name in loaded]
         self.finetuning = Finetuning(net, loaded, freeze, unfreeze_at_epoch, pretrained_lr_scale)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -274,7 +291,12 @@ class BaseTask(L.LightningModule):
         inputs = batch[self.input_key]
         extra = self.net_extras(batch)
         outputs = self(inputs, **extra) if stage == "train" else self.infer(inputs, **extra)
-        loss = self.batch_loss(outputs, batch)
+        if stage == "train" and isinstance(self.net, Ensemble):
+            # each member on its own loss (their mean); the metrics see the ensemble's output
+            loss = torch.stack([self.batch_loss(member, batch) for member in outputs]).mean()
+            outputs = self.net.combine(outputs)
+        else:
+            loss = self.batch_loss(outputs, batch)
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=inputs.shape[0])
         # networks may return several tensors (a VAE: reconstruction, mean, log-variance, latent)
         detached = tuple(o.detach() for o in outputs) if isinstance(outputs, tuple) else outputs.detach()

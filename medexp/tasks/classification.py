@@ -211,6 +211,11 @@ class ClassificationTask(BaseTask):
         # (where, undefined classes) already warned about: once per split, not every epoch
         self._undefined_warned: set[tuple[str, tuple[int, ...]]] = set()
 
+    @property
+    def ensemble_combine(self) -> str:
+        """model.ensemble averages the members' probabilities: per label (multi-label) or over classes."""
+        return "sigmoid" if self.task == "multilabel" else "softmax"
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # checkpoints from before temperature scaling existed have no temperature: 1
         state_dict.setdefault(f"{prefix}temperature", torch.ones(()))

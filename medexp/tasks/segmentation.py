@@ -103,6 +103,7 @@ class SegmentationTask(BaseTask):
     report_kind = "segmentation"
     not_exported = None
     pixel_classes = True
+    ensemble_combine = "softmax"
 
     roi_key = "roi"
 
