@@ -67,6 +67,8 @@ VARIANTS = {
     "epochs_20": ["trainer.max_epochs=20"],
     "epochs_80": ["trainer.max_epochs=80"],
     "width_48": ["model.net.block_inplanes=[48,96,192,384]"],
+    # three networks trained side by side, their probabilities averaged (medexp/nets/ensemble.py)
+    "ensemble_3": ["model.ensemble=3"],
     "resnet18": [
         "model=resnet18",
         "model.label_smoothing=0.1",
@@ -170,18 +172,24 @@ def throughput(args: argparse.Namespace) -> None:
     register_resolvers()
     torch.set_num_threads(2)
     rows = []
+    from medexp.nets.ensemble import Ensemble
+
+    # (model, channels-last, torch.compile, ensemble members)
     setups = [
-        ("resnet10_fast", False, False),
-        ("resnet10_fast", True, False),
-        ("resnet10_fast", True, True),
-        ("resnet18", False, False),
-        ("resnet18", True, False),
+        ("resnet10_fast", False, False, 1),
+        ("resnet10_fast", True, False, 1),
+        ("resnet10_fast", True, True, 1),
+        ("resnet10_fast", True, False, 3),
+        ("resnet18", False, False, 1),
+        ("resnet18", True, False, 1),
     ]
-    for model, channels_last, compiled in setups:
+    for model, channels_last, compiled, members in setups:
         with initialize_config_module("medexp.conf", version_base="1.3"):
             cfg = compose("train", overrides=["data=medmnist", f"model={model}", "data.root=."])
         torch.manual_seed(0)
         net = instantiate(cfg.model.net)
+        if members > 1:  # trained as model.ensemble trains it: each member on its own loss
+            net = Ensemble(net, members, "softmax")
         x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 2, (128,))
         if channels_last:
             net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -192,7 +200,9 @@ def throughput(args: argparse.Namespace) -> None:
         steps = args.steps if model == "resnet10_fast" else max(3, args.steps // 3)
         for _ in range(steps + 2):
             start = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(net(x), y)
+            out = net(x)
+            out = out if members == 1 else out.flatten(0, 1)
+            loss = torch.nn.functional.cross_entropy(out, y.repeat(members))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -201,6 +211,7 @@ def throughput(args: argparse.Namespace) -> None:
             "model": model,
             "channels_last": channels_last,
             "compile": compiled,
+            "ensemble": members,
             "images_per_s": round(128 / statistics.median(times[2:]), 1),
             # the first two steps, which pay the compilation when compiled
             "first_steps_s": round(sum(times[:2]), 1),

@@ -115,6 +115,15 @@ def test_named_experiment_on_a_medmnist_file(tmp_path):
     assert "test/auroc" in json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
 
 
+def test_the_resolved_config_prints_with_resolver_lists(tmp_path):
+    """`--cfg job --resolve` shows the values resolvers compute, lists included (MedMNIST's
+    flip axes), where OmegaConf could not store a resolver's plain list before."""
+    write_medmnist_npz(tmp_path / "data" / "breastmnist.npz", {"train": 8, "val": 4, "test": 4}, num_classes=2)
+    proc = run_cli("train", "data=medmnist", "data.root=data", "--cfg", "job", "--resolve", cwd=tmp_path)
+    config = yaml.safe_load(proc.stdout)
+    assert config["data"]["flip_axes"] == [1] and config["data"]["num_classes"] == 2
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

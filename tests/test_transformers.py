@@ -140,6 +140,22 @@ def test_swin_unetr_gradient_checkpointing_gives_the_same_gradients(compose_cfg)
 
 
 @pytest.mark.parametrize(
+    ("overrides", "patch"),
+    [
+        (["data.image_size=28"], 4),
+        (["data.image_size=64"], 4),
+        (["data.image_size=100"], 4),  # 8 does not divide 100
+        (["data.image_size=128"], 8),
+        (["data.image_size=224"], 16),
+        (["data=synthetic_3d", "data.image_size=96"], 8),
+        (["data.image_size=224", "model.net.patch_size=32"], 32),  # set by the user: kept
+    ],
+)
+def test_the_vit_patch_follows_the_image_size(overrides, patch):
+    assert compose_config(["model=vit", *overrides]).model.net.patch_size == patch
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (

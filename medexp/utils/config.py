@@ -5,6 +5,7 @@ Kept free of torch/lightning imports so composing a config stays fast.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -66,6 +67,18 @@ def floordiv(a: int, b: int) -> int:
     return int(a) // int(b)
 
 
+def patch_for(size: Any) -> int:
+    """A vision transformer's default patch side for images of ``size`` (an int or one per axis):
+    about 7x7 to 14x14 tokens, i.e. 4 px up to 64 px, 8 px up to 128 px, 16 px above, halved
+    until it divides every side (1 at worst)."""
+    sides = [int(side) for side in (size if isinstance(size, list | tuple) or hasattr(size, "__len__") else [size])]
+    largest = max(sides)
+    patch = 4 if largest <= 64 else 8 if largest <= 128 else 16
+    while patch > 1 and any(side % patch for side in sides):
+        patch //= 2
+    return patch
+
+
 def slice_axis(spatial_dims: int) -> int | None:
     """The axis of a ``(B, C, D, H, W)`` batch a slice-sequence model unrolls for volumes (the
     depth, 2); None for data whose samples already are sequences of 2D frames."""
@@ -87,7 +100,19 @@ def install_resolvers(resolvers: dict[str, Any]) -> None:
     report_config_files_briefly()
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            OmegaConf.register_new_resolver(name, _containers_out(fn))
+
+
+def _containers_out(fn: Any) -> Any:
+    """``fn`` with list and dict results as OmegaConf containers: OmegaConf.resolve (Hydra's
+    ``--cfg job --resolve``) cannot store a plain list a resolver returns."""
+
+    @functools.wraps(fn)
+    def resolver(*args: Any) -> Any:
+        value = fn(*args)
+        return OmegaConf.create(value) if isinstance(value, list | tuple | dict) else value
+
+    return resolver
 
 
 # the resolvers of the config glue; medexp.resolvers adds the data's (MedMNIST metadata)
@@ -98,6 +123,7 @@ RESOLVERS = {
     "span": span,
     "plus_if": plus_if,
     "floordiv": floordiv,
+    "patch_for": patch_for,
     "slice_axis": slice_axis,
     "repeat": repeat,
 }
