@@ -71,7 +71,7 @@ def patch_for(size: Any) -> int:
     """A vision transformer's default patch side for images of ``size`` (an int or one per axis):
     about 7x7 to 14x14 tokens, i.e. 4 px up to 64 px, 8 px up to 128 px, 16 px above, halved
     until it divides every side (1 at worst)."""
-    sides = [int(side) for side in (size if isinstance(size, list | tuple) or hasattr(size, "__len__") else [size])]
+    sides = [int(side) for side in size] if hasattr(size, "__len__") else [int(size)]
     largest = max(sides)
     patch = 4 if largest <= 64 else 8 if largest <= 128 else 16
     while patch > 1 and any(side % patch for side in sides):
