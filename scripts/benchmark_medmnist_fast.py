@@ -50,6 +50,17 @@ PUBLISHED = {
         "Google AutoML Vision, MedMNIST v2": (0.991, 0.946),
     },
 }
+# the recipe's batch augmentations (per-sample flips along the safe axes, 2-pixel shifts) plus more
+RECIPE_AUGMENTATIONS = (
+    "{_target_:medexp.data.batch_augment.BatchFlip,axes:${data.flip_axes},prob:0.5}",
+    "{_target_:medexp.data.batch_augment.BatchTranslate,pixels:2,mode:reflect}",
+)
+
+
+def augmentations(*extra: str) -> str:
+    return f"data.batch_augmentations=[{','.join([*RECIPE_AUGMENTATIONS, *extra])}]"
+
+
 # each variant changes the recipe in one place (overrides on top of experiment=medmnist_fast)
 VARIANTS = {
     "recipe": [],
@@ -69,6 +80,9 @@ VARIANTS = {
     "width_48": ["model.net.block_inplanes=[48,96,192,384]"],
     # three networks trained side by side, their probabilities averaged (medexp/nets/ensemble.py)
     "ensemble_3": ["model.ensemble=3"],
+    # rotations of up to 15 degrees and zooms of 0.9-1.1 of every training image, on whole batches
+    "affine_15": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:15,scale:[0.9,1.1]}")],
+    "affine_30": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:30,scale:[0.9,1.1]}")],
     "resnet18": [
         "model=resnet18",
         "model.label_smoothing=0.1",
@@ -146,7 +160,7 @@ def train_rows(args: argparse.Namespace, variants: list[str], seeds: list[int]) 
                     "dataset": dataset,
                     "variant": variant,
                     "seed": seed,
-                    "overrides": VARIANTS[variant],
+                    "overrides": [*args.base, *VARIANTS[variant]],
                     "val_auc": metrics["val"]["val/auroc"],
                     "val_acc": metrics["val"]["val/accuracy"],
                     "test_auc": metrics["test"]["test/auroc"],

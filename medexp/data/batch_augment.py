@@ -121,6 +121,96 @@ class BatchTranslate(nn.Module):
         return shift(x, offsets, self.pixels, self.mode)
 
 
+def rotation(angles: torch.Tensor) -> torch.Tensor:
+    """``(B, d, d)`` rotation matrices: ``d = 2`` from ``(B, 1)`` angles in radians, ``d = 3`` from
+    ``(B, 3)`` angles about the three spatial axes, applied in axis order."""
+    cos, sin = angles.cos(), angles.sin()
+    if angles.shape[1] == 1:
+        return torch.stack([torch.cat([cos, -sin], 1), torch.cat([sin, cos], 1)], 1)
+    eye = torch.eye(3, dtype=angles.dtype, device=angles.device).expand(angles.shape[0], 3, 3)
+    matrix = eye
+    for axis in range(3):
+        # the rotation in the plane of the other two axes
+        a, b = [i for i in range(3) if i != axis]
+        step = eye.clone()
+        step[:, a, a], step[:, b, b] = cos[:, axis], cos[:, axis]
+        step[:, a, b], step[:, b, a] = -sin[:, axis], sin[:, axis]
+        matrix = step @ matrix
+    return matrix
+
+
+def affine(x: torch.Tensor, matrices: torch.Tensor, mode: str = "reflection") -> torch.Tensor:
+    """Resample each image of ``x`` through its own linear map about the image centre.
+
+    Args:
+        x: ``(B, C, *spatial)`` batch, 2 or 3 spatial axes.
+        matrices: ``(B, d, d)`` maps in pixel units over the spatial axes in order (rows,
+            columns[, depth]): output position ``p`` (from the centre) reads input position
+            ``matrices[b] @ p``, bilinearly, so non-square images rotate without shearing.
+        mode: border fill, as ``torch.nn.functional.grid_sample``'s ``padding_mode``.
+
+    Returns:
+        A tensor shaped like ``x``.
+    """
+    sizes = torch.tensor(x.shape[2:], dtype=x.dtype, device=x.device)
+    # normalised coordinates (-1..1 over each axis) from pixels and back; grid_sample orders the
+    # axes last to first (x: columns, y: rows[, z])
+    normalised = matrices * sizes[None, None, :] / sizes[None, :, None]
+    normalised = normalised.flip(1, 2)
+    theta = torch.cat([normalised, normalised.new_zeros(x.shape[0], x.ndim - 2, 1)], 2)
+    grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode=mode, align_corners=False)
+
+
+class BatchAffine(nn.Module):
+    """Rotate and zoom each sample about its centre by its own random amounts, in one resampling
+    of the whole batch (bilinear). Rotations suit images with no fixed orientation (fundus,
+    ultrasound, dermoscopy, pathology); a volume is rotated about each of its three axes.
+
+    Args:
+        degrees: the largest rotation, drawn uniformly from ``[-degrees, degrees]`` per sample
+            (and per axis of a volume); 0: none.
+        scale: ``(low, high)`` zoom factors, drawn log-uniformly per sample (1.1 enlarges the
+            content by 10%); ``(1, 1)``: none.
+        prob: the fraction of samples transformed (drawn per sample); the rest pass unchanged.
+        mode: border fill, ``reflection``, ``border`` or ``zeros``.
+    """
+
+    MODES = ("reflection", "border", "zeros")
+
+    def __init__(
+        self, degrees: float = 15.0, scale: Sequence[float] = (1.0, 1.0), prob: float = 1.0, mode: str = "reflection"
+    ) -> None:
+        super().__init__()
+        if isinstance(degrees, bool) or not isinstance(degrees, int | float) or not 0 <= degrees <= 180:
+            raise MedexpError(f"BatchAffine degrees={degrees!r}; expected a number of degrees in [0, 180]")
+        scale = list(scale) if isinstance(scale, Sequence) and not isinstance(scale, str) else [scale]
+        if len(scale) != 2 or not all(isinstance(s, int | float) and s > 0 for s in scale) or scale[0] > scale[1]:
+            raise MedexpError(f"BatchAffine scale={scale!r}; expected [low, high] zoom factors with 0 < low <= high")
+        if not 0.0 <= prob <= 1.0:
+            raise MedexpError(f"BatchAffine prob={prob}; expected a probability in [0, 1]")
+        if mode not in self.MODES:
+            raise MedexpError(f"BatchAffine mode={mode!r}; expected one of {list(self.MODES)}")
+        self.degrees, self.scale, self.prob, self.mode = float(degrees), [float(s) for s in scale], prob, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = x.ndim - 2
+        if dims not in (2, 3):
+            raise MedexpError(f"BatchAffine takes 2D or 3D images; got a batch shaped {tuple(x.shape)}")
+        if (self.degrees == 0 and self.scale == [1.0, 1.0]) or self.prob == 0:
+            return x
+        batch, dtype = x.shape[0], x.dtype if x.is_floating_point() else torch.float32
+        angles = (torch.rand(batch, 1 if dims == 2 else 3, device=x.device, dtype=dtype) * 2 - 1) * self.degrees
+        low, high = torch.tensor(self.scale, dtype=dtype).log().tolist()
+        zoom = torch.exp(low + (high - low) * torch.rand(batch, device=x.device, dtype=dtype))
+        # the output reads the input at (rotation / zoom) @ p: the content turns by the angle and grows by the zoom
+        matrices = rotation(torch.deg2rad(angles)).transpose(1, 2) / zoom[:, None, None]
+        chosen = torch.rand(batch, device=x.device) < self.prob
+        eye = torch.eye(dims, dtype=dtype, device=x.device).expand_as(matrices)
+        matrices = torch.where(chosen[:, None, None], matrices, eye)
+        return affine(x.to(dtype), matrices, self.mode).to(x.dtype)
+
+
 def mix(x: torch.Tensor, mixup_alpha: float, cutmix_alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Mixup (Zhang et al., 2018) or CutMix (Yun et al., 2019) of a batch with a shuffled copy of
     itself; with both alphas above 0 one of the two is drawn per batch, evenly.
