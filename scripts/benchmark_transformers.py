@@ -111,7 +111,8 @@ def record(args: argparse.Namespace, row: dict) -> dict:
 
 def medmnist(args: argparse.Namespace) -> list[dict]:
     rows = []
-    recipe = ["experiment=medmnist_fast", f"data.root={args.medmnist_root}"]
+    # one network per run: the networks are compared, not the recipe's ensemble
+    recipe = ["experiment=medmnist_fast", "model.ensemble=1", f"data.root={args.medmnist_root}"]
     recipe += [f"trainer.max_epochs={args.epochs}"] if args.epochs else []
     for name in ("breastmnist", "retinamnist"):
         for model in args.medmnist_models:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medexp.checkpoints.checkpoint import Checkpoint
-from medexp.data.batch_augment import BatchFlip, BatchTranslate, mix, shift, tta_views
+from medexp.data.batch_augment import BatchAffine, BatchFlip, BatchTranslate, affine, mix, rotation, shift, tta_views
 from medexp.data.medmnist_info import FLIP_AXES, MEDMNIST
 from medexp.tasks.schedules import BudgetSchedule
 from medexp.train import train
@@ -24,7 +24,15 @@ from tests.conftest import QUIET, compose_config, run_cli
 from tests.helpers import write_medmnist_npz
 
 SPLITS = {"train": 96, "val": 32, "test": 32}
-FAST = ["experiment=medmnist_fast", *QUIET, "report=false", "extras.print_config=false", "data.batch_size=32"]
+# the recipe's switches, one network at a time (its ensemble size: test_the_recipe_trains_as_many_networks_as_fit_its_budget)
+FAST = [
+    "experiment=medmnist_fast",
+    *QUIET,
+    "report=false",
+    "extras.print_config=false",
+    "data.batch_size=32",
+    "model.ensemble=1",
+]
 
 
 @pytest.fixture
@@ -87,6 +95,53 @@ def test_batch_flip_and_translate_draw_per_sample():
         BatchTranslate(mode="wrap")
 
 
+def test_affine_turns_square_and_oblong_images_and_volumes_about_their_centre():
+    quarter = torch.deg2rad(torch.tensor([[90.0]]))
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    assert torch.allclose(affine(x, rotation(quarter), "zeros"), torch.rot90(x, -1, (2, 3)), atol=1e-4)
+    # a 4x8 image: the middle 4x4 turns as a square does (pixel units, no shear from the aspect)
+    oblong = torch.arange(32, dtype=torch.float32).reshape(1, 1, 4, 8)
+    turned = affine(oblong, rotation(quarter), "zeros")
+    assert torch.allclose(turned[..., 2:6], torch.rot90(oblong[..., 2:6], -1, (2, 3)), atol=1e-4)
+    assert turned[..., :2].abs().max() < 1e-4
+    volume = torch.arange(64, dtype=torch.float32).reshape(1, 1, 4, 4, 4)
+    for axis in range(3):
+        angles = torch.zeros(1, 3)
+        angles[0, axis] = torch.pi / 2
+        plane = [d for d in (2, 3, 4) if d != 2 + axis]
+        assert torch.allclose(affine(volume, rotation(angles), "zeros"), torch.rot90(volume, -1, plane), atol=1e-4)
+
+
+def test_batch_affine_draws_per_sample_and_refuses_bad_values():
+    torch.manual_seed(0)
+    x = torch.rand(64, 2, 12, 12)
+    assert torch.equal(BatchAffine(degrees=0, scale=(1, 1))(x), x)
+    assert torch.equal(BatchAffine(degrees=30, prob=0.0)(x), x)
+    moved = BatchAffine(degrees=30, scale=(0.8, 1.25), prob=0.5)(x)
+    unchanged = (moved - x).abs().flatten(1).amax(1) < 1e-5
+    assert moved.shape == x.shape and 10 < int(unchanged.sum()) < 54
+    # a zoom by 2 keeps the centre and spreads it: the middle 2x2 of an 8x8 covers 4 times the
+    # area (bilinearly), the border stays empty
+    image = torch.zeros(1, 1, 8, 8)
+    image[..., 3:5, 3:5] = 1.0
+    zoomed = BatchAffine(degrees=0, scale=(2, 2))(image)
+    assert float(zoomed.sum()) == pytest.approx(16.0) and zoomed[..., 3:5, 3:5].min() == pytest.approx(1.0)
+    assert zoomed[..., 0, :].abs().max() < 1e-6 and zoomed[..., 1:7, 1:7].min() > 0
+    # a volume turns about its three axes; integers come back as integers
+    assert BatchAffine(degrees=20)(torch.rand(3, 1, 6, 6, 6)).shape == (3, 1, 6, 6, 6)
+    assert BatchAffine(degrees=20)(torch.randint(0, 255, (3, 1, 8, 8), dtype=torch.uint8)).dtype == torch.uint8
+    for kwargs, message in (
+        ({"degrees": 200}, r"BatchAffine degrees=200; expected a number of degrees in \[0, 180\]"),
+        ({"scale": [1.2, 0.9]}, r"BatchAffine scale=\[1.2, 0.9\]; expected \[low, high\] zoom factors"),
+        ({"mode": "wrap"}, r"BatchAffine mode='wrap'; expected one of"),
+        ({"prob": 2.0}, r"BatchAffine prob=2.0; expected a probability"),
+    ):
+        with pytest.raises(MedexpError, match=message):
+            BatchAffine(**kwargs)
+    with pytest.raises(MedexpError, match=r"BatchAffine takes 2D or 3D images; got a batch shaped \(4, 1, 9\)"):
+        BatchAffine()(torch.rand(4, 1, 9))
+
+
 def test_mixup_and_cutmix_mix_with_the_lambda_they_report():
     torch.manual_seed(0)
     x = torch.rand(16, 1, 10, 10)
@@ -129,6 +184,28 @@ def test_every_medmnist_dataset_names_its_flip_axes_and_the_recipe_reads_them(tm
     # overridable in one place
     cfg = compose_config([*FAST, "data.name=breastmnist", "data.flip_axes=[]"], output_dir=tmp_path)
     assert list(cfg.data.batch_augmentations[0].axes) == []
+
+
+def test_the_recipe_trains_as_many_networks_as_fit_its_budget(breast):
+    """150k training image passes (members x epochs x the official training split), 1 to 3
+    networks: the small sets get three, the large ones one, and fewer epochs leave room for more."""
+    expected = {
+        ("breastmnist", 40): 3,  # 546 images
+        ("retinamnist", 40): 3,  # 1,080
+        ("pneumoniamnist", 40): 1,  # 4,708
+        ("pathmnist", 40): 1,  # 89,996
+        ("breastmnist", 120): 2,
+        ("retinamnist", 80): 1,
+    }
+    recipe = [o for o in FAST if o != "model.ensemble=1"]
+    for (name, epochs), members in expected.items():
+        cfg = compose_config([*recipe, f"data.name={name}", f"trainer.max_epochs={epochs}"], output_dir=breast)
+        assert cfg.model.ensemble == members, (name, epochs)
+    # through `medexp train`: the checkpoint holds the three networks and tests their mean
+    run_cli("train", *recipe, f"data.root={breast}", "trainer.max_epochs=1", "hydra.run.dir=run", cwd=breast)
+    model = Checkpoint(breast / "run" / "checkpoints" / "best.ckpt").build_model()
+    assert len(model.net.members) == 3 and model.hparams.ensemble == 3
+    assert 0.0 <= json.loads((breast / "run" / "metrics.json").read_text())["test"]["test/auroc"] <= 1.0
 
 
 def test_bad_flip_axes_and_tta_options_are_one_line_errors(breast):

@@ -429,8 +429,8 @@ def dataset_info(name: str, dims: int | None = None) -> dict:
 
 
 def medmnist_property(name: str, field: str) -> Any:
-    """A property of a MedMNIST dataset from its metadata: ``task``, ``num_classes``, ``channels``
-    or ``flip_axes`` (see :data:`FLIP_AXES`)."""
+    """A property of a MedMNIST dataset from its metadata: ``task``, ``num_classes``, ``channels``,
+    ``flip_axes`` (see :data:`FLIP_AXES`) or ``train_size`` (images in the official training split)."""
     info = dataset_info(name)
     match field:
         case "task":
@@ -442,7 +442,10 @@ def medmnist_property(name: str, field: str) -> Any:
             return info["channels"]
         case "flip_axes":
             return list(FLIP_AXES[name])
+        case "train_size":
+            return info["splits"]["train"]
         case _:
             raise ValueError(
-                f"medmnist field {field!r}; expected one of ['task', 'num_classes', 'channels', 'flip_axes']"
+                f"medmnist field {field!r}; expected one of ['task', 'num_classes', 'channels', 'flip_axes', "
+                "'train_size']"
             )

@@ -79,6 +79,13 @@ def patch_for(size: Any) -> int:
     return patch
 
 
+def members_for(budget: int, images: int, epochs: int, most: int) -> int:
+    """How many networks an ensemble trained side by side (``model.ensemble``) can have within a
+    budget of ``budget`` training image passes (members x epochs x training images), from 1 to
+    ``most``: a small dataset gets several, a large one one."""
+    return max(1, min(int(most), int(budget) // (int(images) * int(epochs))))
+
+
 def slice_axis(spatial_dims: int) -> int | None:
     """The axis of a ``(B, C, D, H, W)`` batch a slice-sequence model unrolls for volumes (the
     depth, 2); None for data whose samples already are sequences of 2D frames."""
@@ -124,6 +131,7 @@ RESOLVERS = {
     "plus_if": plus_if,
     "floordiv": floordiv,
     "patch_for": patch_for,
+    "members_for": members_for,
     "slice_axis": slice_axis,
     "repeat": repeat,
 }
