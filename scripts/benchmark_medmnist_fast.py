@@ -5,7 +5,8 @@ user types it; the script reads the run's metrics.json and appends one JSON row 
 ``--out`` (rows already there are skipped, so an interrupted benchmark continues).
 
     # variants, seed 0, judged on validation metrics only (docs/benchmark_medmnist_fast_variants.jsonl
-    # was measured on the draft recipe, which had test-time flips on)
+    # was measured on the draft recipe, which had test-time flips on; rounds 1-4 on one network:
+    # --base model.ensemble=1, since the recipe now trains as many as fit its budget)
     python scripts/benchmark_medmnist_fast.py variants --data-root ../shared/data/medmnist \
         --base 'model.tta_flips=${data.flip_axes}'
     # the chosen recipe, 3 seeds, test metrics reported
@@ -80,6 +81,7 @@ VARIANTS = {
     "width_48": ["model.net.block_inplanes=[48,96,192,384]"],
     # three networks trained side by side, their probabilities averaged (medexp/nets/ensemble.py)
     "ensemble_3": ["model.ensemble=3"],
+    "ensemble_5": ["model.ensemble=5"],
     # rotations of up to 15 degrees and zooms of 0.9-1.1 of every training image, on whole batches
     "affine_15": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:15,scale:[0.9,1.1]}")],
     "affine_30": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:30,scale:[0.9,1.1]}")],
@@ -241,11 +243,12 @@ def throughput(args: argparse.Namespace) -> None:
 def augmentation_cost(batches: int = 5) -> dict:
     """Microseconds per 1x28x28 image of random flips and 2-pixel shifts: MONAI's per-sample chain
     (``RandFlipd``, reflect ``SpatialPadd``, ``RandSpatialCropd``, as ``data.augmentations``
-    would run it) vs medexp's whole-batch ``BatchFlip`` + ``BatchTranslate`` (batch 128, 1 thread)."""
+    would run it) vs medexp's whole-batch ``BatchFlip`` + ``BatchTranslate`` (batch 128, 1 thread),
+    and of a whole-batch rotation and zoom (``BatchAffine``)."""
     import torch
     from monai.transforms import Compose, RandFlipd, RandSpatialCropd, SpatialPadd
 
-    from medexp.data.batch_augment import BatchFlip, BatchTranslate
+    from medexp.data.batch_augment import BatchAffine, BatchFlip, BatchTranslate
 
     torch.set_num_threads(1)
     x = torch.randn(128, 1, 28, 28)
@@ -256,11 +259,12 @@ def augmentation_cost(batches: int = 5) -> dict:
             RandSpatialCropd(keys=["image"], roi_size=[28, 28], random_size=False),
         ]
     )
-    flip, translate = BatchFlip([1]), BatchTranslate(2)
+    flip, translate, turn = BatchFlip([1]), BatchTranslate(2), BatchAffine(15, (0.9, 1.1))
     timings = {}
     for name, augment in (
         ("monai_per_sample_us", lambda: torch.stack([chain({"image": image})["image"] for image in x])),
         ("batch_us", lambda: translate(flip(x))),
+        ("batch_affine_us", lambda: turn(x)),
     ):
         augment()
         start = time.perf_counter()

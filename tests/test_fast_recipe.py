@@ -44,8 +44,8 @@ def breast(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory) -> Path:
     """One `medexp train experiment=medmnist_fast` run (EMA, batch flips and shifts, one-cycle
-    schedule, channels-last, plus mixup and test-time flips from the metadata), shared by the tests that
-    evaluate, predict and export it."""
+    schedule, channels-last, plus mixup, batch rotations and zooms, and test-time flips from the
+    metadata), shared by the tests that evaluate, predict and export it."""
     root = tmp_path_factory.mktemp("fast")
     write_medmnist_npz(root / "breastmnist.npz", SPLITS, num_classes=2)
     run_cli(
@@ -56,6 +56,10 @@ def fast_run(tmp_path_factory) -> Path:
         "model.mixup_alpha=0.2",
         "callbacks.ema.decay=0.9",
         "model.tta_flips=${data.flip_axes}",
+        # the recipe's flips and shifts, plus rotations and zooms
+        "data.batch_augmentations=[{_target_:medexp.data.batch_augment.BatchFlip,axes:${data.flip_axes}},"
+        "{_target_:medexp.data.batch_augment.BatchTranslate,pixels:2},"
+        "{_target_:medexp.data.batch_augment.BatchAffine,degrees:15,scale:[0.9,1.1]}]",
         f"hydra.run.dir={root / 'run'}",
         cwd=root,
     )
@@ -361,6 +365,11 @@ def test_fast_recipe_trains_tests_and_predicts_with_its_switches(fast_run):
     ckpt = fast_run / "checkpoints" / "best.ckpt"
     cfg = Checkpoint(ckpt).config
     assert cfg["model"]["tta_flips"] == [1] and cfg["scheduler"]["_target_"].endswith("BudgetSchedule")
+    assert [a["_target_"].rsplit(".", 1)[1] for a in cfg["data"]["batch_augmentations"]] == [
+        "BatchFlip",
+        "BatchTranslate",
+        "BatchAffine",
+    ]
     # one cycle over the run's 9 optimiser steps (3 epochs of 3 batches), stepped per step: the
     # learning rate logged at the start of each epoch rises past the peak (step 2) and falls again
     log = next(fast_run.glob("csv/**/metrics.csv"))
