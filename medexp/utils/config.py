@@ -79,10 +79,13 @@ def patch_for(size: Any) -> int:
     return patch
 
 
-def members_for(budget: int, images: int, epochs: int, most: int) -> int:
+def members_for(budget: int, images: int, epochs: int | None, most: int) -> int:
     """How many networks an ensemble trained side by side (``model.ensemble``) can have within a
     budget of ``budget`` training image passes (members x epochs x training images), from 1 to
-    ``most``: a small dataset gets several, a large one one."""
+    ``most``: a small dataset gets several, a large one one. Epochs without an end (None or -1,
+    a run bounded by ``trainer.max_time`` alone) get one network."""
+    if epochs is None or int(epochs) <= 0:
+        return 1
     return max(1, min(int(most), int(budget) // (int(images) * int(epochs))))
 
 
