@@ -153,6 +153,8 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, mode: str = "reflection") ->
     Returns:
         A tensor shaped like ``x``.
     """
+    # not MONAI's AffineTransform(normalized=False, zero_centered=True): with either align_corners,
+    # its quarter turn of a 4x8 image does not land pixels on pixels (it shears oblong images)
     sizes = torch.tensor(x.shape[2:], dtype=x.dtype, device=x.device)
     # normalised coordinates (-1..1 over each axis) from pixels and back; grid_sample orders the
     # axes last to first (x: columns, y: rows[, z])
