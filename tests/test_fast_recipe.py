@@ -146,6 +146,43 @@ def test_batch_affine_draws_per_sample_and_refuses_bad_values():
         BatchAffine()(torch.rand(4, 1, 9))
 
 
+SEG = ["data=synthetic_seg", "data.image_size=16", "data.num_samples={train: 32, val: 16, test: 16}", "data.batch_size=16"]
+MOVES = (
+    "data.batch_augmentations=[{_target_: medexp.data.batch_augment.BatchFlip, axes: [0, 1], prob: 0.5},"
+    " {_target_: medexp.data.batch_augment.BatchTranslate, pixels: 3, mode: constant}]"
+)
+
+
+def test_batch_augmentations_move_segmentation_masks_with_their_images(tmp_path):
+    """A flip or shift of a segmentation batch moves the mask with its image (one draw for both);
+    a resampling that would blend label values is refused before anything trains."""
+    tiny_unet = ["model=unet", "model.net.channels=[4,8]", "model.net.strides=[2]", "model.net.num_res_units=0"]
+    cfg = compose_config([*SEG, *tiny_unet, MOVES, *QUIET, "trainer.max_epochs=1"], output_dir=tmp_path / "run")
+    data = build(cfg.data)
+    data.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    data.trainer.training = True
+    torch.manual_seed(0)
+    image = torch.randn(64, 1, 16, 16)
+    label = (image > 0).long()  # a mask that is a function of its pixel: any pure move keeps it so
+    moved = data.on_after_batch_transfer({"image": image, "label": label}, 0)
+    assert moved["label"].dtype == torch.int64 and moved["label"].shape == label.shape
+    assert not torch.equal(moved["image"], image)
+    assert torch.equal(moved["label"], (moved["image"] > 0).long())
+    # validation batches pass unchanged
+    data.trainer.validating = True
+    assert data.on_after_batch_transfer({"image": image, "label": label}, 0)["image"] is image
+    # through `medexp train`: trains with both moves; BatchAffine is refused in one line
+    run_cli("train", *SEG, *tiny_unet, MOVES, *QUIET, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["test/dice"] >= 0.0
+    affine_aug = "data.batch_augmentations=[{_target_: medexp.data.batch_augment.BatchAffine, degrees: 10}]"
+    result = run_cli("train", *SEG, *tiny_unet, affine_aug, "hydra.run.dir=bad", cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert (
+        "data.batch_augmentations.0: BatchAffine cannot move segmentation masks with their images" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_mixup_and_cutmix_mix_with_the_lambda_they_report():
     torch.manual_seed(0)
     x = torch.rand(16, 1, 10, 10)

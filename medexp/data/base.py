@@ -379,6 +379,18 @@ class DataModule(L.LightningDataModule):
         return drop
 
 
+def check_moves_masks(augmentations: Sequence[Callable]) -> None:
+    """Batch augmentations of segmentation data must move a label mask with its image without
+    mixing label values: those that say so (``moves_masks = True``: flips and whole-pixel shifts)."""
+    for index, augment in enumerate(augmentations):
+        if not getattr(augment, "moves_masks", False):
+            raise MedexpError(
+                f"data.batch_augmentations.{index}: {type(augment).__name__} cannot move segmentation masks with "
+                "their images (it interpolates between label values); use BatchFlip or BatchTranslate there, or a "
+                "MONAI spatial transform of image and label in data.augmentations"
+            )
+
+
 class ArrayDataModule(DataModule):
     """Base of DataModules whose splits fit in memory as arrays (synthetic data, MedMNIST).
 
@@ -396,6 +408,8 @@ class ArrayDataModule(DataModule):
         batch_augmentations: callables ``(B, C, *spatial) -> same`` applied to the images of whole
             training batches after they reach the device (e.g. :mod:`medexp.data.batch_augment`'s
             per-sample flips and shifts, vectorised), after ``augmentations`` and ``transforms``.
+            A segmentation mask moves with its image in the same call; only augmentations that
+            never blend label values (``moves_masks``: flips, whole-pixel shifts) are accepted there.
         fold: k-fold cross-validation: train on the other folds of the training split, validate
             on fold ``fold`` (the validation split is not used; the test split is kept); None:
             the usual splits. See :mod:`medexp.data.folds`.
@@ -483,6 +497,8 @@ class ArrayDataModule(DataModule):
         self.transforms = list(transforms)
         self.augmentations = list(augmentations)
         self.batch_augmentations = list(batch_augmentations)
+        if task == "segmentation":
+            check_moves_masks(self.batch_augmentations)
         self.datasets: dict[str, ArrayDataset] = {}
         self.fold, self.num_folds, self.fold_seed, self.fold_by = fold, num_folds, fold_seed, fold_by
         self.sampler = sampler
@@ -762,10 +778,18 @@ class ArrayDataModule(DataModule):
         trainer = self.trainer
         if not self.batch_augmentations or trainer is None or not trainer.training:
             return batch
-        images = batch["image"]
+        images, label = batch["image"], batch.get("label")
+        if not (isinstance(label, torch.Tensor) and label.ndim == images.ndim and label.shape[2:] == images.shape[2:]):
+            for augment in self.batch_augmentations:
+                images = augment(images)
+            return {**batch, "image": images}
+        # a mask (B, 1, *spatial) moves with its image: both go through each augmentation in one call
+        check_moves_masks(self.batch_augmentations)
+        joint = torch.cat([images, label.to(images.dtype)], dim=1)
         for augment in self.batch_augmentations:
-            images = augment(images)
-        return {**batch, "image": images}
+            joint = augment(joint)
+        channels = images.shape[1]
+        return {**batch, "image": joint[:, :channels], "label": joint[:, channels:].round().to(label.dtype)}
 
     def fingerprint(self) -> str:
         """SHA-256 of what the splits hold (images and labels, in order), so a reproduction can

@@ -77,6 +77,9 @@ class BatchFlip(nn.Module):
         prob: probability of each flip.
     """
 
+    # a label mask can travel in the same call: pixels move, values are never mixed
+    moves_masks = True
+
     def __init__(self, axes: Sequence[int] = (1,), prob: float = 0.5) -> None:
         super().__init__()
         if not 0.0 <= prob <= 1.0:
@@ -102,6 +105,8 @@ class BatchTranslate(nn.Module):
     """
 
     MODES = ("reflect", "replicate", "constant")
+    # a label mask can travel in the same call: pixels move, values are never mixed
+    moves_masks = True
 
     def __init__(self, pixels: int = 2, mode: str = "reflect") -> None:
         super().__init__()
@@ -180,6 +185,8 @@ class BatchAffine(nn.Module):
     """
 
     MODES = ("reflection", "border", "zeros")
+    # bilinear resampling mixes neighbouring label values: images only (see ArrayDataModule)
+    moves_masks = False
 
     def __init__(
         self, degrees: float = 15.0, scale: Sequence[float] = (1.0, 1.0), prob: float = 1.0, mode: str = "reflection"
