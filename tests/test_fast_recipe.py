@@ -146,7 +146,12 @@ def test_batch_affine_draws_per_sample_and_refuses_bad_values():
         BatchAffine()(torch.rand(4, 1, 9))
 
 
-SEG = ["data=synthetic_seg", "data.image_size=16", "data.num_samples={train: 32, val: 16, test: 16}", "data.batch_size=16"]
+SEG = [
+    "data=synthetic_seg",
+    "data.image_size=16",
+    "data.num_samples={train: 32, val: 16, test: 16}",
+    "data.batch_size=16",
+]
 MOVES = (
     "data.batch_augmentations=[{_target_: medexp.data.batch_augment.BatchFlip, axes: [0, 1], prob: 0.5},"
     " {_target_: medexp.data.batch_augment.BatchTranslate, pixels: 3, mode: constant}]"
@@ -177,9 +182,7 @@ def test_batch_augmentations_move_segmentation_masks_with_their_images(tmp_path)
     affine_aug = "data.batch_augmentations=[{_target_: medexp.data.batch_augment.BatchAffine, degrees: 10}]"
     result = run_cli("train", *SEG, *tiny_unet, affine_aug, "hydra.run.dir=bad", cwd=tmp_path, check=False)
     assert result.returncode != 0
-    assert (
-        "data.batch_augmentations.0: BatchAffine cannot move segmentation masks with their images" in result.stderr
-    )
+    assert "data.batch_augmentations.0: BatchAffine cannot move segmentation masks with their images" in result.stderr
     assert "Traceback" not in result.stderr
 
 
