@@ -82,6 +82,13 @@ VARIANTS = {
     # three networks trained side by side, their probabilities averaged (medexp/nets/ensemble.py)
     "ensemble_3": ["model.ensemble=3"],
     "ensemble_5": ["model.ensemble=5"],
+    # the whole budget of 150k training image passes: networks as for 40 epochs (at most 3), then
+    # as many epochs as fill the budget (BreastMNIST 3 x 91, RetinaMNIST 3 x 46, larger sets 1 x 40)
+    "spend_budget": [
+        # quoted: Hydra's override grammar takes no nested interpolation with arguments unquoted
+        "model.ensemble='${members_for:150000,${medmnist:${data.name},train_size},40,3}'",
+        "trainer.max_epochs='${epochs_for:150000,${medmnist:${data.name},train_size},${model.ensemble},40}'",
+    ],
     # rotations of up to 15 degrees and zooms of 0.9-1.1 of every training image, on whole batches
     "affine_15": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:15,scale:[0.9,1.1]}")],
     "affine_30": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:30,scale:[0.9,1.1]}")],

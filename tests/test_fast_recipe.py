@@ -253,6 +253,24 @@ def test_the_recipe_trains_as_many_networks_as_fit_its_budget(breast):
     assert 0.0 <= json.loads((breast / "run" / "metrics.json").read_text())["test"]["test/auroc"] <= 1.0
 
 
+def test_the_benchmarks_spend_budget_variant_fills_the_budget_with_epochs(breast):
+    """The benchmark's ``spend_budget`` variant (its overrides, as the script passes them): as many
+    networks as fit 40 epochs, then as many epochs as fill 150k training image passes."""
+    import runpy
+
+    script = Path(__file__).parents[1] / "scripts" / "benchmark_medmnist_fast.py"
+    overrides = runpy.run_path(str(script))["VARIANTS"]["spend_budget"]
+    recipe = [o for o in FAST if o != "model.ensemble=1"]
+    for name, members, epochs in (
+        ("breastmnist", 3, 91),  # 546 images: 3 x 91 x 546 = 149,058 passes
+        ("retinamnist", 3, 46),  # 1,080
+        ("pneumoniamnist", 1, 40),  # 4,708: 40 epochs at least
+        ("pathmnist", 1, 40),
+    ):
+        cfg = compose_config([*recipe, f"data.name={name}", *overrides], output_dir=breast)
+        assert (cfg.model.ensemble, cfg.trainer.max_epochs) == (members, epochs), name
+
+
 def test_bad_flip_axes_and_tta_options_are_one_line_errors(breast):
     cfg = compose_config([*FAST, f"data.root={breast}", "data.flip_axes=[3]"], output_dir=breast / "run")
     with pytest.raises(MedexpError, match=r"data.flip_axes=\[3\]; expected distinct spatial axes from \[0, 1\]"):

@@ -89,6 +89,14 @@ def members_for(budget: int, images: int, epochs: int | None, most: int) -> int:
     return max(1, min(int(most), int(budget) // (int(images) * int(epochs))))
 
 
+def epochs_for(budget: int, images: int, members: int, least: int) -> int:
+    """How many epochs (``trainer.max_epochs``) fill a budget of ``budget`` training image passes
+    (members x epochs x training images), and at least ``least``: a small dataset trains for
+    longer, a large one for ``least`` epochs (``trainer.max_time`` still ends a run that is too
+    slow)."""
+    return max(int(least), int(budget) // (int(images) * int(members)))
+
+
 def slice_axis(spatial_dims: int) -> int | None:
     """The axis of a ``(B, C, D, H, W)`` batch a slice-sequence model unrolls for volumes (the
     depth, 2); None for data whose samples already are sequences of 2D frames."""
@@ -135,6 +143,7 @@ RESOLVERS = {
     "floordiv": floordiv,
     "patch_for": patch_for,
     "members_for": members_for,
+    "epochs_for": epochs_for,
     "slice_axis": slice_axis,
     "repeat": repeat,
 }
