@@ -11,6 +11,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
+import torch
+
 from tests.conftest import QUIET, run_cli
 
 TINY = [*QUIET, "trainer=ddp_sim", "data.image_size=16", "data.num_samples={train:64,val:32,test:32}"]
@@ -68,3 +71,21 @@ def test_ddp_multirun_workers_join_their_job(tmp_path):
         rank1 = (run / "train_ddp_process_1.log").read_text()
         assert f"Seed set to {seed}" in rank1 and "MEMBER: 2/2" in rank1
         assert epochs_logged(run / "csv" / "metrics.csv", "val/auroc") == {"0": 1, "1": 1}
+
+
+def test_an_ensemble_trains_under_ddp(tmp_path):
+    """model.ensemble under 2 processes: one run directory, members drawn apart and trained, and
+    the checkpoint's ensemble reproduces the run's test metric under medexp eval."""
+    from medexp.checkpoints.checkpoint import Checkpoint
+
+    run = tmp_path / "run"
+    run_cli("train", *TINY, "trainer.max_epochs=1", "model.ensemble=2", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert_written_once(run, tmp_path)
+    state = Checkpoint(run / "checkpoints" / "best.ckpt").contents["state_dict"]
+    weights = [n for n in state if n.startswith("net.members.0.") and n.endswith("weight") and state[n].ndim > 1]
+    assert weights and all(not torch.equal(state[n], state[n.replace(".0.", ".1.", 1)]) for n in weights)
+    tested = json.loads((run / "metrics.json").read_text())["test"]["test/auroc"]
+    run_cli("eval", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", "hydra.run.dir=eval", cwd=tmp_path)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]["test/auroc"] == pytest.approx(
+        tested, abs=1e-6
+    )
