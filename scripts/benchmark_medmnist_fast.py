@@ -78,6 +78,7 @@ VARIANTS = {
     "wd_0.01": ["optimizer.weight_decay=0.01"],
     "ema_0.98": ["callbacks.ema.decay=0.98"],
     "batch_64": ["data.batch_size=64"],
+    "batch_32": ["data.batch_size=32"],
     "focal_2": ["model.loss=focal", "model.focal_gamma=2.0"],
     "epochs_20": ["trainer.max_epochs=20"],
     "epochs_80": ["trainer.max_epochs=80"],
