@@ -55,6 +55,8 @@ class MedMNISTDataModule(ArrayDataModule):
         flip_axes: spatial axes along which mirrored images keep their labels (0: rows, 1:
             columns); None: the dataset's (:data:`~medexp.data.medmnist_info.FLIP_AXES`). Flip
             augmentation and test-time flips of the fast recipe read it.
+        ordinal: whether the classes are ordered grades (derived in the YAML from the metadata's
+            "ordinal-regression"); ``model.ordinal_smoothing=${data.ordinal}`` reads it.
         **kwargs: see :class:`~medexp.data.base.ArrayDataModule`; ``task``, ``num_classes`` and
             ``in_channels`` must agree with the dataset's metadata (the YAML derives them from it).
     """
@@ -67,6 +69,7 @@ class MedMNISTDataModule(ArrayDataModule):
         download: bool = False,
         image_size: int | None = None,
         flip_axes: Sequence[int] | None = None,
+        ordinal: bool | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -81,6 +84,7 @@ class MedMNISTDataModule(ArrayDataModule):
         self.flip_axes = check_axes(
             FLIP_AXES[name] if flip_axes is None else flip_axes, self.spatial_dims, "data.flip_axes"
         )
+        self.ordinal = self.info["task"] == "ordinal" if ordinal is None else bool(ordinal)
         if size not in self.info["md5"]:
             raise MedexpError(f"data.size={size}; {name} is offered at sizes {sorted(self.info['md5'])}")
         self.name, self.size, self.download = name, size, download

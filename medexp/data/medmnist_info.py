@@ -430,7 +430,8 @@ def dataset_info(name: str, dims: int | None = None) -> dict:
 
 def medmnist_property(name: str, field: str) -> Any:
     """A property of a MedMNIST dataset from its metadata: ``task``, ``num_classes``, ``channels``,
-    ``flip_axes`` (see :data:`FLIP_AXES`) or ``train_size`` (images in the official training split)."""
+    ``flip_axes`` (see :data:`FLIP_AXES`), ``train_size`` (images in the official training split) or
+    ``ordinal`` (whether the classes are ordered grades: "ordinal-regression")."""
     info = dataset_info(name)
     match field:
         case "task":
@@ -444,8 +445,10 @@ def medmnist_property(name: str, field: str) -> Any:
             return list(FLIP_AXES[name])
         case "train_size":
             return info["splits"]["train"]
+        case "ordinal":
+            return info["task"] == "ordinal"
         case _:
             raise ValueError(
                 f"medmnist field {field!r}; expected one of ['task', 'num_classes', 'channels', 'flip_axes', "
-                "'train_size']"
+                "'train_size', 'ordinal']"
             )

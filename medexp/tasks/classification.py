@@ -99,6 +99,27 @@ def focal_loss(
     return loss.sum() / (weight[target].sum() if weight is not None else len(target))
 
 
+def ordinal_targets(target: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """Label smoothing for ordered grades: ``(B,)`` grades -> ``(B, C)`` soft targets, ``1 - s`` on
+    the grade plus ``s`` spread over all grades in proportion to ``exp(-|k - grade|)``, so a
+    neighbouring grade gets more of it than a distant one. Uniform weights instead of
+    ``exp(-|k - grade|)`` would give PyTorch's ``label_smoothing``."""
+    grades = torch.arange(num_classes, device=target.device)
+    near = torch.exp(-(grades[None, :] - target[:, None]).abs().float())
+    return (1 - smoothing) * F.one_hot(target, num_classes).float() + smoothing * near / near.sum(1, keepdim=True)
+
+
+def ordinal_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, smoothing: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The cross-entropy of ``(B, C)`` logits against :func:`ordinal_targets`; with class weights,
+    each sample's loss is weighted by its grade's weight and the mean is over those weights."""
+    loss = -(ordinal_targets(target, logits.shape[1], smoothing) * logits.log_softmax(dim=1)).sum(dim=1)
+    if weight is None:
+        return loss.mean()
+    return (weight[target] * loss).sum() / weight[target].sum()
+
+
 class ClassificationTask(BaseTask):
     """Classify images into classes (softmax over ``num_classes`` outputs, also for binary
     tasks, as in MedMNIST v2) or into independent labels (sigmoid, multi-label).
@@ -120,6 +141,9 @@ class ClassificationTask(BaseTask):
             ``n / (num_classes * n_c)``; for multi-label the positive weight ``negatives / positives``)
             or one weight per class.
         label_smoothing: in [0, 1).
+        ordinal_smoothing: the classes are ordered grades (diabetic retinopathy, Kellgren-Lawrence):
+            label smoothing spreads to the neighbouring grades more than to distant ones
+            (:func:`ordinal_targets`); cross-entropy of binary or multi-class tasks only.
         loss: ``ce`` (cross-entropy; BCE for multi-label) or ``focal`` (see :func:`focal_loss`).
         focal_gamma: the focal loss's focusing exponent (0: cross-entropy).
         mixup_alpha, cutmix_alpha: mixup / CutMix of training batches with ``lam ~ Beta(alpha,
@@ -156,6 +180,7 @@ class ClassificationTask(BaseTask):
         num_classes: int,
         class_weights: str | Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        ordinal_smoothing: bool = False,
         calibrate: bool = False,
         monitor: str = "val/auroc",
         loss: str = "ce",
@@ -177,6 +202,11 @@ class ClassificationTask(BaseTask):
             raise MedexpError(f"model.num_classes={num_classes} does not fit task={task!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise MedexpError(f"model.label_smoothing={label_smoothing}; expected a value in [0, 1)")
+        if ordinal_smoothing and (task == "multilabel" or loss != "ce"):
+            raise MedexpError(
+                f"model.ordinal_smoothing=true needs ordered classes and model.loss=ce; got task={task!r}, "
+                f"loss={loss!r} (set model.ordinal_smoothing=false)"
+            )
         if isinstance(class_weights, str) and class_weights != "auto":
             raise MedexpError(f"model.class_weights={class_weights!r}; expected null, auto or a list of numbers")
         if class_weights is not None and not isinstance(class_weights, str) and len(class_weights) != num_classes:
@@ -395,6 +425,8 @@ class ClassificationTask(BaseTask):
         if self.task == "multilabel":
             target = target.float() * (1 - smoothing) + 0.5 * smoothing
             return F.binary_cross_entropy_with_logits(outputs, target, pos_weight=self.class_weight)
+        if self.hparams.get("ordinal_smoothing"):
+            return ordinal_cross_entropy(outputs, target, smoothing, self.class_weight)
         return F.cross_entropy(outputs, target, weight=self.class_weight, label_smoothing=smoothing)
 
     def postprocess(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,7 @@ RULES: tuple[Rule, ...] = (
     Rule("data.test_fraction", "number", 0, 1, high_open=True),
     Rule("data.lesion_contrast", "number", 0, low_open=True),
     Rule("model.label_smoothing", "number", 0, 1, high_open=True),
+    Rule("model.ordinal_smoothing", "bool"),
     Rule("model.focal_gamma", "number", 0),
     Rule("data.sampler", ("balanced",), optional=True),
     Rule("data.fold_by", ("site",), optional=True),
