@@ -381,9 +381,10 @@ class DataModule(L.LightningDataModule):
 
 def check_moves_masks(augmentations: Sequence[Callable]) -> None:
     """Batch augmentations of segmentation data must move a label mask with its image without
-    mixing label values: those that say so (``moves_masks = True``: flips and whole-pixel shifts)."""
+    mixing label values: those that say so (``moves_masks = True``: flips and whole-pixel shifts),
+    or leave the mask alone (``image_only = True``: intensity changes)."""
     for index, augment in enumerate(augmentations):
-        if not getattr(augment, "moves_masks", False):
+        if not getattr(augment, "moves_masks", False) and not getattr(augment, "image_only", False):
             raise MedexpError(
                 f"data.batch_augmentations.{index}: {type(augment).__name__} cannot move segmentation masks with "
                 "their images (it interpolates between label values); use BatchFlip or BatchTranslate there, or a "
@@ -785,10 +786,12 @@ class ArrayDataModule(DataModule):
             return {**batch, "image": images}
         # a mask (B, 1, *spatial) moves with its image: both go through each augmentation in one call
         check_moves_masks(self.batch_augmentations)
-        joint = torch.cat([images, label.to(images.dtype)], dim=1)
+        joint, channels = torch.cat([images, label.to(images.dtype)], dim=1), images.shape[1]
         for augment in self.batch_augmentations:
-            joint = augment(joint)
-        channels = images.shape[1]
+            if getattr(augment, "image_only", False):
+                joint = torch.cat([augment(joint[:, :channels]), joint[:, channels:]], dim=1)
+            else:
+                joint = augment(joint)
         return {**batch, "image": joint[:, :channels], "label": joint[:, channels:].round().to(label.dtype)}
 
     def fingerprint(self) -> str:

@@ -7,7 +7,8 @@ costs about 10 microseconds per image (``scripts/benchmark_medmnist_fast.py thro
 fast recipe augments the batch after it is collated (``data.batch_augmentations``, applied in the
 DataModule's ``on_after_batch_transfer`` to training batches only, on the batch's device).
 The same shift serves test-time augmentation (:func:`shift`). :class:`BatchAffine` rotates and
-zooms each sample in one resampling of the batch (about 45 microseconds per 3x28x28 image).
+zooms each sample in one resampling of the batch (about 45 microseconds per 3x28x28 image);
+:class:`BatchIntensity` jitters each sample's contrast and brightness (or colours).
 
 Spatial axes are numbered as in MONAI's transforms (``spatial_axis``): 0 is the first axis after
 the channels (rows, "up-down"), 1 the next (columns, "left-right"), 2 a volume's third.
@@ -219,6 +220,43 @@ class BatchAffine(nn.Module):
         eye = torch.eye(dims, dtype=dtype, device=x.device).expand_as(matrices)
         matrices = torch.where(chosen[:, None, None], matrices, eye)
         return affine(x.to(dtype), matrices, self.mode).to(x.dtype)
+
+
+class BatchIntensity(nn.Module):
+    """Jitter each sample's contrast and brightness: ``(x - m) * c + m + b``, ``m`` the sample's
+    mean, ``c`` drawn uniformly from ``[1 - contrast, 1 + contrast]`` and ``b`` from
+    ``[-brightness, brightness]`` (in the units of the normalised images: MedMNIST's span
+    ``[-1, 1]``), per sample or, with ``per_channel``, per sample and channel (a colour jitter
+    for RGB images such as fundus photographs and dermoscopy).
+
+    Args:
+        brightness: the largest offset, >= 0.
+        contrast: the largest relative change of contrast, in ``[0, 1)``.
+        per_channel: draw ``c`` and ``b`` (and take ``m``) per channel.
+    """
+
+    # values change, pixels do not move: a segmentation mask stays as it is (see ArrayDataModule)
+    moves_masks = False
+    image_only = True
+
+    def __init__(self, brightness: float = 0.1, contrast: float = 0.1, per_channel: bool = False) -> None:
+        super().__init__()
+        if isinstance(brightness, bool) or not isinstance(brightness, int | float) or brightness < 0:
+            raise MedexpError(f"BatchIntensity brightness={brightness!r}; expected a number >= 0 (0: none)")
+        if isinstance(contrast, bool) or not isinstance(contrast, int | float) or not 0 <= contrast < 1:
+            raise MedexpError(f"BatchIntensity contrast={contrast!r}; expected a number in [0, 1) (0: none)")
+        self.brightness, self.contrast, self.per_channel = float(brightness), float(contrast), bool(per_channel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.brightness == 0 and self.contrast == 0:
+            return x
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        x = x.to(dtype)
+        shape = (x.shape[0], x.shape[1] if self.per_channel else 1, *[1] * (x.ndim - 2))
+        factor = 1 + (torch.rand(shape, device=x.device, dtype=dtype) * 2 - 1) * self.contrast
+        offset = (torch.rand(shape, device=x.device, dtype=dtype) * 2 - 1) * self.brightness
+        mean = x.mean(dim=tuple(range(2 if self.per_channel else 1, x.ndim)), keepdim=True)
+        return (x - mean) * factor + mean + offset
 
 
 def mix(x: torch.Tensor, mixup_alpha: float, cutmix_alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
