@@ -80,6 +80,8 @@ VARIANTS = {
     "batch_64": ["data.batch_size=64"],
     "batch_32": ["data.batch_size=32"],
     "focal_2": ["model.loss=focal", "model.focal_gamma=2.0"],
+    # label smoothing to neighbouring grades on ordinal sets (RetinaMNIST); the others unchanged
+    "ordinal_smoothing": ["model.ordinal_smoothing=${data.ordinal}"],
     "epochs_20": ["trainer.max_epochs=20"],
     "epochs_80": ["trainer.max_epochs=80"],
     "width_48": ["model.net.block_inplanes=[48,96,192,384]"],
@@ -103,6 +105,14 @@ VARIANTS = {
     # rotations of up to 15 degrees and zooms of 0.9-1.1 of every training image, on whole batches
     "affine_15": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:15,scale:[0.9,1.1]}")],
     "affine_30": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:30,scale:[0.9,1.1]}")],
+    # contrast and brightness jitter of +-10% (of the [-1, 1] span) per sample; per channel: a colour
+    # jitter (grey sets: the same draws as intensity_0.1)
+    "intensity_0.1": [augmentations("{_target_:medexp.data.batch_augment.BatchIntensity,brightness:0.1,contrast:0.1}")],
+    "color_0.1": [
+        augmentations(
+            "{_target_:medexp.data.batch_augment.BatchIntensity,brightness:0.1,contrast:0.1,per_channel:true}"
+        )
+    ],
     "resnet18": [
         "model=resnet18",
         "model.label_smoothing=0.1",

@@ -14,8 +14,19 @@ import torch
 from torch import nn
 
 from medexp.checkpoints.checkpoint import Checkpoint
-from medexp.data.batch_augment import BatchAffine, BatchFlip, BatchTranslate, affine, mix, rotation, shift, tta_views
+from medexp.data.batch_augment import (
+    BatchAffine,
+    BatchFlip,
+    BatchIntensity,
+    BatchTranslate,
+    affine,
+    mix,
+    rotation,
+    shift,
+    tta_views,
+)
 from medexp.data.medmnist_info import FLIP_AXES, MEDMNIST
+from medexp.tasks.classification import ordinal_cross_entropy, ordinal_targets
 from medexp.tasks.schedules import BudgetSchedule
 from medexp.train import train
 from medexp.utils.config import build
@@ -146,6 +157,38 @@ def test_batch_affine_draws_per_sample_and_refuses_bad_values():
         BatchAffine()(torch.rand(4, 1, 9))
 
 
+def affine_fit(out: torch.Tensor, x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, float]:
+    """The least-squares factor of ``out - mean = c (x - mean)`` over ``dims``, and the largest residual."""
+    xc, oc = x - x.mean(dims, keepdim=True), out - out.mean(dims, keepdim=True)
+    factor = (xc * oc).sum(dims, keepdim=True) / (xc * xc).sum(dims, keepdim=True)
+    return factor.flatten(), float((oc - factor * xc).abs().max())
+
+
+def test_batch_intensity_jitters_contrast_and_brightness_per_sample():
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 8, 8)
+    assert torch.equal(BatchIntensity(brightness=0, contrast=0)(x), x)
+    out = BatchIntensity(brightness=0.2, contrast=0.3)(x)
+    # each sample: one contrast factor in [0.7, 1.3] for all its channels, its mean moved by at most 0.2
+    factor, residual = affine_fit(out, x, (1, 2, 3))
+    offset = out.mean(dim=(1, 2, 3)) - x.mean(dim=(1, 2, 3))
+    assert residual < 1e-5 and float(factor.std()) > 0.05
+    assert bool(((factor > 0.7 - 1e-5) & (factor < 1.3 + 1e-5)).all())
+    assert bool((offset.abs() <= 0.2 + 1e-5).all()) and float(offset.std()) > 0.02
+    # per_channel: a colour jitter, one factor per sample and channel
+    coloured = BatchIntensity(brightness=0.2, contrast=0.3, per_channel=True)(x)
+    assert affine_fit(coloured, x, (1, 2, 3))[1] > 1e-2
+    factor, residual = affine_fit(coloured, x, (2, 3))
+    assert residual < 1e-5 and float(factor.view(32, 3).std(dim=1).mean()) > 0.05
+    assert BatchIntensity()(torch.randint(0, 255, (2, 1, 4, 4), dtype=torch.uint8)).dtype == torch.float32
+    for kwargs, message in (
+        ({"brightness": -0.1}, r"BatchIntensity brightness=-0.1; expected a number >= 0"),
+        ({"contrast": 1.0}, r"BatchIntensity contrast=1.0; expected a number in \[0, 1\)"),
+    ):
+        with pytest.raises(MedexpError, match=message):
+            BatchIntensity(**kwargs)
+
+
 SEG = [
     "data=synthetic_seg",
     "data.image_size=16",
@@ -184,6 +227,16 @@ def test_batch_augmentations_move_segmentation_masks_with_their_images(tmp_path)
     assert result.returncode != 0
     assert "data.batch_augmentations.0: BatchAffine cannot move segmentation masks with their images" in result.stderr
     assert "Traceback" not in result.stderr
+    # an intensity jitter changes the images only: the mask stays as it was
+    cfg = compose_config(
+        [*SEG, *tiny_unet, "data.batch_augmentations=[{_target_: medexp.data.batch_augment.BatchIntensity}]", *QUIET],
+        output_dir=tmp_path / "intensity",
+    )
+    data = build(cfg.data)
+    data.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    data.trainer.training = True
+    jittered = data.on_after_batch_transfer({"image": image, "label": label}, 0)
+    assert torch.equal(jittered["label"], label) and not torch.equal(jittered["image"], image)
 
 
 def test_mixup_and_cutmix_mix_with_the_lambda_they_report():
@@ -317,6 +370,62 @@ def test_test_time_flips_average_the_logits_of_the_views(breast):
     plain = classifier("model.tta_flips=null", root=breast).eval()
     with torch.no_grad():
         assert torch.equal(plain.infer(x), plain(x))
+
+
+# --- ordinal label smoothing ---------------------------------------------------------------
+
+
+def test_ordinal_smoothing_spreads_to_neighbouring_grades():
+    soft = ordinal_targets(torch.tensor([0, 2]), 5, 0.1)
+    assert torch.allclose(soft.sum(1), torch.ones(2))
+    # grade 0: 0.9 on it, the rest falling with the distance; grade 2: symmetric about it
+    assert soft[0, 0] > 0.9 and bool((soft[0, :-1] > soft[0, 1:]).all())
+    assert soft[1, 1] == soft[1, 3] and soft[1, 1] > soft[1, 0] == soft[1, 4]
+    # s in proportion to exp(-distance): grade 0's distances are 0..4
+    assert torch.allclose(soft[0, 1:], 0.1 * torch.exp(-torch.arange(1.0, 5)) / torch.exp(-torch.arange(5.0)).sum())
+    logits, grades = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 4])
+    # no smoothing: the plain cross-entropy, with and without class weights
+    weight = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert torch.allclose(ordinal_cross_entropy(logits, grades, 0.0), nn.functional.cross_entropy(logits, grades))
+    assert torch.allclose(
+        ordinal_cross_entropy(logits, grades, 0.0, weight), nn.functional.cross_entropy(logits, grades, weight=weight)
+    )
+    assert not torch.allclose(
+        ordinal_cross_entropy(logits, grades, 0.1), nn.functional.cross_entropy(logits, grades, label_smoothing=0.1)
+    )
+
+
+def test_ordinal_smoothing_reads_the_metadata_and_trains_through_medexp_train(tmp_path):
+    write_medmnist_npz(tmp_path / "retinamnist.npz", SPLITS, num_classes=5, channels=3)
+    ordinal = "model.ordinal_smoothing=${data.ordinal}"
+    for name, expected in (("retinamnist", True), ("breastmnist", False), ("dermamnist", False)):
+        cfg = compose_config([*FAST, f"data.name={name}", ordinal], output_dir=tmp_path)
+        assert cfg.model.ordinal_smoothing is expected and cfg.data.ordinal is expected, name
+    run_cli(
+        "train",
+        *FAST,
+        "data.name=retinamnist",
+        f"data.root={tmp_path}",
+        ordinal,
+        "trainer.max_epochs=1",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    assert 0.0 <= json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["test/auroc"] <= 1.0
+    model = Checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt").build_model()
+    assert model.hparams.ordinal_smoothing is True and model.hparams.label_smoothing == 0.1
+    logits, grades = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    assert torch.allclose(model.compute_loss(logits, grades), ordinal_cross_entropy(logits, grades, 0.1))
+    # refused where the classes are not grades of one scale, or with another loss
+    for bad, match in (
+        (["data.name=chestmnist"], "task='multilabel'"),
+        (["data.name=retinamnist", "model.loss=focal"], "loss='focal'"),
+    ):
+        cfg = compose_config(
+            [*FAST, f"data.root={tmp_path}", *bad, "model.ordinal_smoothing=true"], output_dir=tmp_path
+        )
+        with pytest.raises(MedexpError, match=rf"model.ordinal_smoothing=true needs .*{match}"):
+            build(cfg.model)
 
 
 # --- EMA weights ----------------------------------------------------------------------------
