@@ -80,6 +80,8 @@ VARIANTS = {
     "batch_64": ["data.batch_size=64"],
     "batch_32": ["data.batch_size=32"],
     "focal_2": ["model.loss=focal", "model.focal_gamma=2.0"],
+    # inverse class frequency of the training labels in the loss
+    "class_weights": ["model.class_weights=auto"],
     # label smoothing to neighbouring grades on ordinal sets (RetinaMNIST); the others unchanged
     "ordinal_smoothing": ["model.ordinal_smoothing=${data.ordinal}"],
     "epochs_20": ["trainer.max_epochs=20"],
