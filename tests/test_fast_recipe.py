@@ -372,6 +372,23 @@ def test_test_time_flips_average_the_logits_of_the_views(breast):
         assert torch.equal(plain.infer(x), plain(x))
 
 
+def test_class_weights_train_with_ema_weights(breast):
+    """model.class_weights=auto with the recipe's EMA: the weights, computed when the run starts,
+    are no model state, so the averaged copy lines up with the model (it failed in validation)."""
+    run_cli(
+        "train",
+        *FAST,
+        f"data.root={breast}",
+        "model.class_weights=auto",
+        "trainer.max_epochs=1",
+        "hydra.run.dir=run",
+        cwd=breast,
+    )
+    model = Checkpoint(breast / "run" / "checkpoints" / "best.ckpt").build_model()
+    assert model.hparams.class_weights == "auto" and "class_weight" not in model.state_dict()
+    assert 0.0 <= json.loads((breast / "run" / "metrics.json").read_text())["test"]["test/auroc"] <= 1.0
+
+
 # --- ordinal label smoothing ---------------------------------------------------------------
 
 

@@ -234,8 +234,10 @@ class ClassificationTask(BaseTask):
         # the site index of each sample of the batch being evaluated (None: the data have no
         # sites), read by per-site test-time adaptation (medexp.callbacks.adaptation)
         self.current_sites: torch.Tensor | None = None
-        # set in setup(): "auto" needs the training labels; not part of the checkpoint's weights
-        self.register_buffer("class_weight", None, persistent=False)
+        # set in setup(): "auto" needs the training labels. A plain tensor, not a buffer: it is
+        # not the model's state, and a buffer appearing in setup() would not line up with the
+        # copy that weight averaging (callbacks.ema) takes of the module before it
+        self.class_weight: torch.Tensor | None = None
         # temperature scaling (Guo et al., 2017): fitted after training when calibrate=true
         self.register_buffer("temperature", torch.ones(()))
         # (where, undefined classes) already warned about: once per split, not every epoch
@@ -300,7 +302,7 @@ class ClassificationTask(BaseTask):
             else:
                 weights = total / (self.num_classes * counts)
         if weights is not None:
-            self.class_weight = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
+            self.class_weight = torch.as_tensor(weights, dtype=torch.float32)
 
     def _setup_sites(self, datamodule: Any) -> None:
         names = getattr(datamodule, "site_names", None)
@@ -418,16 +420,15 @@ class ClassificationTask(BaseTask):
 
     def compute_loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         smoothing = self.hparams.label_smoothing
+        weight = None if self.class_weight is None else self.class_weight.to(outputs.device)
         if self.loss_kind == "focal":
-            return focal_loss(
-                outputs, target, self.task == "multilabel", self.hparams.focal_gamma, self.class_weight, smoothing
-            )
+            return focal_loss(outputs, target, self.task == "multilabel", self.hparams.focal_gamma, weight, smoothing)
         if self.task == "multilabel":
             target = target.float() * (1 - smoothing) + 0.5 * smoothing
-            return F.binary_cross_entropy_with_logits(outputs, target, pos_weight=self.class_weight)
+            return F.binary_cross_entropy_with_logits(outputs, target, pos_weight=weight)
         if self.hparams.get("ordinal_smoothing"):
-            return ordinal_cross_entropy(outputs, target, smoothing, self.class_weight)
-        return F.cross_entropy(outputs, target, weight=self.class_weight, label_smoothing=smoothing)
+            return ordinal_cross_entropy(outputs, target, smoothing, weight)
+        return F.cross_entropy(outputs, target, weight=weight, label_smoothing=smoothing)
 
     def postprocess(self, outputs: torch.Tensor) -> torch.Tensor:
         """``(B, num_classes)`` logits -> probabilities (sigmoid for multi-label, softmax otherwise),
