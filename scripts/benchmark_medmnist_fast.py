@@ -52,14 +52,17 @@ PUBLISHED = {
     },
 }
 # the recipe's batch augmentations (per-sample flips along the safe axes, 2-pixel shifts) plus more
-RECIPE_AUGMENTATIONS = (
+# the recipe's batch augmentations up to round 6: flips and shifts; round 7 added the intensity jitter
+FLIPS_SHIFTS = (
     "{_target_:medexp.data.batch_augment.BatchFlip,axes:${data.flip_axes},prob:0.5}",
     "{_target_:medexp.data.batch_augment.BatchTranslate,pixels:2,mode:reflect}",
 )
+INTENSITY = "{_target_:medexp.data.batch_augment.BatchIntensity,brightness:0.1,contrast:0.1}"
+RECIPE_AUGMENTATIONS = (*FLIPS_SHIFTS, INTENSITY)
 
 
-def augmentations(*extra: str) -> str:
-    return f"data.batch_augmentations=[{','.join([*RECIPE_AUGMENTATIONS, *extra])}]"
+def augmentations(*extra: str, base: tuple[str, ...] = RECIPE_AUGMENTATIONS) -> str:
+    return f"data.batch_augmentations=[{','.join([*base, *extra])}]"
 
 
 # each variant changes the recipe in one place (overrides on top of experiment=medmnist_fast)
@@ -105,14 +108,18 @@ VARIANTS = {
         "trainer.max_epochs='${epochs_for:150000,${medmnist:${data.name},train_size},${model.ensemble},40}'",
     ],
     # rotations of up to 15 degrees and zooms of 0.9-1.1 of every training image, on whole batches
+    # (rounds 4-5 measured them on the flips and shifts alone, before the intensity jitter)
     "affine_15": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:15,scale:[0.9,1.1]}")],
     "affine_30": [augmentations("{_target_:medexp.data.batch_augment.BatchAffine,degrees:30,scale:[0.9,1.1]}")],
-    # contrast and brightness jitter of +-10% (of the [-1, 1] span) per sample; per channel: a colour
-    # jitter (grey sets: the same draws as intensity_0.1)
-    "intensity_0.1": [augmentations("{_target_:medexp.data.batch_augment.BatchIntensity,brightness:0.1,contrast:0.1}")],
+    # contrast and brightness jitter of +-10% (of the [-1, 1] span) per sample, added to the flips and
+    # shifts in round 7 (since then the recipe itself); no_intensity: the round-6 augmentations
+    "intensity_0.1": [augmentations(base=(*FLIPS_SHIFTS, INTENSITY))],
+    "no_intensity": [augmentations(base=FLIPS_SHIFTS)],
+    # the jitter per channel, a colour jitter, instead of per sample (grey sets: the same draws)
     "color_0.1": [
         augmentations(
-            "{_target_:medexp.data.batch_augment.BatchIntensity,brightness:0.1,contrast:0.1,per_channel:true}"
+            "{_target_:medexp.data.batch_augment.BatchIntensity,brightness:0.1,contrast:0.1,per_channel:true}",
+            base=FLIPS_SHIFTS,
         )
     ],
     "resnet18": [

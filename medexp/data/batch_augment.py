@@ -8,7 +8,8 @@ fast recipe augments the batch after it is collated (``data.batch_augmentations`
 DataModule's ``on_after_batch_transfer`` to training batches only, on the batch's device).
 The same shift serves test-time augmentation (:func:`shift`). :class:`BatchAffine` rotates and
 zooms each sample in one resampling of the batch (about 45 microseconds per 3x28x28 image);
-:class:`BatchIntensity` jitters each sample's contrast and brightness (or colours).
+:class:`BatchIntensity` jitters each sample's contrast and brightness (or colours; about 1 and
+9 microseconds per grey and colour 28x28 image on 2 threads).
 
 Spatial axes are numbered as in MONAI's transforms (``spatial_axis``): 0 is the first axis after
 the channels (rows, "up-down"), 1 the next (columns, "left-right"), 2 a volume's third.
