@@ -115,6 +115,12 @@ VARIANTS = {
     # shifts in round 7 (since then the recipe itself); no_intensity: the round-6 augmentations
     "intensity_0.1": [augmentations(base=(*FLIPS_SHIFTS, INTENSITY))],
     "no_intensity": [augmentations(base=FLIPS_SHIFTS)],
+    # twice the jitter, measured after 0.1 was adopted
+    "intensity_0.2": [
+        augmentations(
+            "{_target_:medexp.data.batch_augment.BatchIntensity,brightness:0.2,contrast:0.2}", base=FLIPS_SHIFTS
+        )
+    ],
     # the jitter per channel, a colour jitter, instead of per sample (grey sets: the same draws)
     "color_0.1": [
         augmentations(
