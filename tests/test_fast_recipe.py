@@ -324,6 +324,24 @@ def test_the_benchmarks_spend_budget_variant_fills_the_budget_with_epochs(breast
         assert (cfg.model.ensemble, cfg.trainer.max_epochs) == (members, epochs), name
 
 
+def test_every_benchmark_variant_composes_and_builds_its_augmentations(breast):
+    """Each variant of scripts/benchmark_medmnist_fast.py is a valid override list on the recipe,
+    and its batch augmentations build (a typo would surface only minutes into a benchmark)."""
+    import runpy
+
+    script = Path(__file__).parents[1] / "scripts" / "benchmark_medmnist_fast.py"
+    for name, overrides in runpy.run_path(str(script))["VARIANTS"].items():
+        cfg = compose_config([*FAST, f"data.root={breast}", *overrides], output_dir=breast / "run")
+        augment = [type(a).__name__ for a in build(cfg.data).batch_augmentations]
+        assert augment[:2] == ["BatchFlip", "BatchTranslate"] or augment == [], name
+    recipe = compose_config([*FAST, f"data.root={breast}"], output_dir=breast / "run")
+    assert [type(a).__name__ for a in build(recipe.data).batch_augmentations] == [
+        "BatchFlip",
+        "BatchTranslate",
+        "BatchIntensity",
+    ]
+
+
 def test_bad_flip_axes_and_tta_options_are_one_line_errors(breast):
     cfg = compose_config([*FAST, f"data.root={breast}", "data.flip_axes=[3]"], output_dir=breast / "run")
     with pytest.raises(MedexpError, match=r"data.flip_axes=\[3\]; expected distinct spatial axes from \[0, 1\]"):
