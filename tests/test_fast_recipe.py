@@ -184,6 +184,7 @@ def test_batch_intensity_jitters_contrast_and_brightness_per_sample():
     for kwargs, message in (
         ({"brightness": -0.1}, r"BatchIntensity brightness=-0.1; expected a number >= 0"),
         ({"contrast": 1.0}, r"BatchIntensity contrast=1.0; expected a number in \[0, 1\)"),
+        ({"per_channel": "no"}, r"BatchIntensity per_channel='no'; expected true or false"),
     ):
         with pytest.raises(MedexpError, match=message):
             BatchIntensity(**kwargs)

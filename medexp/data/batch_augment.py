@@ -246,7 +246,9 @@ class BatchIntensity(nn.Module):
             raise MedexpError(f"BatchIntensity brightness={brightness!r}; expected a number >= 0 (0: none)")
         if isinstance(contrast, bool) or not isinstance(contrast, int | float) or not 0 <= contrast < 1:
             raise MedexpError(f"BatchIntensity contrast={contrast!r}; expected a number in [0, 1) (0: none)")
-        self.brightness, self.contrast, self.per_channel = float(brightness), float(contrast), bool(per_channel)
+        if not isinstance(per_channel, bool):
+            raise MedexpError(f"BatchIntensity per_channel={per_channel!r}; expected true or false")
+        self.brightness, self.contrast, self.per_channel = float(brightness), float(contrast), per_channel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.brightness == 0 and self.contrast == 0:
