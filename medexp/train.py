@@ -1,12 +1,13 @@
-"""``medexp train`` (or ``python -m medexp.train``): fit a model, then test its best checkpoint.
+"""``medexp train`` (or ``python -m medexp.train``): fit a model, then test its best (or, with
+``test_checkpoint=last``, its last) checkpoint.
 
 Writes into the run directory: Hydra's config and overrides (``.hydra/``), the resolved config
 (``resolved_config.yaml``, and as the tree printed at the start, ``config_tree.log``, unless
 ``extras.print_config=false``), ``run_info.json``
 (seed, git commit, package versions, data fingerprint, logger run ids),
-``checkpoints/{best,last}.ckpt``, logger files, ``metrics.json`` (the best checkpoint's val
+``checkpoints/{best,last}.ckpt``, logger files, ``metrics.json`` (the tested checkpoint's val
 and test metrics; with ``model.calibrate=true`` the temperature fitted on the validation split,
-under ``calibration``) and, with ``report=true``, ``report/`` (the evaluation report of the best
+under ``calibration``) and, with ``report=true``, ``report/`` (the evaluation report of the tested
 checkpoint on the test split: see :mod:`medexp.reports.evaluation`).
 ``ckpt_path=<run>/checkpoints/last.ckpt`` resumes that run in its directory
 (see :func:`medexp.utils.rundir.resume_arguments`).
@@ -38,12 +39,13 @@ register_plugins()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; test the best checkpoint.
+    """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; test the best (or last) checkpoint.
 
     Returns:
         The contents of ``metrics.json``: ``status`` (``complete``, or ``pruned`` when an Optuna
         pruner stopped the run), ``seed``, ``fit``, ``monitor``, ``best_score``,
-        ``best_checkpoint``, ``calibration`` (with ``model.calibrate=true``), ``val`` and ``test``.
+        ``best_checkpoint``, ``tested_checkpoint`` (with ``test_checkpoint=last``), ``calibration``
+        (with ``model.calibrate=true``), ``val`` and ``test``.
     """
     _resume_requeued_job(cfg)
     _check_before_building(cfg)
@@ -126,11 +128,25 @@ def _check_before_building(cfg: DictConfig) -> None:
     from medexp.utils.validation import validate_config
 
     config = check_config(cfg)
-    validate_config(config, extra=[*check_privacy(config), *check_finetuning(config)])
+    validate_config(config, extra=[*check_privacy(config), *check_finetuning(config), *_tested_problems(config)])
     if config.get("ckpt_path"):
         from medexp.checkpoints.checkpoint import Checkpoint
 
         Checkpoint(config["ckpt_path"]).check_builds_like(config)
+
+
+def _tested_problems(config: dict[str, Any]) -> list[str]:
+    """``test_checkpoint=last`` needs the callback that writes ``last.ckpt``."""
+    if (
+        config.get("test_checkpoint") == "last"
+        and config.get("train")
+        and not (config.get("callbacks") or {}).get("last_checkpoint")
+    ):
+        return [
+            "test_checkpoint=last tests checkpoints/last.ckpt, which callbacks.last_checkpoint writes, but that "
+            "callback is off; keep callbacks.last_checkpoint or set test_checkpoint=best"
+        ]
+    return []
 
 
 def _check_resolved(cfg: DictConfig) -> dict[str, Any]:
@@ -317,15 +333,15 @@ def _fit_and_test(
         datamodule.setup()  # done by fit; a test-only run (train=false) has not set it up yet
         info["data_fingerprint"] = datamodule.fingerprint()
         write_json(Path(cfg.paths.output_dir) / "run_info.json", info)
-    best = _best_checkpoint(cfg, trainer, model, metrics)
+    tested = _tested_checkpoint(cfg, trainer, _best_checkpoint(cfg, trainer, model, metrics), metrics)
     if cfg.train and metrics["status"] != "pruned" and model.hparams.get("calibrate"):
-        # temperature scaling of the best checkpoint on the validation split, written into it
+        # temperature scaling of the tested checkpoint on the validation split, written into it
         from medexp.reports.calibration import calibrate_checkpoint
 
         key_env = OmegaConf.select(cfg, "encryption.key_env")
-        metrics["calibration"] = calibrate_checkpoint(trainer, model, datamodule, best or None, key_env)
+        metrics["calibration"] = calibrate_checkpoint(trainer, model, datamodule, tested or None, key_env)
     if cfg.test and metrics["status"] != "pruned":
-        _test(cfg, trainer, model, datamodule, metrics, best)
+        _test(cfg, trainer, model, datamodule, metrics, tested)
 
 
 def _best_checkpoint(cfg: DictConfig, trainer: Any, model: Any, metrics: dict[str, Any]) -> str:
@@ -342,14 +358,34 @@ def _best_checkpoint(cfg: DictConfig, trainer: Any, model: Any, metrics: dict[st
     return best
 
 
-def _test(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any, metrics: dict[str, Any], best: str) -> None:
-    """Validate and test the best checkpoint into ``metrics``; with ``report=true``, its report."""
+def _tested_checkpoint(cfg: DictConfig, trainer: Any, best: str, metrics: dict[str, Any]) -> str:
+    """The checkpoint that validation, calibration and test use (``test_checkpoint``): ``best``,
+    or with ``test_checkpoint=last`` the latest one the unmonitored checkpoint callback saved
+    (``last.ckpt``), recorded in ``metrics`` as ``tested_checkpoint``."""
+    if not cfg.train or cfg.get("test_checkpoint", "best") != "last":
+        return best
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    latest = [
+        c.best_model_path
+        for c in trainer.checkpoint_callbacks
+        if isinstance(c, ModelCheckpoint) and c.monitor is None and c.best_model_path
+    ]
+    if not latest:
+        log.warning("test_checkpoint=last, but no last checkpoint was saved; testing the best one")
+        return best
+    metrics["tested_checkpoint"] = latest[0]
+    return latest[0]
+
+
+def _test(cfg: DictConfig, trainer: Any, model: Any, datamodule: Any, metrics: dict[str, Any], tested: str) -> None:
+    """Validate and test the ``tested`` checkpoint into ``metrics``; with ``report=true``, its report."""
     from medexp.utils.run_info import to_floats
 
     # without training (train=false), test the checkpoint given as ckpt_path
-    ckpt = best or cfg.ckpt_path
+    ckpt = tested or cfg.ckpt_path
     if not ckpt:
-        log.warning("no best checkpoint was saved; evaluating the current weights")
+        log.warning("no checkpoint was saved; evaluating the current weights")
     metrics["val"] = to_floats(trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)[0])
     metrics["test"] = to_floats(trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)[0])
     if cfg.get("report") and trainer.is_global_zero:

@@ -67,3 +67,36 @@ def test_eval_applies_data_overrides_that_fit_the_checkpoint(tmp_path):
     assert results["test"]["test/auroc"] == pytest.approx(recorded["test/auroc"], abs=1e-6)
     with pytest.raises(MedexpError, match="data.root='elsewhere' does not apply"):
         evaluate(compose_config([f"ckpt_path={ckpt}", "data.root=elsewhere"], "eval", output_dir=tmp_path / "e2"))
+
+
+def test_test_checkpoint_last_validates_and_tests_the_final_weights(tmp_path):
+    """``medexp train test_checkpoint=last``: validation, test and the report use last.ckpt, not
+    best.ckpt. Monitored by validation loss, which rises over these 3 epochs, "best" is the first."""
+    from tests.conftest import run_cli
+
+    run_cli(
+        "train",
+        *FAST,
+        "trainer.max_epochs=3",
+        "model.monitor=val/loss",
+        "test_checkpoint=last",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    losses = [float(r["val/loss"]) for r in csv.DictReader((run / "csv" / "metrics.csv").open()) if r.get("val/loss")]
+    fit_losses = losses[:3]  # then one validation of the tested checkpoint
+    assert min(fit_losses) != fit_losses[-1]  # best and last differ
+    assert metrics["best_checkpoint"].endswith("best.ckpt") and metrics["best_score"] == pytest.approx(min(fit_losses))
+    assert metrics["tested_checkpoint"] == str(run / "checkpoints" / "last.ckpt")
+    assert metrics["val"]["val/loss"] == pytest.approx(fit_losses[-1], abs=1e-6)
+    assert json.loads((run / "report" / "report.json").read_text())["checkpoint"].endswith("last.ckpt")
+    # refused in one line: an unknown choice, and last without the callback that writes last.ckpt
+    for overrides, message in (
+        (["test_checkpoint=final"], "test_checkpoint='final'; expected one of ['best', 'last']"),
+        (["test_checkpoint=last", "callbacks.last_checkpoint=null"], "but that callback is off"),
+    ):
+        result = run_cli("train", *FAST, *overrides, "hydra.run.dir=bad", cwd=tmp_path, check=False)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr

@@ -134,6 +134,7 @@ RULES: tuple[Rule, ...] = (
     Rule("report", "bool"),
     Rule("model.calibrate", "bool"),
     Rule("test", "bool"),
+    Rule("test_checkpoint", ("best", "last")),
     Rule("optimizer.lr", "number", 0, low_open=True),
     Rule("optimizer.weight_decay", "number", 0),
     Rule("optimizer.momentum", "number", 0, 1, high_open=True),
