@@ -219,6 +219,67 @@ def train_rows(args: argparse.Namespace, variants: list[str], seeds: list[int]) 
                 print(json.dumps(row), flush=True)
 
 
+def held_out(args: argparse.Namespace) -> None:
+    """Which checkpoint to test, chosen on images no choice has seen: each variant trains on
+    ``--folds`` of the training split (``data.fold=k``; it validates, and picks best.ckpt, on fold k),
+    and then its best.ckpt and last.ckpt are evaluated on the official validation split, which the
+    fold runs never use. Fold k's runs are ``<log-dir>/fold<k>/variants/...``, their rows
+    ``<out>_fold<k>.jsonl``; the held-out rows go to ``--out``."""
+    out = Path(args.out)
+    for fold in args.folds:
+        fold_args = argparse.Namespace(**vars(args))
+        fold_args.base = [*args.base, f"data.fold={fold}"]
+        fold_args.log_dir, fold_args.phase = f"{args.log_dir}/fold{fold}", "variants"
+        fold_args.out = str(out.with_name(f"{out.stem}_fold{fold}{out.suffix}"))
+        train_rows(fold_args, args.variants, args.seeds or [0])
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    seen = {(r["dataset"], r["variant"], r["seed"], r["fold"], r["checkpoint"]) for r in rows}
+    for fold in args.folds:
+        for dataset in args.datasets:
+            for variant in args.variants:
+                for seed in args.seeds or [0]:
+                    run_dir = Path(args.log_dir) / f"fold{fold}" / "variants" / f"{dataset}_{variant}_seed{seed}"
+                    for name in ("best", "last"):
+                        if (dataset, variant, seed, fold, name) in seen:
+                            continue
+                        row = {"dataset": dataset, "variant": variant, "seed": seed, "fold": fold, "checkpoint": name}
+                        row.update(official_validation(run_dir / "checkpoints" / f"{name}.ckpt"))
+                        with out.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        print(json.dumps(row), flush=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for dataset in args.datasets:
+        for variant in args.variants:
+            for name in ("best", "last"):
+                group = [r for r in rows if (r["dataset"], r["variant"], r["checkpoint"]) == (dataset, variant, name)]
+                if group:
+                    auc, acc = (statistics.mean(r[k] for r in group) for k in ("val_auc", "val_acc"))
+                    print(f"{dataset} {variant} {name}: {len(group)} runs, official val AUC {auc:.4f} ACC {acc:.4f}")
+
+
+def official_validation(ckpt_path: Path) -> dict:
+    """A fold run's checkpoint on the official validation split (``data.fold`` cleared): AUROC,
+    accuracy, the checkpoint's epoch and the number of images evaluated."""
+    import lightning.pytorch as L
+    from omegaconf import OmegaConf
+
+    from medexp.checkpoints.checkpoint import Checkpoint
+    from medexp.utils.config import build
+
+    checkpoint = Checkpoint(ckpt_path)
+    run_cfg = OmegaConf.create(checkpoint.checked_config())
+    run_cfg.data.fold, run_cfg.data.output_dir = None, None
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    datamodule = build(run_cfg.data)
+    metrics = trainer.validate(checkpoint.build_model(), datamodule=datamodule, verbose=False)[0]
+    return {
+        "val_auc": metrics["val/auroc"],
+        "val_acc": metrics["val/accuracy"],
+        "epoch": checkpoint.contents["epoch"],
+        "images": len(datamodule.val_dataloader().dataset),
+    }
+
+
 def throughput(args: argparse.Namespace) -> None:
     """Training images/s (forward, backward, AdamW step; batch 128, 1x28x28, 2 threads) of each
     model config's network, built by Hydra from medexp's own YAML, one after the other."""
@@ -344,7 +405,7 @@ def table(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["variants", "final", "throughput", "table", "refresh"])
+    parser.add_argument("phase", choices=["variants", "final", "held_out", "throughput", "table", "refresh"])
     parser.add_argument("--data-root", default="../shared/data/medmnist")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -358,16 +419,22 @@ def main() -> None:
         help="overrides of every run before the variant's; the committed variants were measured on the draft "
         "recipe with test-time flips: --base 'model.tta_flips=${data.flip_axes}'",
     )
+    parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="held_out: data.fold values")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per network (throughput)")
     parser.add_argument("--throughput-out", default="docs/benchmark_medmnist_fast_throughput.jsonl")
     args = parser.parse_args()
     if args.phase == "throughput":
         return throughput(args)
-    args.out = args.out or f"docs/benchmark_medmnist_fast_{'variants' if args.phase == 'variants' else 'final'}.jsonl"
+    args.out = (
+        args.out
+        or f"docs/benchmark_medmnist_fast_{args.phase if args.phase in ('variants', 'held_out') else 'final'}.jsonl"
+    )
     if args.phase == "table":
         return table(args)
     if args.phase == "refresh":
         return refresh(Path(args.out), Path(args.log_dir), "variants" if "variants" in args.out else "final")
+    if args.phase == "held_out":
+        return held_out(args)
     if args.phase == "variants":
         return train_rows(args, args.variants, args.seeds or [0])
     return train_rows(args, ["recipe"], args.seeds or [0, 1, 2])

@@ -715,3 +715,27 @@ def test_validation_after_fit_runs_on_the_checkpoint_it_loads(tmp_path):
     assert not torch.equal(first, model.layer.weight.detach())
     trainer.validate(model, ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
     assert torch.equal(model.validated[-1], first)
+
+
+def test_the_benchmarks_held_out_phase_scores_fold_checkpoints_on_the_official_validation_split(breast):
+    """``benchmark_medmnist_fast.py held_out``: the recipe trains on cross-validation folds of the
+    training split, then each fold run's best.ckpt and last.ckpt are scored on the official
+    validation split (32 images here; a fold holds 19 or 20), which no fold run has seen."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ENV
+
+    script = Path(__file__).parents[1] / "scripts" / "benchmark_medmnist_fast.py"
+    out = breast / "held_out.jsonl"
+    base = ["model.ensemble=1", "trainer.max_epochs=2", "data.batch_size=32", "report=false"]
+    command = [sys.executable, str(script), "held_out", "--data-root", str(breast), "--datasets", "breastmnist"]
+    command += ["--variants", "recipe", "--folds", "0", "1", "--log-dir", str(breast / "logs"), "--out", str(out)]
+    subprocess.run([*command, "--base", *base], cwd=breast, env=ENV, check=True, capture_output=True, timeout=600)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["fold"], r["checkpoint"]) for r in rows] == [(0, "best"), (0, "last"), (1, "best"), (1, "last")]
+    assert all(r["images"] == SPLITS["val"] and 0.0 <= r["val_auc"] <= 1.0 for r in rows)
+    assert all(r["epoch"] == 1 for r in rows if r["checkpoint"] == "last")
+    for fold in (0, 1):  # each fold run validated on its own fold of the training split
+        fold_rows = (breast / f"held_out_fold{fold}.jsonl").read_text().splitlines()
+        assert json.loads(fold_rows[0])["overrides"][-1] == f"data.fold={fold}"
