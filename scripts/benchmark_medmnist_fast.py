@@ -79,6 +79,7 @@ VARIANTS = {
     "sgd": ["optimizer=sgd", "optimizer.lr=0.05", "optimizer.weight_decay=5e-4"],
     "lr_1e-3": ["optimizer.lr=1e-3"],
     "wd_0.01": ["optimizer.weight_decay=0.01"],
+    "wd_0.1": ["optimizer.weight_decay=0.1"],
     "ema_0.98": ["callbacks.ema.decay=0.98"],
     "batch_64": ["data.batch_size=64"],
     "batch_32": ["data.batch_size=32"],
@@ -89,6 +90,12 @@ VARIANTS = {
     "ordinal_smoothing": ["model.ordinal_smoothing=${data.ordinal}"],
     "epochs_20": ["trainer.max_epochs=20"],
     "epochs_80": ["trainer.max_epochs=80"],
+    # half the epochs, with as many networks (at most 5) as then fit the 150k training image passes:
+    # BreastMNIST and RetinaMNIST 5, PneumoniaMNIST 1
+    "epochs_20_x5": [
+        "trainer.max_epochs=20",
+        "model.ensemble='${members_for:150000,${medmnist:${data.name},train_size},${trainer.max_epochs},5}'",
+    ],
     "width_48": ["model.net.block_inplanes=[48,96,192,384]"],
     # width 48 with as many networks as the budget's compute allows: a pass of the wider network
     # costs 2.1x the CPU time of the recipe's (round 8), so 150k passes become 71k (BreastMNIST 3
@@ -223,7 +230,8 @@ def held_out(args: argparse.Namespace) -> None:
     """Which checkpoint to test, chosen on images no choice has seen: each variant trains on
     ``--folds`` of the training split (``data.fold=k``; it validates, and picks best.ckpt, on fold k),
     and then its best.ckpt and last.ckpt are evaluated on the official validation split, which the
-    fold runs never use. Fold k's runs are ``<log-dir>/fold<k>/variants/...``, their rows
+    fold runs never use, and beside it on the run's own fold (``fold_val_*``: unselected for
+    last.ckpt). Fold k's runs are ``<log-dir>/fold<k>/variants/...``, their rows
     ``<out>_fold<k>.jsonl``; the held-out rows go to ``--out``."""
     out = Path(args.out)
     for fold in args.folds:
@@ -247,14 +255,38 @@ def held_out(args: argparse.Namespace) -> None:
                         with out.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         print(json.dumps(row), flush=True)
+    # each row also gets its checkpoint's validation on the run's own fold (from the run's log)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        run_dir = Path(args.log_dir) / f"fold{row['fold']}" / "variants"
+        run_dir /= f"{row['dataset']}_{row['variant']}_seed{row['seed']}"
+        row["fold_val_auc"], row["fold_val_acc"] = fold_validation(run_dir, row["epoch"])
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     for dataset in args.datasets:
         for variant in args.variants:
             for name in ("best", "last"):
                 group = [r for r in rows if (r["dataset"], r["variant"], r["checkpoint"]) == (dataset, variant, name)]
                 if group:
-                    auc, acc = (statistics.mean(r[k] for r in group) for k in ("val_auc", "val_acc"))
-                    print(f"{dataset} {variant} {name}: {len(group)} runs, official val AUC {auc:.4f} ACC {acc:.4f}")
+                    means = [
+                        statistics.mean(r[k] for r in group)
+                        for k in ("val_auc", "val_acc", "fold_val_auc", "fold_val_acc")
+                    ]
+                    print(
+                        f"{dataset} {variant} {name}: {len(group)} runs, official val AUC {means[0]:.4f} ACC "
+                        f"{means[1]:.4f}; own fold AUC {means[2]:.4f} ACC {means[3]:.4f}"
+                    )
+
+
+def fold_validation(run_dir: Path, epoch: int) -> tuple[float, float]:
+    """Validation AUROC and accuracy of a fold run at ``epoch``, on its own fold, from its CSV log
+    (the rows of every validation during fit; the last row, the tested checkpoint's, left out).
+    For last.ckpt this is unselected; for best.ckpt it is the figure that picked it."""
+    import csv
+
+    log = next(run_dir.glob("csv/**/metrics.csv"))
+    rows = [r for r in csv.DictReader(log.open()) if r.get("val/auroc")][:-1]
+    row = next(r for r in rows if int(r["epoch"]) == epoch)
+    return float(row["val/auroc"]), float(row["val/accuracy"])
 
 
 def official_validation(ckpt_path: Path) -> dict:

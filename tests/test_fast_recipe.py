@@ -720,7 +720,8 @@ def test_validation_after_fit_runs_on_the_checkpoint_it_loads(tmp_path):
 def test_the_benchmarks_held_out_phase_scores_fold_checkpoints_on_the_official_validation_split(breast):
     """``benchmark_medmnist_fast.py held_out``: the recipe trains on cross-validation folds of the
     training split, then each fold run's best.ckpt and last.ckpt are scored on the official
-    validation split (32 images here; a fold holds 19 or 20), which no fold run has seen."""
+    validation split (32 images here; a fold holds 19 or 20), which no fold run has seen, and
+    beside it on the run's own fold, read from its log."""
     import subprocess
     import sys
 
@@ -736,6 +737,8 @@ def test_the_benchmarks_held_out_phase_scores_fold_checkpoints_on_the_official_v
     assert [(r["fold"], r["checkpoint"]) for r in rows] == [(0, "best"), (0, "last"), (1, "best"), (1, "last")]
     assert all(r["images"] == SPLITS["val"] and 0.0 <= r["val_auc"] <= 1.0 for r in rows)
     assert all(r["epoch"] == 1 for r in rows if r["checkpoint"] == "last")
-    for fold in (0, 1):  # each fold run validated on its own fold of the training split
-        fold_rows = (breast / f"held_out_fold{fold}.jsonl").read_text().splitlines()
-        assert json.loads(fold_rows[0])["overrides"][-1] == f"data.fold={fold}"
+    for fold in (0, 1):  # each fold run validated, and picked best.ckpt, on its own fold of the training split
+        fold_row = json.loads((breast / f"held_out_fold{fold}.jsonl").read_text().splitlines()[0])
+        assert fold_row["overrides"][-1] == f"data.fold={fold}"
+        best = next(r for r in rows if (r["fold"], r["checkpoint"]) == (fold, "best"))
+        assert best["fold_val_auc"] == pytest.approx(fold_row["val_auc"], abs=1e-6)
