@@ -79,7 +79,9 @@ VARIANTS = {
     "sgd": ["optimizer=sgd", "optimizer.lr=0.05", "optimizer.weight_decay=5e-4"],
     "lr_1e-3": ["optimizer.lr=1e-3"],
     "wd_0.01": ["optimizer.weight_decay=0.01"],
+    # adopted in round 8 (the recipe's weight decay since; 0.05 before)
     "wd_0.1": ["optimizer.weight_decay=0.1"],
+    "wd_0.05": ["optimizer.weight_decay=0.05"],
     "ema_0.98": ["callbacks.ema.decay=0.98"],
     "batch_64": ["data.batch_size=64"],
     "batch_32": ["data.batch_size=32"],
