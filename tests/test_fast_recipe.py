@@ -732,9 +732,18 @@ def test_the_benchmarks_held_out_phase_scores_fold_checkpoints_on_the_official_v
     base = ["model.ensemble=1", "trainer.max_epochs=2", "data.batch_size=32", "report=false"]
     command = [sys.executable, str(script), "held_out", "--data-root", str(breast), "--datasets", "breastmnist"]
     command += ["--variants", "recipe", "--folds", "0", "1", "--log-dir", str(breast / "logs"), "--out", str(out)]
-    subprocess.run([*command, "--base", *base], cwd=breast, env=ENV, check=True, capture_output=True, timeout=600)
+    run = subprocess.run(
+        [*command, "--base", *base], cwd=breast, env=ENV, check=True, capture_output=True, text=True, timeout=600
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["fold"], r["checkpoint"]) for r in rows] == [(0, "best"), (0, "last"), (1, "best"), (1, "last")]
+    # the two adoption measures, printed: best.ckpt on the official split, last.ckpt on its own fold
+    best = [(r["val_auc"] + r["val_acc"]) / 2 for r in rows if r["checkpoint"] == "best"]
+    last = [(r["fold_val_auc"] + r["fold_val_acc"]) / 2 for r in rows if r["checkpoint"] == "last"]
+    measures = (
+        f"recipe: (1) best.ckpt on official val {sum(best) / 2:.4f}; (2) last.ckpt on own fold {sum(last) / 2:.4f}"
+    )
+    assert measures in run.stdout.splitlines()
     assert all(r["images"] == SPLITS["val"] and 0.0 <= r["val_auc"] <= 1.0 for r in rows)
     assert all(r["epoch"] == 1 for r in rows if r["checkpoint"] == "last")
     for fold in (0, 1):  # each fold run validated, and picked best.ckpt, on its own fold of the training split
