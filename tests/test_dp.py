@@ -76,13 +76,14 @@ def test_what_opacus_cannot_do_is_refused_before_anything_is_built(tmp_path):
             "trainer.precision=16-mixed",
             "privacy.noise_multiplier=1.0",
             "privacy.delta=2",
+            "model.sam_rho=0.05",
         ],
         output_dir=tmp_path,
     )
     with pytest.raises(MedexpError) as error:
         train(cfg)
     message = str(error.value)
-    assert "6 problem(s)" in message
+    assert "7 problem(s)" in message
     for expected in (
         "privacy.delta=2; expected a number in (0, 1)",
         "privacy.target_epsilon=50.0 and privacy.noise_multiplier=1.0: set exactly one",
@@ -90,6 +91,7 @@ def test_what_opacus_cannot_do_is_refused_before_anything_is_built(tmp_path):
         "trainer.accumulate_grad_batches=2",
         "trainer.gradient_clip_val=1.0",
         "trainer.precision=16-mixed",
+        "model.sam_rho=0.05: SAM's second pass reads each batch again",
     ):
         assert expected in message
 

@@ -102,6 +102,12 @@ CONFIGS = {
             "'train/loss'",
         ],
     ),
+    "sam radius negative": config("model.sam_rho=-1", says=["model.sam_rho=-1; expected a radius > 0"]),
+    "sam with accumulated batches": config(
+        "model.sam_rho=0.05",
+        "+trainer.accumulate_grad_batches=2",
+        says=["model.sam_rho=0.05 with trainer.accumulate_grad_batches=2", "set trainer.accumulate_grad_batches=1"],
+    ),
 }
 if not torch.cuda.is_available():
     CONFIGS["accelerator gpu without one"] = config(

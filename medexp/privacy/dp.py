@@ -91,6 +91,11 @@ def check_config(config: dict[str, Any]) -> list[str]:
             f"privacy=dp with trainer.precision={trainer['precision']}: Opacus's per-sample gradients and noise "
             "need 32-bit training; set trainer.precision=32"
         )
+    if ((config.get("model") or {}).get("sam_rho")) is not None:
+        problems.append(
+            f"privacy=dp with model.sam_rho={config['model']['sam_rho']}: SAM's second pass reads each batch again, "
+            "which Opacus's accountant does not count; set model.sam_rho=null"
+        )
     return problems
 
 

@@ -13,6 +13,7 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection, MinMetric
 
 from medexp.nets.ensemble import Ensemble, check_members
 from medexp.tasks.finetuning import Finetuning
+from medexp.tasks.sharpness import check_rho, sharpness_aware_closure
 from medexp.utils.config import metric_mode
 from medexp.utils.errors import MedexpError
 
@@ -82,6 +83,8 @@ class BaseTask(L.LightningModule):
             evaluate the mean of their probabilities (:class:`medexp.nets.ensemble.Ensemble`);
             1: one net. Tasks that say how to average their outputs (:attr:`ensemble_combine`)
             take it.
+        sam_rho: sharpness-aware minimisation: every step's gradient is taken at the weights moved
+            this far uphill (:mod:`medexp.tasks.sharpness`), at twice the cost of a step; None: off.
     """
 
     input_key = "image"
@@ -143,6 +146,7 @@ class BaseTask(L.LightningModule):
         channels_last: bool = False,
         select_output: int | str | None = None,
         ensemble: int = 1,
+        sam_rho: float | None = None,
     ) -> None:
         if not isinstance(compile, bool | dict) and not hasattr(compile, "keys"):
             raise MedexpError(f"model.compile={compile!r}; expected true, false or the options of torch.compile")
@@ -169,6 +173,9 @@ class BaseTask(L.LightningModule):
         self.finetuning = Finetuning(net, loaded, freeze, unfreeze_at_epoch, pretrained_lr_scale)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.sam_rho = check_rho(sam_rho)
+        # true during SAM's second pass of a step, whose loss and outputs are not the step's
+        self.sharpness_pass = False
         self.channels_last = channels_last
         if channels_last:
             # 4D weights (2D convolutions) channels-last, 5D ones (3D) channels-last-3D
@@ -220,6 +227,17 @@ class BaseTask(L.LightningModule):
         return self.net(x, **extra)
 
     def on_fit_start(self) -> None:
+        if self.sam_rho is not None and not self.automatic_optimization:
+            raise MedexpError(
+                f"model.sam_rho={self.sam_rho}: a {type(self).__name__} steps its own optimisers, which SAM does "
+                "not wrap; set model.sam_rho=null"
+            )
+        if self.sam_rho is not None and self.trainer.accumulate_grad_batches != 1:
+            raise MedexpError(
+                f"model.sam_rho={self.sam_rho} with trainer.accumulate_grad_batches="
+                f"{self.trainer.accumulate_grad_batches}: SAM moves the weights by each batch's own gradient; "
+                "set trainer.accumulate_grad_batches=1 (or model.sam_rho=null)"
+            )
         # after the callbacks' setup (an EMA copies the net uncompiled), before the first step
         options = self.hparams.get("compile")
         if options:
@@ -297,6 +315,8 @@ class BaseTask(L.LightningModule):
             outputs = self.net.combine(outputs)
         else:
             loss = self.batch_loss(outputs, batch)
+        if stage == "train" and self.sharpness_pass:
+            return loss  # SAM's second pass (medexp.tasks.sharpness): counted once, in the first
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=inputs.shape[0])
         # networks may return several tensors (a VAE: reconstruction, mean, log-variance, latent)
         detached = tuple(o.detach() for o in outputs) if isinstance(outputs, tuple) else outputs.detach()
@@ -370,6 +390,11 @@ class BaseTask(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.sam_rho is not None and optimizer_closure is not None:
+            optimizer_closure = sharpness_aware_closure(self.sam_rho, self, optimizer, optimizer_closure)
+        optimizer.step(closure=optimizer_closure)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.finetuning.groups(self))

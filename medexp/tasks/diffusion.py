@@ -340,6 +340,8 @@ class DiffusionTask(BaseTask):
         labels = batch.get(self.target_key) if self.conditional else None
         output = self(noisy, timesteps=t, class_labels=self.class_labels(labels, size, device, drop=stage == "train"))
         loss = F.mse_loss(output.float(), self.target(x0, noise, t).float())
+        if stage == "train" and self.sharpness_pass:
+            return loss  # SAM's second pass (medexp.tasks.sharpness): counted once, in the first
         getattr(self, f"{stage}_loss").update(loss.detach(), weight=size)
         metrics = getattr(self, f"{stage}_metrics")
         if stage != "train" and len(metrics):  # domain_fid, domain_kid of a batch of samples

@@ -260,8 +260,9 @@ class DistillationTask(ClassificationTask):
             feature = F.mse_loss(self.projection(student), batch["teacher_features"].to(student.dtype))
             loss = loss + self.hparams.feature_weight * feature
             parts["feature_loss"] = feature
-        for name, value in parts.items():
-            self.distill_metrics[name].update(value.detach(), weight=count)
+        if not self.sharpness_pass:  # SAM's second pass is not counted (medexp.tasks.sharpness)
+            for name, value in parts.items():
+                self.distill_metrics[name].update(value.detach(), weight=count)
         return loss
 
     def distillation_terms(
