@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from medexp.checkpoints.checkpoint import Checkpoint
@@ -479,7 +480,8 @@ def test_ema_weights_are_validated_tested_saved_and_evaluated(fast_run):
     averaged, raw = contents["state_dict"], contents["current_model_state"]
     assert any(not torch.equal(averaged[name], raw[name]) for name in averaged if name.startswith("net."))
     evaluated = evaluate(compose_config([f"ckpt_path={ckpt}", "splits=[val,test]"], "eval", fast_run.parent / "ev"))
-    assert evaluated["val"]["val/auroc"] == pytest.approx(metrics["best_score"], abs=1e-6)
+    monitor = OmegaConf.load(fast_run / ".hydra" / "config.yaml").model.monitor  # the recipe's: val/loss
+    assert evaluated["val"][monitor] == pytest.approx(metrics["best_score"], abs=1e-6)
     assert evaluated["test"]["test/auroc"] == pytest.approx(metrics["test"]["test/auroc"], abs=1e-6)
 
 
