@@ -196,8 +196,10 @@ def validation_at_best(run_dir: Path) -> tuple[float, float, int]:
 
     from omegaconf import OmegaConf
 
+    from medexp.utils.config import metric_mode
+
     monitor = OmegaConf.load(run_dir / ".hydra" / "config.yaml").model.monitor
-    sign = -1.0 if monitor == "val/loss" else 1.0
+    sign = -1.0 if metric_mode(monitor) == "min" else 1.0
     log = next(run_dir.glob("csv/**/metrics.csv"))
     rows = [r for r in csv.DictReader(log.open()) if r.get("val/auroc")][:-1]
     best = max(range(len(rows)), key=lambda i: (sign * float(rows[i][monitor]), -i))
