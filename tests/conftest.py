@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,6 +53,48 @@ def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
         raise AssertionError(
             f"medexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
+    return proc
+
+
+def medexp_main(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """The ``medexp`` console script's ``main`` in this process, its stdout and stderr captured:
+    the same entry point as `run_cli` without paying torch's, Lightning's and MONAI's imports
+    again (about 5 s a call). For a test's further commands once one has gone through the
+    installed script; signals, DDP and console-script checks keep `run_cli`. A run refused
+    inside its job exits before Hydra's end-of-run callbacks: its directory stays locked until
+    this process ends (as the command's process would end), so give each such call its own."""
+    from medexp.cli import main
+
+    argv, cwd_before, environ = sys.argv, Path.cwd(), dict(os.environ)
+    # process-wide settings a run may change (trainer.deterministic), restored for the next test
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sys.argv = ["medexp", *args]
+    os.environ.update(ENV)  # as run_cli's: one thread in the processes a command starts (reproduce)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            # runpy's note that the command's module was imported before (by this test session)
+            warnings.filterwarnings("ignore", "'medexp[.]", RuntimeWarning)
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    except Exception:  # what Python does with an uncaught exception (--verbose lets it through)
+        stderr.write(traceback.format_exc())
+        code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(cwd_before)
+        os.environ.clear()
+        os.environ.update(environ)  # (--verbose sets HYDRA_FULL_ERROR)
+        GlobalHydra.instance().clear()
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    proc = subprocess.CompletedProcess(["medexp", *args], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"medexp {' '.join(args)} failed ({code}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 

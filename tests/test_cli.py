@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ENV, QUIET, run_cli
+from tests.conftest import ENV, QUIET, medexp_main, run_cli
 from tests.helpers import write_medmnist_npz
 
 LIMIT = [*QUIET, "debug=limit"]
@@ -58,7 +58,7 @@ def test_run_directory_holds_what_reproduces_it(default_run):
 
 
 def test_eval_reproduces_the_train_time_test_metrics(default_run, tmp_path):
-    run_cli(
+    medexp_main(
         "eval",
         f"ckpt_path={default_run / 'checkpoints' / 'best.ckpt'}",
         "splits=[val,test]",
@@ -88,7 +88,7 @@ def test_python_m_entry_points(tmp_path):
 
 
 def test_multirun_makes_one_run_directory_per_job(tmp_path):
-    run_cli("train", "-m", "optimizer.lr=1e-3,3e-4", *LIMIT, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    medexp_main("train", "-m", "optimizer.lr=1e-3,3e-4", *LIMIT, "hydra.sweep.dir=sweep", cwd=tmp_path)
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     lrs = [yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"] for job in jobs]
@@ -99,7 +99,7 @@ def test_multirun_makes_one_run_directory_per_job(tmp_path):
 
 def test_named_experiment_on_a_medmnist_file(tmp_path):
     write_medmnist_npz(tmp_path / "data" / "breastmnist.npz", {"train": 64, "val": 32, "test": 32}, num_classes=2)
-    run_cli(
+    medexp_main(
         "train",
         "experiment=breastmnist_resnet18",
         "data.root=data",
@@ -136,7 +136,7 @@ def test_the_resolved_config_prints_with_resolver_lists(tmp_path):
     ids=["unknown-model", "unknown-dataset", "missing-file", "unknown-monitor", "typo-in-key"],
 )
 def test_bad_input_gives_a_short_clear_error(tmp_path, args, expected):
-    proc = run_cli("train", *args, "hydra.run.dir=run", cwd=tmp_path, check=False)
+    proc = medexp_main("train", *args, "hydra.run.dir=run", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     for text in expected:
         assert text in proc.stderr, proc.stderr
@@ -145,13 +145,13 @@ def test_bad_input_gives_a_short_clear_error(tmp_path, args, expected):
 
 
 def test_eval_of_a_missing_checkpoint(tmp_path):
-    proc = run_cli("eval", "ckpt_path=missing.ckpt", "hydra.run.dir=run", cwd=tmp_path, check=False)
+    proc = medexp_main("eval", "ckpt_path=missing.ckpt", "hydra.run.dir=run", cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert "medexp: error: ckpt_path='missing.ckpt': no such file" in proc.stderr
 
 
 def test_unknown_command(tmp_path):
-    proc = run_cli("fit", cwd=tmp_path, check=False)
+    proc = medexp_main("fit", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unknown command 'fit'" in proc.stderr
 
 

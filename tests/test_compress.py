@@ -17,7 +17,7 @@ from medexp.checkpoints.checkpoint import Checkpoint
 from medexp.compress import compress
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main
 from tests.helpers import write_medmnist_npz
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -117,7 +117,7 @@ def test_static_int8_shrinks_the_weights_and_keeps_the_predictions(student, tmp_
 
 def test_dynamic_int8_on_the_command_line_says_a_conv_net_gains_little(student, tmp_path):
     out = tmp_path / "dynamic"
-    run_cli(
+    medexp_main(
         "compress",
         f"ckpt_path={student}",
         "method=dynamic",

@@ -16,7 +16,7 @@ from medexp.data.files import FileDataModule
 from medexp.data.folds import assign_folds, check_folds, strata
 from medexp.data.synthetic import SyntheticDataModule
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, run_cli
+from tests.conftest import QUIET, medexp_main, run_cli
 
 SMALL = ["data.image_size=16", "data.num_samples={train:60,val:20,test:20}", "trainer.max_epochs=1", "logger=csv"]
 
@@ -216,7 +216,7 @@ def test_summarize_pools_the_folds(cv_sweep):
 
 def test_a_fold_outside_num_folds_stops_the_run(tmp_path):
     args = ["data.fold=3", "data.num_folds=3", *SMALL, *QUIET, "hydra.run.dir=run"]
-    proc = run_cli("train", *args, cwd=tmp_path, check=False)
+    proc = medexp_main("train", *args, cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "medexp: error: data.fold=3; expected an integer in 0..2 (data.num_folds=3)" in proc.stderr
 
@@ -271,7 +271,7 @@ def test_file_folds_keep_each_patient_in_one_fold(tmp_path):
         patients_of_fold.append(val)
 
     # through the CLI: folds.csv and splits.csv of the run agree
-    run_cli(
+    medexp_main(
         "train",
         "data=files",
         f"data.manifest={manifest}",

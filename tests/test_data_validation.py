@@ -17,7 +17,7 @@ from medexp.data import validation
 from medexp.data.files import FileDataModule
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main, run_cli
 from tests.helpers import write_dicom, write_medmnist_npz
 
 SIZE = 16
@@ -381,7 +381,7 @@ def test_the_cli_reports_bad_data_in_one_line(tmp_path):
 
 
 def test_the_cli_refuses_unknown_options(tmp_path):
-    proc = run_cli("train", "data.scan=quick", *FAST, "hydra.run.dir=run", cwd=tmp_path, check=False)
+    proc = medexp_main("train", "data.scan=quick", *FAST, "hydra.run.dir=run", cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         "medexp: error: data.scan='quick'; expected one of ['sample', 'all', 'off']"

@@ -16,7 +16,7 @@ from medexp.metrics.detection import DetectionMetrics
 from medexp.predict import predict
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main
 
 SMALL = ["data.num_samples={train: 8, val: 4, test: 4}", "data.batch_size=4", "trainer.max_epochs=1", "report=false"]
 
@@ -95,7 +95,7 @@ def test_box_flip_augmentation_moves_image_and_boxes_together():
 
 def test_train_and_predict_through_the_cli(tmp_path):
     """A short CPU run finds the synthetic lesions; predict writes boxes in the files' geometry."""
-    run_cli(
+    medexp_main(
         "train",
         "data=synthetic_det",
         "model=retinanet",

@@ -13,7 +13,7 @@ import torch
 
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main, run_cli
 
 TINY = [
     *QUIET,
@@ -93,7 +93,7 @@ def test_checkpoints_hold_the_ema_weights_and_samples_use_them(ddpm_run):
 
 def test_medexp_sample_writes_reproducible_samples_in_the_intensity_range(ddpm_run, tmp_path):
     ckpt = ddpm_run / "checkpoints" / "last.ckpt"
-    run_cli("sample", f"ckpt_path={ckpt}", "n=8", "output=out", "seed=3", "hydra.run.dir=log", cwd=tmp_path)
+    medexp_main("sample", f"ckpt_path={ckpt}", "n=8", "output=out", "seed=3", "hydra.run.dir=log", cwd=tmp_path)
     with np.load(tmp_path / "out" / "samples.npz") as npz:
         images, labels = npz["images"], npz["labels"]
     assert images.shape == (8, 1, 16, 16) and images.dtype == np.float32

@@ -14,7 +14,7 @@ from medexp.checkpoints.checkpoint import Checkpoint
 from medexp.nets.ensemble import Ensemble, redraw
 from medexp.nets.simple_cnn import SimpleCNN
 from medexp.tasks.classification import ClassificationTask
-from tests.conftest import QUIET, run_cli
+from tests.conftest import QUIET, medexp_main, run_cli
 
 RUN = [*QUIET, "report=false", "extras.print_config=false", "trainer.max_epochs=2"]
 
@@ -108,17 +108,17 @@ def test_an_ensemble_trains_evaluates_exports_and_is_explained_through_the_cli(t
         torch.testing.assert_close(model.postprocess(model(x)), members.mean(dim=0), rtol=1e-5, atol=1e-6)
 
     # medexp eval reproduces the test metrics of the run
-    run_cli("eval", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    medexp_main("eval", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["test"]
     assert evaluated["test/auroc"] == pytest.approx(metrics["test"]["test/auroc"], abs=1e-6)
 
     # the export is the whole ensemble, verified against the model by medexp export itself
-    out = run_cli(
+    out = medexp_main(
         "export", f"ckpt_path={ckpt}", "format=onnx", f"output={tmp_path / 'onnx'}", "hydra.run.dir=ex", cwd=tmp_path
     )
     assert "passed" in out.stdout + out.stderr
     # a bundle's network_def builds one network: refused in one line, naming what exports
-    refused = run_cli(
+    refused = medexp_main(
         "export",
         f"ckpt_path={ckpt}",
         "format=bundle",
@@ -131,7 +131,7 @@ def test_an_ensemble_trains_evaluates_exports_and_is_explained_through_the_cli(t
     assert "format=onnx" in refused.stderr and "Traceback" not in refused.stderr
 
     # Grad-CAM reads one network's layers: refused; occlusion explains the ensemble as a whole
-    refused = run_cli(
+    refused = medexp_main(
         "explain",
         f"ckpt_path={ckpt}",
         "split=test",
@@ -143,7 +143,7 @@ def test_an_ensemble_trains_evaluates_exports_and_is_explained_through_the_cli(t
         check=False,
     )
     assert refused.returncode != 0 and "method=occlusion explains the ensemble" in refused.stderr
-    run_cli(
+    medexp_main(
         "explain",
         f"ckpt_path={ckpt}",
         "split=test",
@@ -191,7 +191,7 @@ def test_loaded_weights_start_every_member(tmp_path):
     ],
 )
 def test_bad_ensembles_fail_in_one_line(tmp_path, overrides, message):
-    proc = run_cli("train", *RUN, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    proc = medexp_main("train", *RUN, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -32,7 +32,7 @@ from medexp.tasks.schedules import BudgetSchedule
 from medexp.train import train
 from medexp.utils.config import build
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main, run_cli
 from tests.helpers import write_medmnist_npz
 
 SPLITS = {"train": 96, "val": 32, "test": 32}
@@ -222,10 +222,10 @@ def test_batch_augmentations_move_segmentation_masks_with_their_images(tmp_path)
     data.trainer.validating = True
     assert data.on_after_batch_transfer({"image": image, "label": label}, 0)["image"] is image
     # through `medexp train`: trains with both moves; BatchAffine is refused in one line
-    run_cli("train", *SEG, *tiny_unet, MOVES, *QUIET, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    medexp_main("train", *SEG, *tiny_unet, MOVES, *QUIET, "trainer.max_epochs=1", "hydra.run.dir=run", cwd=tmp_path)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["test/dice"] >= 0.0
     affine_aug = "data.batch_augmentations=[{_target_: medexp.data.batch_augment.BatchAffine, degrees: 10}]"
-    result = run_cli("train", *SEG, *tiny_unet, affine_aug, "hydra.run.dir=bad", cwd=tmp_path, check=False)
+    result = medexp_main("train", *SEG, *tiny_unet, affine_aug, "hydra.run.dir=bad", cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "data.batch_augmentations.0: BatchAffine cannot move segmentation masks with their images" in result.stderr
     assert "Traceback" not in result.stderr
@@ -302,7 +302,7 @@ def test_the_recipe_trains_as_many_networks_as_fit_its_budget(breast):
         cfg = compose_config([*recipe, f"data.name={name}", f"trainer.max_epochs={epochs}"], output_dir=breast)
         assert cfg.model.ensemble == members, (name, epochs)
     # through `medexp train`: the checkpoint holds the three networks and tests their mean
-    run_cli("train", *recipe, f"data.root={breast}", "trainer.max_epochs=1", "hydra.run.dir=run", cwd=breast)
+    medexp_main("train", *recipe, f"data.root={breast}", "trainer.max_epochs=1", "hydra.run.dir=run", cwd=breast)
     model = Checkpoint(breast / "run" / "checkpoints" / "best.ckpt").build_model()
     assert len(model.net.members) == 3 and model.hparams.ensemble == 3
     assert 0.0 <= json.loads((breast / "run" / "metrics.json").read_text())["test"]["test/auroc"] <= 1.0
@@ -395,7 +395,7 @@ def test_test_time_flips_average_the_logits_of_the_views(breast):
 def test_class_weights_train_with_ema_weights(breast):
     """model.class_weights=auto with the recipe's EMA: the weights, computed when the run starts,
     are no model state, so the averaged copy lines up with the model (it failed in validation)."""
-    run_cli(
+    medexp_main(
         "train",
         *FAST,
         f"data.root={breast}",
@@ -438,7 +438,7 @@ def test_ordinal_smoothing_reads_the_metadata_and_trains_through_medexp_train(tm
     for name, expected in (("retinamnist", True), ("breastmnist", False), ("dermamnist", False)):
         cfg = compose_config([*FAST, f"data.name={name}", ordinal], output_dir=tmp_path)
         assert cfg.model.ordinal_smoothing is expected and cfg.data.ordinal is expected, name
-    run_cli(
+    medexp_main(
         "train",
         *FAST,
         "data.name=retinamnist",
@@ -593,7 +593,7 @@ def test_fast_recipe_trains_tests_and_predicts_with_its_switches(fast_run):
     image = torch.randint(0, 255, (28, 28), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy()
     Image.fromarray(image).save(folder / "a.png")
     Image.fromarray(image[:, ::-1].copy()).save(folder / "b.png")
-    run_cli("predict", f"ckpt_path={ckpt}", "input=*.png", "output=preds", "hydra.run.dir=p", cwd=folder)
+    medexp_main("predict", f"ckpt_path={ckpt}", "input=*.png", "output=preds", "hydra.run.dir=p", cwd=folder)
     rows = {Path(r["image"]).name: r for r in csv.DictReader(next((folder / "preds").glob("*.csv")).open())}
     # one probability column per class, named by the class
     probs = [float(rows[name][key]) for name in ("a.png", "b.png") for key in ("malignant", "normal, benign")]

@@ -15,7 +15,7 @@ import torch
 from medexp.callbacks.faults import FaultTolerance, TrainingInterrupted
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli, start_cli
+from tests.conftest import QUIET, compose_config, medexp_main, run_cli, start_cli
 from tests.helpers import signal_when
 
 # deterministic CPU runs: 16 batches an epoch, so a signal sent as epoch 1 starts lands inside it
@@ -43,7 +43,7 @@ def test_sigterm_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     # shuffling, augmentation and a scheduler: every source of randomness of an epoch
     args = [*RUN, "trainer.max_epochs=3", "scheduler=cosine", "data/augmentations=basic", "seed=5"]
     whole = tmp_path / "whole"
-    run_cli("train", *args, f"hydra.run.dir={whole}", cwd=tmp_path)
+    medexp_main("train", *args, f"hydra.run.dir={whole}", cwd=tmp_path)
 
     run = tmp_path / "run"
     proc = start_cli("train", *args, f"hydra.run.dir={run}", cwd=tmp_path, capture=True)
@@ -60,7 +60,7 @@ def test_sigterm_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert _metrics(run)["status"] == "interrupted" and _metrics(run)["checkpoint"] == str(interrupted)
 
     # the command it printed: the run's own overrides and directory come from the checkpoint
-    run_cli("train", f"ckpt_path={interrupted}", cwd=tmp_path)
+    medexp_main("train", f"ckpt_path={interrupted}", cwd=tmp_path)
     resumed, uninterrupted = _metrics(run), _metrics(whole)
     assert resumed["status"] == "complete"
     assert resumed["test"] == uninterrupted["test"]

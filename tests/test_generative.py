@@ -15,7 +15,7 @@ import torch
 from medexp.tasks.adversarial import discriminator_loss, generator_loss, gradient_penalty
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main, run_cli
 
 TINY = [
     *QUIET,
@@ -79,7 +79,7 @@ def test_a_gan_steps_both_optimisers_and_draws_sample_grids(gan_run):
 
 def test_medexp_sample_writes_a_grid_and_an_npz(gan_run, tmp_path):
     ckpt = gan_run / "checkpoints" / "last.ckpt"
-    run_cli("sample", f"ckpt_path={ckpt}", "n=10", "output=out", "seed=3", "hydra.run.dir=log", cwd=tmp_path)
+    medexp_main("sample", f"ckpt_path={ckpt}", "n=10", "output=out", "seed=3", "hydra.run.dir=log", cwd=tmp_path)
     with np.load(tmp_path / "out" / "samples.npz") as npz:
         images, labels = npz["images"], npz["labels"]
     assert images.shape == (10, 1, 16, 16) and images.dtype == np.float32
@@ -90,21 +90,21 @@ def test_medexp_sample_writes_a_grid_and_an_npz(gan_run, tmp_path):
     assert Image.open(tmp_path / "out" / "samples.png").size == (4 * 18 + 2, 3 * 18 + 2)  # 4 columns, 3 rows
 
     # the same seed, the same images; one class on request
-    run_cli("sample", f"ckpt_path={ckpt}", "n=10", "output=again", "seed=3", "hydra.run.dir=log", cwd=tmp_path)
+    medexp_main("sample", f"ckpt_path={ckpt}", "n=10", "output=again", "seed=3", "hydra.run.dir=log", cwd=tmp_path)
     with np.load(tmp_path / "again" / "samples.npz") as npz:
         assert np.array_equal(npz["images"], images)
-    run_cli("sample", f"ckpt_path={ckpt}", "n=4", "output=ones", "label=1", "hydra.run.dir=log", cwd=tmp_path)
+    medexp_main("sample", f"ckpt_path={ckpt}", "n=4", "output=ones", "label=1", "hydra.run.dir=log", cwd=tmp_path)
     with np.load(tmp_path / "ones" / "samples.npz") as npz:
         assert npz["labels"].tolist() == [1, 1, 1, 1]
 
-    wrong = run_cli(
+    wrong = medexp_main(
         "sample", f"ckpt_path={ckpt}", "n=4", "output=x", "label=2", "hydra.run.dir=log", cwd=tmp_path, check=False
     )
     assert wrong.returncode != 0 and "label=2; this GAN generates classes 0..1" in wrong.stderr
 
 
 def test_medexp_sample_refuses_a_classifier(classifier_run, tmp_path):
-    proc = run_cli(
+    proc = medexp_main(
         "sample",
         f"ckpt_path={classifier_run / 'checkpoints' / 'best.ckpt'}",
         "output=x",
@@ -163,7 +163,7 @@ def test_a_gan_measured_with_a_classifier_selects_checkpoints_by_kid(classifier_
     assert not [key for key in checkpoint["state_dict"] if "metrics" in key], "the classifier is not stored in the GAN"
 
     # `medexp sample` measures too, against the split it is told
-    run_cli(
+    medexp_main(
         "sample",
         f"ckpt_path={metrics['best_checkpoint']}",
         "n=32",

@@ -19,7 +19,7 @@ from medexp.checkpoints.checkpoint import Checkpoint
 from medexp.checkpoints.weights import load_initial_weights
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main
 
 SMALL = [
     *QUIET,
@@ -120,7 +120,7 @@ def test_imagenet_resnet18_in_torchvision_layout_starts_a_grey_classifier(tmp_pa
     weights = torchvision_resnet18()
     save_file(weights, str(tmp_path / "resnet18.safetensors"))
     out = tmp_path / "run"
-    run_cli(
+    medexp_main(
         "train",
         *SMALL,
         "model=resnet18",

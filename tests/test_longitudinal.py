@@ -15,7 +15,7 @@ from PIL import Image
 from medexp.data.longitudinal import FileLongitudinalDataModule, SyntheticLongitudinalDataModule
 from medexp.data.phantoms import make_series
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main
 
 SIZE = 8
 
@@ -96,7 +96,7 @@ LEARN = [
 
 def test_cnn_lstm_learns_synthetic_progression(tmp_path):
     """Through the real command: the padded series, length and time reach the net."""
-    run_cli("train", *LEARN, "hydra.run.dir=run", cwd=tmp_path)
+    medexp_main("train", *LEARN, "hydra.run.dir=run", cwd=tmp_path)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["test/auroc"] > 0.8, metrics["test"]
 

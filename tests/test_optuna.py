@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from hydra_plugins.medexp.optuna_sweeper import search_space
 from hydra_plugins.medexp.storage import open_storage
-from tests.conftest import QUIET, run_cli
+from tests.conftest import QUIET, medexp_main, run_cli
 
 TINY = [
     *QUIET,
@@ -73,11 +73,11 @@ def test_an_optuna_sweep_resumes_its_study_when_run_again(tmp_path):
         "hydra.sweeper.params=null",
         "optimizer.lr=tag(log, interval(1e-4, 1e-1))",
     ]
-    run_cli(*args, "hydra.sweeper.n_trials=2", cwd=tmp_path)
+    medexp_main(*args, "hydra.sweeper.n_trials=2", cwd=tmp_path)
     first = [t.params for t in _study(sweep).trials]
     assert len(first) == 2 and all(set(p) == {"optimizer.lr"} for p in first)
     # the same command with more trials continues the study: 1 more trial, in a new job directory
-    run_cli(*args, "hydra.sweeper.n_trials=3", cwd=tmp_path)
+    medexp_main(*args, "hydra.sweeper.n_trials=3", cwd=tmp_path)
     trials = _study(sweep).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3
     assert [t.params for t in trials[:2]] == first and trials[2].params not in first  # no replayed draws
@@ -148,7 +148,7 @@ def test_cv_folds_make_each_trial_a_cross_validation_scored_by_its_mean(tmp_path
         overrides = yaml.safe_load((sweep / str(job) / ".hydra" / "overrides.yaml").read_text())
         assert f"data.fold={fold}" in overrides and "data.num_folds=2" in overrides
     # and `medexp summarize` pools the trial's folds into the same mean
-    run_cli("summarize", str(sweep), cwd=tmp_path)
+    medexp_main("summarize", str(sweep), cwd=tmp_path)
     pooled = [row for row in csv.DictReader((sweep / "cv_summary.csv").open()) if row["metric"] == "val/auroc_best"]
     assert len(pooled) == 1 and float(pooled[0]["mean"]) == pytest.approx(trial.value)
     # ... and lists the study's trial, read from its SQLite file

@@ -18,7 +18,7 @@ from medexp.inference.inputs import find_inputs
 from medexp.predict import predict
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main
 from tests.test_files import png_manifest, write_csv
 
 TINY_UNET = ["model=unet", "model.net.channels=[4,8]", "model.net.strides=[2]", "model.net.num_res_units=0"]
@@ -52,7 +52,7 @@ def test_classification_csv_matches_the_model(classifier, tmp_path):
     images, _, _ = make_phantoms(5, 32, "binary", 2, np.random.default_rng(7))
     for index, image in enumerate(images):
         Image.fromarray(image[0]).save(tmp_path / f"case{index}.png")
-    run_cli(
+    medexp_main(
         "predict",
         f"ckpt_path={classifier}",
         "input=*.png",
@@ -111,7 +111,7 @@ def test_nifti_masks_keep_the_input_geometry(tmp_path):
     # each training and validation case cached once (test=false: the test case is never read)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == sum(row["split"] != "test" for row in rows)
 
-    run_cli(
+    medexp_main(
         "predict",
         f"ckpt_path={ckpt}",
         f"input={new}",
@@ -144,7 +144,7 @@ def test_png_masks_match_the_model(tmp_path):
     image = np.random.default_rng(1).integers(0, 255, size=(16, 24), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "wide.png")
 
-    run_cli(
+    medexp_main(
         "predict",
         f"ckpt_path={ckpt}",
         "input=wide.png",

@@ -11,7 +11,7 @@ import torch
 from medexp.tasks.reconstruction import corrupt
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main
 
 TINY = [
     *QUIET,
@@ -37,7 +37,7 @@ def test_a_denoiser_beats_its_noisy_input(tmp_path):
 
 def test_a_vae_trains_and_logs_its_kl_term(tmp_path):
     # through the command line, as a user runs it
-    run_cli("train", "model=vae", *TINY, "trainer.max_epochs=2", "hydra.run.dir=run", cwd=tmp_path)
+    medexp_main("train", "model=vae", *TINY, "trainer.max_epochs=2", "hydra.run.dir=run", cwd=tmp_path)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test"]["test/kl"] > 0
     assert torch.isfinite(torch.tensor(metrics["test"]["test/psnr"]))

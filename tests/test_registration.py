@@ -23,7 +23,7 @@ from medexp.train import train
 from medexp.utils.config import build, check_config
 from medexp.utils.errors import MedexpError
 from medexp.utils.validation import validate_config
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main
 from tests.test_files import write_csv, write_png
 
 nib = pytest.importorskip("nibabel")
@@ -102,7 +102,7 @@ def ddf_errors(ckpt: Path) -> tuple[float, float]:
 
 
 def test_2d_registration_through_medexp_train_and_predict(tmp_path):
-    run_cli(
+    medexp_main(
         "train",
         "data=synthetic_reg",
         *SMALL_LOCALNET,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tests.conftest import QUIET, run_cli, start_cli
+from tests.conftest import QUIET, medexp_main, run_cli, start_cli
 from tests.helpers import signal_when
 
 # deterministic CPU runs; small enough to be quick, long enough per epoch to be killed mid-run
@@ -32,7 +32,7 @@ def test_reproduce_gives_identical_metrics_and_records_the_comparison(tmp_path):
     # seed=null: the drawn seed must be found in run_info.json, not taken from the config
     run_cli("train", *RUN, "trainer.max_epochs=2", "seed=null", f"hydra.run.dir={run}", cwd=tmp_path)
     out = tmp_path / "again"
-    proc = run_cli("reproduce", str(run), "--output", str(out), "--strict", cwd=tmp_path)
+    proc = medexp_main("reproduce", str(run), "--output", str(out), "--strict", cwd=tmp_path)
     assert "reproduction: identical" in proc.stdout
     recorded, reproduced = _metrics(run), _metrics(out)
     assert reproduced["seed"] == recorded["seed"]
@@ -50,7 +50,7 @@ def test_reproduce_gives_identical_metrics_and_records_the_comparison(tmp_path):
 
     # from the checkpoint alone (its stored, resolved config), with an override: another seed differs
     other = tmp_path / "other"
-    proc = run_cli(
+    proc = medexp_main(
         "reproduce",
         str(run / "checkpoints" / "best.ckpt"),
         "--output",
@@ -69,7 +69,7 @@ def test_reproduce_gives_identical_metrics_and_records_the_comparison(tmp_path):
 
 
 def test_reproduce_names_a_missing_source(tmp_path):
-    proc = run_cli("reproduce", str(tmp_path / "nowhere"), cwd=tmp_path, check=False)
+    proc = medexp_main("reproduce", str(tmp_path / "nowhere"), cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "nowhere: no such run directory or checkpoint" in proc.stderr
 
 
@@ -77,7 +77,7 @@ def test_a_killed_run_resumed_from_last_ckpt_ends_like_an_uninterrupted_one(tmp_
     # augmentation, dropout-free shuffling and a scheduler: every source of randomness per epoch
     args = [*RUN, "trainer.max_epochs=4", "scheduler=cosine", "data/augmentations=basic", "seed=5"]
     whole = tmp_path / "whole"
-    run_cli("train", *args, f"hydra.run.dir={whole}", cwd=tmp_path)
+    medexp_main("train", *args, f"hydra.run.dir={whole}", cwd=tmp_path)
 
     killed = tmp_path / "killed"
     proc = start_cli("train", *args, f"hydra.run.dir={killed}", cwd=tmp_path)
@@ -90,7 +90,7 @@ def test_a_killed_run_resumed_from_last_ckpt_ends_like_an_uninterrupted_one(tmp_
     assert not (killed / "metrics.json").exists() and epoch < 3
 
     # only ckpt_path: the run's own overrides and directory are found from the checkpoint
-    run_cli("train", f"ckpt_path={last}", cwd=tmp_path)
+    medexp_main("train", f"ckpt_path={last}", cwd=tmp_path)
     resumed, uninterrupted = _metrics(killed), _metrics(whole)
     assert resumed["test"] == uninterrupted["test"]
     assert resumed["best_score"] == uninterrupted["best_score"]

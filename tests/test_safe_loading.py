@@ -10,10 +10,7 @@ written.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,14 +18,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from medexp.checkpoints.allowlist import FETCHING_WHEN_REBUILT, check_targets, make_inert
 from medexp.checkpoints.checkpoint import CONFIG_KEY
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main, run_cli
 
 FAST = [
     *QUIET,
@@ -154,27 +150,6 @@ COMMANDS = [
 ]
 
 
-def medexp(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The ``medexp`` console script's ``main`` in this process: the real entry point, without
-    paying torch's and Lightning's imports for each of the many commands tried here."""
-    from medexp.cli import main
-
-    argv, cwd_before, stderr = sys.argv, Path.cwd(), io.StringIO()
-    sys.argv = ["medexp", *args]
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(stderr):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        sys.argv = argv
-        os.chdir(cwd_before)
-        GlobalHydra.instance().clear()
-    return subprocess.CompletedProcess(args, code, "", stderr.getvalue())
-
-
 def one_line_refusal(proc, *needles: str) -> str:
     """The ``medexp: error:`` report (a line, or a header and its ``  - `` items), checked."""
     lines = proc.stderr.splitlines()
@@ -190,7 +165,7 @@ def one_line_refusal(proc, *needles: str) -> str:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_refuses_a_pickle_that_runs_code(run, tmp_path, command):
     attack = Attack(tmp_path / "attack", run)
-    proc = medexp(*command_line(command, attack.pickle(), tmp_path), cwd=tmp_path)
+    proc = medexp_main(*command_line(command, attack.pickle(), tmp_path), cwd=tmp_path, check=False)
     line = one_line_refusal(proc, "refused, it holds a pickled posix.system")
     assert "weights_only=False" not in proc.stderr and "weights_only` set to `False" not in proc.stderr, line
     assert attack.harmless()
@@ -207,7 +182,7 @@ REFUSALS = {
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_refuses_a_stored_config_that_names_code(run, tmp_path, command):
     attack = Attack(tmp_path / "attack", run)
-    proc = medexp(*command_line(command, attack.targets(), tmp_path), cwd=tmp_path)
+    proc = medexp_main(*command_line(command, attack.targets(), tmp_path), cwd=tmp_path, check=False)
     named = [
         "model.net._target_=torch.serialization.load",
         "model.extra._target_=torch.save",
@@ -224,7 +199,7 @@ def test_every_command_refuses_a_stored_config_that_names_code(run, tmp_path, co
 @pytest.mark.parametrize("command", ["eval", "reproduce"])
 def test_interpolations_in_a_stored_config_are_refused(run, tmp_path, command):
     attack = Attack(tmp_path / "attack", run)
-    proc = medexp(*command_line(command, attack.interpolation(), tmp_path), cwd=tmp_path)
+    proc = medexp_main(*command_line(command, attack.interpolation(), tmp_path), cwd=tmp_path, check=False)
     one_line_refusal(proc, "model.net.extra=", "is an interpolation")
     assert attack.harmless()
 
@@ -250,7 +225,7 @@ def test_reproduce_refuses_a_run_directory_that_names_code(run, tmp_path, edit, 
     edit(config)
     config_file.write_text(yaml.safe_dump(config))
     (run / ".hydra" / "overrides.yaml").write_text("[]\n")
-    proc = medexp("reproduce", str(run), "--output", str(tmp_path / "again"), cwd=tmp_path)
+    proc = medexp_main("reproduce", str(run), "--output", str(tmp_path / "again"), cwd=tmp_path, check=False)
     one_line_refusal(proc, f"refusing to build the config recorded in {run}", message)
     assert not (tmp_path / "again").exists()
 
@@ -285,7 +260,9 @@ def test_train_refuses_a_bad_ckpt_path_before_building_anything(run, tmp_path, c
         checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
         checkpoint[CONFIG_KEY]["model"]["_target_"] = "medexp.tasks.segmentation.SegmentationTask"
         torch.save(checkpoint, tmp_path / "segmentation")
-    proc = medexp("train", f"ckpt_path={tmp_path / ckpt}", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = medexp_main(
+        "train", f"ckpt_path={tmp_path / ckpt}", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+    )
     one_line_refusal(proc, f"ckpt_path='{tmp_path / ckpt}'", message)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -320,7 +297,6 @@ def test_the_allowlist_holds_resolved_objects_and_the_user_names_exact_ones():
 
 
 def test_a_package_medexp_does_not_use_is_never_imported_to_check_a_target():
-    import sys
 
     with pytest.raises(MedexpError, match="not in a package medexp uses"):
         check_targets({"x": {"_target_": "antigravity.fly"}})  # importing it opens a web browser

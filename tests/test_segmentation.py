@@ -9,7 +9,7 @@ import torch
 
 from medexp.tasks.segmentation import HausdorffDistance95
 from medexp.train import train
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main
 
 
 def squares(offset: int = 0, present: bool = True) -> torch.Tensor:
@@ -47,7 +47,7 @@ def test_dice_leaves_out_cases_with_nothing_to_find(compose_cfg):
 
 
 def test_2d_segmentation_through_medexp_train(tmp_path):
-    run_cli("train", "data=synthetic_seg", "model=unet", "hydra.run.dir=run", *QUIET, cwd=tmp_path)
+    medexp_main("train", "data=synthetic_seg", "model=unet", "hydra.run.dir=run", *QUIET, cwd=tmp_path)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # an empty prediction scores 0 on every case with a lesion, a random one about the lesion
     # share of the pixels (< 0.02); the trained U-Net must be far above both

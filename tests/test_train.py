@@ -72,7 +72,7 @@ def test_eval_applies_data_overrides_that_fit_the_checkpoint(tmp_path):
 def test_test_checkpoint_last_validates_and_tests_the_final_weights(tmp_path):
     """``medexp train test_checkpoint=last``: validation, test and the report use last.ckpt, not
     best.ckpt. Monitored by validation loss, which rises over these 3 epochs, "best" is the first."""
-    from tests.conftest import run_cli
+    from tests.conftest import medexp_main, run_cli
 
     run_cli(
         "train",
@@ -93,10 +93,10 @@ def test_test_checkpoint_last_validates_and_tests_the_final_weights(tmp_path):
     assert metrics["val"]["val/loss"] == pytest.approx(fit_losses[-1], abs=1e-6)
     assert json.loads((run / "report" / "report.json").read_text())["checkpoint"].endswith("last.ckpt")
     # refused in one line: an unknown choice, and last without the callback that writes last.ckpt
-    for overrides, message in (
-        (["test_checkpoint=final"], "test_checkpoint='final'; expected one of ['best', 'last']"),
-        (["test_checkpoint=last", "callbacks.last_checkpoint=null"], "but that callback is off"),
+    for run_dir, overrides, message in (
+        ("bad1", ["test_checkpoint=final"], "test_checkpoint='final'; expected one of ['best', 'last']"),
+        ("bad2", ["test_checkpoint=last", "callbacks.last_checkpoint=null"], "but that callback is off"),
     ):
-        result = run_cli("train", *FAST, *overrides, "hydra.run.dir=bad", cwd=tmp_path, check=False)
+        result = medexp_main("train", *FAST, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ import pytest
 
 from medexp.train import train
 from medexp.utils.errors import MedexpError
-from tests.conftest import QUIET, compose_config, run_cli
+from tests.conftest import QUIET, compose_config, medexp_main, run_cli
 
 # (overrides, what the message must say)
 BAD_CONFIGS = [
@@ -95,12 +95,12 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 
 def test_the_cli_shows_the_cause_in_a_few_lines_and_verbose_the_traceback(tmp_path):
-    proc = run_cli("train", "optimizer.lr=-1", "data.batch_size=0", cwd=tmp_path, check=False)
+    proc = medexp_main("train", "optimizer.lr=-1", "data.batch_size=0", cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert "medexp: error: 2 problem(s) in the config:\n  - optimizer.lr=-1" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 4
     assert not (tmp_path / "logs" / "train" / "runs").exists() or not list((tmp_path / "logs").rglob("*.ckpt"))
-    verbose = run_cli("train", "optimizer.lr=-1", "--verbose", cwd=tmp_path, check=False)
+    verbose = medexp_main("train", "optimizer.lr=-1", "--verbose", cwd=tmp_path, check=False)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "optimizer.lr=-1" in verbose.stderr
 
 
