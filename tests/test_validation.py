@@ -95,7 +95,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 
 def test_the_cli_shows_the_cause_in_a_few_lines_and_verbose_the_traceback(tmp_path):
-    proc = medexp_main("train", "optimizer.lr=-1", "data.batch_size=0", cwd=tmp_path, check=False)
+    # its own process: every line the user sees counts, Lightning's and Python's included
+    proc = run_cli("train", "optimizer.lr=-1", "data.batch_size=0", cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert "medexp: error: 2 problem(s) in the config:\n  - optimizer.lr=-1" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 4
