@@ -59,8 +59,10 @@ def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
 def medexp_main(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """The ``medexp`` console script's ``main`` in this process, its stdout and stderr captured:
     the same entry point as `run_cli` without paying torch's, Lightning's and MONAI's imports
-    again (about 5 s a call). For a test's further commands once one has gone through the
-    installed script; signals, DDP and console-script checks keep `run_cli`. A run refused
+    again (about 5 s a call). Tests that signal a run, start DDP workers or parallel jobs, or
+    read what the console shows keep `run_cli`, as do the main runs of test_cli, test_first_hour
+    and the shared fixtures (GAN, fast recipe, CV sweep), so the installed script is still run
+    end to end; everything else may use this. A run refused
     inside its job exits before Hydra's end-of-run callbacks: its directory stays locked until
     this process ends (as the command's process would end), so give each such call its own."""
     from medexp.cli import main
