@@ -17,6 +17,7 @@ from torch import nn
 from medexp.checkpoints.checkpoint import Checkpoint
 from medexp.data.batch_augment import (
     BatchAffine,
+    BatchErase,
     BatchFlip,
     BatchIntensity,
     BatchTranslate,
@@ -56,8 +57,8 @@ def breast(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory) -> Path:
     """One `medexp train experiment=medmnist_fast` run (EMA, batch flips and shifts, one-cycle
-    schedule, channels-last, plus mixup, batch rotations and zooms, and test-time flips from the
-    metadata), shared by the tests that evaluate, predict and export it."""
+    schedule, channels-last, plus mixup, batch rotations and zooms, Cutout, and test-time flips from
+    the metadata), shared by the tests that evaluate, predict and export it."""
     root = tmp_path_factory.mktemp("fast")
     write_medmnist_npz(root / "breastmnist.npz", SPLITS, num_classes=2)
     run_cli(
@@ -68,10 +69,11 @@ def fast_run(tmp_path_factory) -> Path:
         "model.mixup_alpha=0.2",
         "callbacks.ema.decay=0.9",
         "model.tta_flips=${data.flip_axes}",
-        # the recipe's flips and shifts, plus rotations and zooms
+        # the recipe's flips and shifts, plus rotations and zooms and Cutout
         "data.batch_augmentations=[{_target_:medexp.data.batch_augment.BatchFlip,axes:${data.flip_axes}},"
         "{_target_:medexp.data.batch_augment.BatchTranslate,pixels:2},"
-        "{_target_:medexp.data.batch_augment.BatchAffine,degrees:15,scale:[0.9,1.1]}]",
+        "{_target_:medexp.data.batch_augment.BatchAffine,degrees:15,scale:[0.9,1.1]},"
+        "{_target_:medexp.data.batch_augment.BatchErase,size:8,prob:0.5}]",
         f"hydra.run.dir={root / 'run'}",
         cwd=root,
     )
@@ -163,6 +165,38 @@ def affine_fit(out: torch.Tensor, x: torch.Tensor, dims: tuple[int, ...]) -> tup
     xc, oc = x - x.mean(dims, keepdim=True), out - out.mean(dims, keepdim=True)
     factor = (xc * oc).sum(dims, keepdim=True) / (xc * xc).sum(dims, keepdim=True)
     return factor.flatten(), float((oc - factor * xc).abs().max())
+
+
+def test_batch_erase_blanks_one_square_per_chosen_sample():
+    torch.manual_seed(0)
+    x = torch.rand(400, 3, 28, 28) + 1  # no pixel is 0 before erasing
+    out = BatchErase(size=8, prob=0.5)(x)
+    blank = out == 0
+    assert torch.equal(out[~blank], x[~blank])
+    # the same square in every channel, about half the samples erased
+    assert torch.equal(blank[:, :1].expand_as(blank), blank)
+    chosen = blank[:, 0].flatten(1).any(dim=1)
+    assert 0.4 < float(chosen.float().mean()) < 0.6
+    for mask in blank[chosen, 0]:
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        # one solid rectangle, 8 a side unless the border cut it
+        assert int(mask.sum()) == len(rows) * len(cols) and 1 <= len(rows) <= 8 and 1 <= len(cols) <= 8
+        assert int(rows[-1] - rows[0]) == len(rows) - 1 and int(cols[-1] - cols[0]) == len(cols) - 1
+        assert len(rows) == 8 or rows[0] == 0 or rows[-1] == 27
+    # away from the borders most squares are whole
+    assert int((blank[:, 0].flatten(1).sum(dim=1) == 64).sum()) > 50
+    volume = BatchErase(size=3, prob=1.0, value=-1.0)(torch.zeros(2, 1, 6, 6, 6))
+    assert bool(((volume == -1).flatten(1).sum(dim=1) >= 1).all()) and int((volume == -1).sum()) <= 54
+    assert torch.equal(BatchErase(prob=0.0)(x), x)
+    for kwargs, message in (
+        ({"size": 0}, "BatchErase size=0; expected a whole number of pixels >= 1"),
+        ({"prob": 1.5}, r"BatchErase prob=1.5; expected a probability in \[0, 1\]"),
+        ({"value": "mean"}, "BatchErase value='mean'; expected a number"),
+    ):
+        with pytest.raises(MedexpError, match=message):
+            BatchErase(**kwargs)
+    with pytest.raises(MedexpError, match=r"BatchErase size=8 is larger than the images \(6, 6\)"):
+        BatchErase(size=8)(torch.zeros(1, 1, 6, 6))
 
 
 def test_batch_intensity_jitters_contrast_and_brightness_per_sample():
@@ -575,6 +609,7 @@ def test_fast_recipe_trains_tests_and_predicts_with_its_switches(fast_run):
         "BatchFlip",
         "BatchTranslate",
         "BatchAffine",
+        "BatchErase",
     ]
     # one cycle over the run's 9 optimiser steps (3 epochs of 3 batches), stepped per step: the
     # learning rate logged at the start of each epoch rises past the peak (step 2) and falls again

@@ -9,7 +9,8 @@ DataModule's ``on_after_batch_transfer`` to training batches only, on the batch'
 The same shift serves test-time augmentation (:func:`shift`). :class:`BatchAffine` rotates and
 zooms each sample in one resampling of the batch (about 45 microseconds per 3x28x28 image);
 :class:`BatchIntensity` jitters each sample's contrast and brightness (or colours; about 1 and
-9 microseconds per grey and colour 28x28 image on 2 threads).
+9 microseconds per grey and colour 28x28 image on 2 threads); :class:`BatchErase` blanks a square
+of each chosen sample (Cutout).
 
 Spatial axes are numbered as in MONAI's transforms (``spatial_axis``): 0 is the first axis after
 the channels (rows, "up-down"), 1 the next (columns, "left-right"), 2 a volume's third.
@@ -260,6 +261,49 @@ class BatchIntensity(nn.Module):
         offset = (torch.rand(shape, device=x.device, dtype=dtype) * 2 - 1) * self.brightness
         mean = x.mean(dim=tuple(range(2 if self.per_channel else 1, x.ndim)), keepdim=True)
         return (x - mean) * factor + mean + offset
+
+
+class BatchErase(nn.Module):
+    """Cutout (DeVries and Taylor, 2017): with probability ``prob`` per sample, set a square (a
+    cube in 3D) of ``size`` pixels a side to ``value``; its centre is drawn anywhere in the image,
+    so near a border part of it falls outside (as in the paper).
+
+    Args:
+        size: the side in pixels, >= 1 and at most the images' smallest side.
+        prob: probability that a sample is erased.
+        value: what fills the square (0: the middle of MedMNIST's ``[-1, 1]`` span).
+    """
+
+    # values change, pixels do not move: a segmentation mask stays as it is (see ArrayDataModule)
+    moves_masks = False
+    image_only = True
+
+    def __init__(self, size: int = 8, prob: float = 0.5, value: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise MedexpError(f"BatchErase size={size!r}; expected a whole number of pixels >= 1")
+        if isinstance(prob, bool) or not isinstance(prob, int | float) or not 0.0 <= prob <= 1.0:
+            raise MedexpError(f"BatchErase prob={prob!r}; expected a probability in [0, 1]")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MedexpError(f"BatchErase value={value!r}; expected a number")
+        self.size, self.prob, self.value = size, float(prob), float(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prob == 0:
+            return x
+        spatial = x.shape[2:]
+        if self.size > min(spatial):
+            raise MedexpError(f"BatchErase size={self.size} is larger than the images {tuple(spatial)}")
+        batch, dims = x.shape[0], len(spatial)
+        erased = (torch.rand(batch, device=x.device) < self.prob).view(batch, *[1] * dims)
+        for axis, length in enumerate(spatial):
+            start = torch.randint(length, (batch, 1), device=x.device) - self.size // 2
+            positions = torch.arange(length, device=x.device)[None, :]
+            inside = (positions >= start) & (positions < start + self.size)
+            shape = [batch] + [1] * dims
+            shape[1 + axis] = length
+            erased = erased & inside.view(shape)
+        return x.masked_fill(erased.unsqueeze(1), self.value)
 
 
 def mix(x: torch.Tensor, mixup_alpha: float, cutmix_alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
