@@ -77,6 +77,8 @@ VARIANTS = {
     "mixup_0.2": ["model.mixup_alpha=0.2"],
     "cutmix_1": ["model.cutmix_alpha=1.0"],
     "tta_shift_1": ["model.tta_shift=1"],
+    # round 12: the schedule and the optimiser, never varied before; warm-up and cosine passed (1) and
+    # failed (2), SGD failed both: dropped
     "warmup_cosine": ["scheduler=warmup_cosine"],
     "sgd": ["optimizer=sgd", "optimizer.lr=0.05", "optimizer.weight_decay=5e-4"],
     "lr_1e-3": ["optimizer.lr=1e-3"],
@@ -96,6 +98,12 @@ VARIANTS = {
     # round 10: best.ckpt picked by validation loss instead of AUROC (a continuous measure of every
     # probability, steadier than the AUROC of 78-216 validation images); training unchanged
     "monitor_loss": ["model.monitor=val/loss"],
+    # round 12: Cutout (BatchErase): an 8-pixel square (8% of a 28x28 image) blanked in half of the
+    # training samples, on top of the recipe's flips, shifts and intensity jitter; failed both, dropped
+    "cutout_8": [augmentations("{_target_:medexp.data.batch_augment.BatchErase,size:8,prob:0.5}")],
+    # round 12: depth instead of width (wider networks were tried in rounds 6-9): a second block in
+    # the last stage (4x4 pixels, 256 channels), about 30% more compute a pass; failed (1), dropped
+    "depth_1112": ["model.net.layers=[1,1,1,2]"],
     # round 10: sharpness-aware minimisation (model.sam_rho, medexp/tasks/sharpness.py) at the
     # recipe's compute: a SAM step costs two passes, so half the epochs (networks as for 20 epochs:
     # BreastMNIST and RetinaMNIST 3, PneumoniaMNIST 1, as the recipe's)
