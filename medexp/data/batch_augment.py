@@ -266,7 +266,8 @@ class BatchIntensity(nn.Module):
 class BatchErase(nn.Module):
     """Cutout (DeVries and Taylor, 2017): with probability ``prob`` per sample, set a square (a
     cube in 3D) of ``size`` pixels a side to ``value``; its centre is drawn anywhere in the image,
-    so near a border part of it falls outside (as in the paper).
+    so near a border part of it falls outside (as in the paper). MONAI's ``RandCoarseDropout``
+    does the same per sample, in the per-sample chain this module replaces on a CPU.
 
     Args:
         size: the side in pixels, >= 1 and at most the images' smallest side.
