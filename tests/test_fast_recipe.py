@@ -314,6 +314,7 @@ def test_every_medmnist_dataset_names_its_flip_axes_and_the_recipe_reads_them(tm
     gpu = compose_config(["experiment=medmnist_fast_gpu", "data.name=retinamnist"], output_dir=tmp_path)
     assert gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "bf16-mixed" and gpu.model.compile
     assert gpu.callbacks.ema.decay == 0.99 and gpu.model.net.block_inplanes == [32, 64, 128, 256]
+    assert (gpu.data.batch_size, gpu.optimizer.lr) == (256, 2 * cfg.optimizer.lr)  # square-root scaling
     # overridable in one place
     cfg = compose_config([*FAST, "data.name=breastmnist", "data.flip_axes=[]"], output_dir=tmp_path)
     assert list(cfg.data.batch_augmentations[0].axes) == []
